@@ -1,0 +1,56 @@
+"""The Python entry points: `hasten.train`, `hasten.generate_text`, `hasten.export`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hasten.config import RunConfig, load_config
+from hasten.train.build import BatchFn, LossFn, build_run
+from hasten.train.export import export_run, load_trained
+from hasten.train.loop import train_loop
+
+
+def train(config: RunConfig | None = None, *, model: nn.Module | None = None, loss_fn: LossFn | None = None,
+          train_batches: BatchFn | None = None, val_batches: BatchFn | None = None) -> dict[str, Any]:
+    """Train and return the run's metrics (also written to `<out_dir>/summary.json`).
+
+    With no model, hasten builds its decoder and data from the config. With your own `model`,
+    pass `loss_fn(model, batch) -> loss` and `train_batches(step, micro) -> tuple of tensors`
+    (and optionally `val_batches(i, 0)`); the loop, precision, schedule, checkpoints, guards and
+    metrics are the same.
+    """
+    config = config or load_config()
+    run = build_run(config, model=model, loss_fn=loss_fn, train_batches=train_batches, val_batches=val_batches)
+    summary = train_loop(run)
+    if run.tokenizer is not None and config.log.sample_tokens and run.rank == 0 and summary["steps"]:
+        summary["sample"] = sample(run.model, run.tokenizer, config.log.sample_prompt, config.log.sample_tokens)
+    return summary
+
+
+def sample(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float = 0.8,
+           top_k: int = 50, seed: int = 0) -> str:
+    """Decode `max_new_tokens` sampled after `prompt`."""
+    from hasten.models import generate
+
+    device = next(model.parameters()).device
+    ids = generate(model, tokenizer.encode(prompt), max_new_tokens, temperature=temperature, top_k=top_k,
+                   seed=seed, device=device)
+    return tokenizer.decode(ids)
+
+
+def generate_text(path: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
+                  top_k: int = 50, seed: int = 0, device: str = "auto") -> str:
+    """Sample from a trained run, checkpoint or export folder."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, _ = load_trained(path, device)
+    return sample(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed)
+
+
+def export(path: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Export a run's newest weights to safetensors + config + tokenizer."""
+    return export_run(path, out_dir)

@@ -1,0 +1,127 @@
+"""The `hasten` command: train, generate, export, recipes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import textwrap
+from collections.abc import Sequence
+
+from hasten.config import ConfigError, field_help, load_config
+
+
+def _fields_epilog() -> str:
+    lines = ["config fields (set in a recipe's [section] or as section.field=value):", ""]
+    for key, kind, default, help_text in field_help():
+        lines.append(f"  {key} ({kind}, default {default!r})")
+        lines.extend(textwrap.wrap(help_text, width=92, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hasten", description="Cheaper training, measured on your own hardware.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model from a recipe", epilog=_fields_epilog(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="Train from a TOML recipe (a file, or a shipped name such as default or "
+                                       "gpt2-124m), with section.field=value overrides.")
+    train.add_argument("args", nargs="*", metavar="RECIPE | key=value", help="recipe first (optional), then overrides")
+    gen = sub.add_parser("generate", help="sample text from a run, checkpoint or export folder")
+    gen.add_argument("path")
+    gen.add_argument("--prompt", default="def ")
+    gen.add_argument("--tokens", type=int, default=200, help="new tokens to sample")
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="auto")
+    exp = sub.add_parser("export", help="write a run's weights as safetensors + config + tokenizer")
+    exp.add_argument("path")
+    exp.add_argument("--out", default=None, help="output folder (default: RUN/export)")
+    sub.add_parser("recipes", help="list the shipped recipes")
+    return parser
+
+
+def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def _cmd_train(ns: argparse.Namespace) -> int:
+    from hasten.api import train
+
+    recipe, overrides = _split_recipe(ns.args)
+    config = load_config(recipe, overrides)
+    summary = train(config)
+    _print_summary(summary, config.train.out_dir)
+    return 0
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return "n/a" if value is None else str(value)
+
+
+def _print_summary(summary: dict, out_dir: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"run {out_dir}", show_header=False)
+    for key in ("steps", "tokens", "wall_time_s", "final_loss", "final_val_loss", "unigram_val_loss",
+                "tokens_per_second", "mfu", "peak_memory_gib", "skipped_steps", "params", "precision", "device"):
+        if key in summary:
+            table.add_row(key, _fmt(summary[key]))
+    console.print(table)
+    if summary.get("stop_reason"):
+        console.print(f"[yellow]{summary['stop_reason']}[/yellow]")
+    if summary.get("sample"):
+        console.print("[bold]sample:[/bold]")
+        console.print(summary["sample"], markup=False, highlight=False)
+    console.print(f"loss curve: {out_dir}/loss.png   metrics: {out_dir}/metrics.jsonl   summary: {out_dir}/summary.json")
+
+
+def _cmd_generate(ns: argparse.Namespace) -> int:
+    from hasten.api import generate_text
+
+    print(generate_text(ns.path, ns.prompt, ns.tokens, ns.temperature, ns.top_k, ns.seed, ns.device))
+    return 0
+
+
+def _cmd_export(ns: argparse.Namespace) -> int:
+    from hasten.api import export
+
+    print(export(ns.path, ns.out))
+    return 0
+
+
+def _cmd_recipes(ns: argparse.Namespace) -> int:
+    import importlib.resources
+
+    for item in sorted((importlib.resources.files("hasten") / "recipes").iterdir(), key=lambda p: p.name):
+        if item.name.endswith(".toml"):
+            first = item.read_text().splitlines()[0].lstrip("# ")
+            print(f"{item.name.removesuffix('.toml'):<12} {first}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    handler = {"train": _cmd_train, "generate": _cmd_generate, "export": _cmd_export, "recipes": _cmd_recipes}
+    try:
+        return handler[ns.command](ns)
+    except ConfigError as err:
+        print(f"hasten: error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"hasten: error: {err.strerror}: {err.filename}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

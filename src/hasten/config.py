@@ -1,0 +1,347 @@
+"""The run configuration: one frozen-by-convention dataclass per component.
+
+A run is described by a `RunConfig` tree. It is loaded from a TOML recipe, then overridden by
+dotted `section.field=value` arguments, then validated. Every field carries its help text and,
+where the values are a closed set, its choices, so that `hasten train --help` and the error
+messages are generated from the same place as the defaults.
+
+Config is data: no modules, devices or tokenizers live here; builders receive them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A user mistake in a recipe or an override; the message is one sentence naming the fix."""
+
+
+def _f(default: Any, help: str, *, choices: tuple[Any, ...] | None = None) -> Any:
+    """A dataclass field with its help text and, optionally, its allowed values."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}.")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Llama-style decoder shape. `preset` fills the shape; fields given explicitly win."""
+
+    preset: str = _f("", "named shape to start from (tiny, small, gpt2-124m, 350m, 1b); empty = use the fields below")
+    dim: int = _f(256, "model width d_model")
+    n_layers: int = _f(4, "number of decoder blocks")
+    n_heads: int = _f(4, "attention heads")
+    n_kv_heads: int = _f(0, "key/value heads for grouped-query attention; 0 = n_heads")
+    ffn_dim: int = _f(0, "SwiGLU hidden width; 0 = 8/3 * dim rounded up to ffn_multiple_of")
+    ffn_multiple_of: int = _f(64, "round the automatic ffn_dim up to a multiple of this")
+    vocab_size: int = _f(0, "embedding rows; 0 = the tokenizer's vocabulary rounded up to a multiple of 64")
+    max_seq_len: int = _f(256, "longest sequence the RoPE tables cover")
+    rope_theta: float = _f(10000.0, "RoPE base frequency")
+    norm_eps: float = _f(1e-5, "RMSNorm epsilon")
+    tie_embeddings: bool = _f(True, "share the input embedding with the output head")
+    dropout: float = _f(0.0, "dropout on attention and residual branches")
+    init_std: float = _f(0.02, "std of the normal init; output projections are scaled by 1/sqrt(2*n_layers)")
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "max_seq_len"):
+            _check(getattr(self, name) > 0, f"model.{name}", getattr(self, name), "it must be > 0")
+        kv = self.n_kv_heads or self.n_heads
+        _check(self.dim % self.n_heads == 0, "model.n_heads", self.n_heads, f"model.dim={self.dim} must be divisible by it")
+        _check(self.n_heads % kv == 0, "model.n_kv_heads", self.n_kv_heads, f"it must divide model.n_heads={self.n_heads}")
+        _check((self.dim // self.n_heads) % 2 == 0, "model.n_heads", self.n_heads, "the head size dim/n_heads must be even for RoPE")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "it must be in [0, 1)")
+        _check(self.init_std > 0, "model.init_std", self.init_std, "it must be > 0")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the text comes from and how it becomes tokens."""
+
+    source: str = _f("stdlib", "'stdlib' (the Python standard library's .py files), a text/JSONL file, a folder, a glob, or 'hf:NAME' (needs `datasets`)")
+    text_field: str = _f("text", "field holding the text in JSONL and Hugging Face datasets")
+    hf_split: str = _f("train", "split of a Hugging Face dataset")
+    val_fraction: float = _f(0.05, "fraction of documents (files) held out for validation, chosen by a hash of the name")
+    max_documents: int = _f(0, "use at most this many documents (0 = all); the selection is deterministic")
+    tokenizer: str = _f("bpe", "'byte', 'bpe' (trained on the train split with `tokenizers`, cached), or a folder holding tokenizer.json")
+    bpe_vocab_size: int = _f(4096, "vocabulary size of a trained BPE tokenizer")
+    cache_dir: str = _f("", "token cache folder; empty = $HASTEN_CACHE or ~/.cache/hasten")
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "it must be in (0, 1)")
+        _check(self.max_documents >= 0, "data.max_documents", self.max_documents, "it must be >= 0")
+        _check(258 <= self.bpe_vocab_size <= 2**32 - 1, "data.bpe_vocab_size", self.bpe_vocab_size, "it must be in [258, 2^32)")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: str = _f("adamw", "optimizer", choices=("adamw",))
+    lr: float = _f(1e-3, "peak learning rate")
+    weight_decay: float = _f(0.1, "decoupled weight decay (not applied to norms, biases and embeddings)")
+    beta1: float = _f(0.9, "first-moment decay")
+    beta2: float = _f(0.95, "second-moment decay")
+    eps: float = _f(1e-8, "denominator epsilon")
+    fused: str = _f("auto", "fused optimizer kernel: auto (on when on GPU), on, off", choices=("auto", "on", "off"))
+    schedule: str = _f("cosine", "learning-rate schedule", choices=("cosine", "wsd", "constant"))
+    warmup_steps: int = _f(100, "linear warmup steps")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak (cosine, wsd)")
+    decay_fraction: float = _f(0.2, "fraction of the run spent decaying in warmup-stable-decay")
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", self.lr, "it must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "it must be >= 0")
+        for name in ("beta1", "beta2"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"optim.{name}", getattr(self, name), "it must be in [0, 1)")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "it must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio, "it must be in [0, 1]")
+        _check(0.0 < self.decay_fraction <= 1.0, "optim.decay_fraction", self.decay_fraction, "it must be in (0, 1]")
+
+
+@dataclass(kw_only=True)
+class PrecisionConfig:
+    """Numeric precision of the forward/backward pass (weights and optimizer stay fp32)."""
+
+    dtype: str = _f("auto", "autocast precision: auto = bf16 on GPUs that support it, else fp32", choices=("auto", "fp32", "bf16", "fp16"))
+    loss_scale_init: float = _f(2.0**16, "initial loss scale for fp16")
+    loss_scale_growth_interval: int = _f(2000, "steps without overflow before the fp16 loss scale doubles")
+
+    def __post_init__(self) -> None:
+        _check(self.loss_scale_init > 0, "precision.loss_scale_init", self.loss_scale_init, "it must be > 0")
+        _check(self.loss_scale_growth_interval > 0, "precision.loss_scale_growth_interval", self.loss_scale_growth_interval, "it must be > 0")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The loop: how long, how big, where, and when to evaluate."""
+
+    steps: int = _f(1000, "optimizer steps")
+    batch_size: int = _f(16, "sequences per micro-batch")
+    seq_len: int = _f(256, "tokens per sequence")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    eval_every: int = _f(200, "evaluate every this many steps (0 = only at the end)")
+    eval_batches: int = _f(20, "validation micro-batches per evaluation")
+    seed: int = _f(1337, "seed of initialization, sampling and dropout")
+    device: str = _f("auto", "auto (cuda when present), cpu, cuda, cuda:N")
+    compile: bool = _f(False, "wrap the model in torch.compile")
+    out_dir: str = _f("runs/default", "run folder: config, logs, checkpoints, plots, exported weights")
+    resume: str = _f("none", "'none', 'auto' (newest complete checkpoint in the run folder), or a checkpoint folder")
+    max_bad_steps: int = _f(5, "stop (after saving) when this many consecutive steps have a non-finite loss")
+    threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "max_bad_steps"):
+            _check(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "it must be > 0")
+        _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "it must be >= 0")
+        _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "it must be >= 0")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               "train.device", self.device, "use auto, cpu, cuda or cuda:N")
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    """What the run reports while it runs and at the end."""
+
+    every: int = _f(10, "read the loss from the device and log every this many steps")
+    progress: bool = _f(True, "show a progress bar (rank 0, interactive terminals)")
+    tensorboard: bool = _f(True, "write TensorBoard events in the run folder")
+    plot: bool = _f(True, "write loss.png at the end")
+    sample_tokens: int = _f(200, "tokens generated at the end from sample_prompt (0 = none)")
+    sample_prompt: str = _f("def ", "prompt of the end-of-run sample")
+
+    def __post_init__(self) -> None:
+        _check(self.every > 0, "log.every", self.every, "it must be > 0")
+        _check(self.sample_tokens >= 0, "log.sample_tokens", self.sample_tokens, "it must be >= 0")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Resumable checkpoints (torch.distributed.checkpoint) in <out_dir>/checkpoints."""
+
+    every: int = _f(500, "save every this many steps (0 = only at the end)")
+    keep: int = _f(2, "keep the newest this many checkpoints")
+    at_end: bool = _f(True, "save when the run finishes")
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "checkpoint.every", self.every, "it must be >= 0")
+        _check(self.keep > 0, "checkpoint.keep", self.keep, "it must be > 0")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A whole run. Sections map one to one onto TOML tables."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.train.seq_len <= self.model.max_seq_len, "train.seq_len", self.train.seq_len,
+               f"it must be <= model.max_seq_len={self.model.max_seq_len}")
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+# Model shapes by name. 'gpt2-124m' matches GPT-2 small's parameter count with a SwiGLU FFN whose
+# three matrices hold as many weights as GPT-2's two 4*d matrices; '1b' is the TinyLlama-1.1B shape.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=0, max_seq_len=256),
+    "small": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=0, ffn_dim=0, max_seq_len=256),
+    "gpt2-124m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=0, ffn_dim=2048, max_seq_len=1024),
+    "350m": dict(dim=1024, n_layers=24, n_heads=16, n_kv_heads=0, ffn_dim=2816, max_seq_len=2048),
+    "1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632, max_seq_len=2048),
+}
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "precision": PrecisionConfig,
+            "train": TrainConfig, "log": LogConfig, "checkpoint": CheckpointConfig}
+
+
+def field_help() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every field, in declaration order: the source of --help."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            help_text = f.metadata.get("help", "")
+            if f.metadata.get("choices"):
+                help_text += f" (one of: {', '.join(map(str, f.metadata['choices']))})"
+            rows.append((f"{section}.{f.name}", hints[f.name].__name__, f.default, help_text))
+    return rows
+
+
+def _all_keys() -> list[str]:
+    return [key for key, *_ in field_help()]
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]}?" if close else " Run `hasten train --help` for the list."
+    return ConfigError(f"Unknown config key {key!r}.{hint}")
+
+
+def _coerce(key: str, value: Any, kind: type, choices: tuple[Any, ...] | None) -> Any:
+    """Convert a TOML or command-line value to the field's type, or explain why it cannot be."""
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            value = value.lower() in ("true", "1", "yes", "on")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not allowed: it must be true or false.")
+    elif kind is int:
+        try:
+            value = int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else value
+        except (TypeError, ValueError):
+            pass
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not allowed: it must be an integer.")
+    elif kind is float:
+        try:
+            value = float(value) if not isinstance(value, bool) else value
+        except (TypeError, ValueError):
+            pass
+        if not isinstance(value, float):
+            raise ConfigError(f"{key}={value!r} is not allowed: it must be a number.")
+    elif kind is str:
+        if not isinstance(value, str):
+            value = str(value)
+    if choices and value not in choices:
+        raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(map(str, choices))}.")
+    return value
+
+
+def _parse_override(arg: str) -> tuple[str, Any]:
+    if "=" not in arg:
+        raise ConfigError(f"Override {arg!r} is not of the form section.field=value.")
+    key, raw = arg.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as bf16 or a path: keep it as a string
+    return key, value
+
+
+def _flatten(tree: dict[str, Any], where: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in tree.items():
+        key = f"{where}.{name}" if where else name
+        if isinstance(value, dict):
+            flat.update(_flatten(value, key))
+        elif not where:
+            raise ConfigError(f"Top-level key {name!r} must be a table such as [train]; known tables: {', '.join(SECTIONS)}.")
+        else:
+            flat[key] = value
+    return flat
+
+
+def build_config(values: dict[str, Any]) -> RunConfig:
+    """Turn flat `section.field -> value` pairs into a validated RunConfig.
+
+    A model preset is applied first, so that explicit model fields override it.
+    """
+    known = set(_all_keys())
+    for key in values:
+        if key not in known:
+            raise _unknown(key)
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    preset = values.get("model.preset", "")
+    if preset:
+        if preset not in MODEL_PRESETS:
+            raise ConfigError(f"model.preset={preset!r} is not allowed: choose one of {', '.join(MODEL_PRESETS)}.")
+        sections["model"].update(MODEL_PRESETS[preset])
+    for key, value in values.items():
+        section, name = key.split(".", 1)
+        cls = SECTIONS[section]
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        sections[section][name] = _coerce(key, value, typing.get_type_hints(cls)[name], f.metadata.get("choices"))
+    return RunConfig(**{name: SECTIONS[name](**kwargs) for name, kwargs in sections.items()})
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe file: a path on disk, or the name of a recipe shipped with hasten."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = importlib.resources.files("hasten") / "recipes" / f"{path.stem}.toml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    names = sorted(p.name.removesuffix(".toml") for p in (importlib.resources.files("hasten") / "recipes").iterdir()
+                   if p.name.endswith(".toml"))
+    raise ConfigError(f"Recipe {name_or_path!r} is neither a file nor a shipped recipe ({', '.join(names)}).")
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a TOML recipe (default: the shipped `default` recipe) and apply dotted overrides."""
+    path = recipe_path(str(recipe) if recipe is not None else "default")
+    try:
+        tree = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"Recipe {path} is not valid TOML: {err}.") from None
+    values = _flatten(tree)
+    for arg in overrides:
+        key, value = _parse_override(arg)
+        values[key] = value
+    return build_config(values)
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as TOML; `load_config(path)` reads it back to an equal config."""
+    Path(path).write_text(tomli_w.dumps(config.to_dict()))

@@ -1,0 +1,1 @@
+"""Training methods, each a small module of pure functions plus one entry point."""

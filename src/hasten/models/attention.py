@@ -1,0 +1,51 @@
+"""Causal multi-head attention with grouped-query heads and RoPE, on top of PyTorch's SDPA.
+
+Shape legend:
+    B batch, T sequence length, D model width, H query heads, K key/value heads, d head size.
+    x_BTD  activations;  q_BHTd  queries;  k_BKTd, v_BKTd  keys and values;  y_BHTd  attention out.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hasten.models.layers import apply_rope
+
+# SDPA broadcasts K kv heads over H query heads itself since torch 2.5 (no copy of k and v, and
+# the flash kernel handles it natively). Checked once so that older builds fall back cleanly.
+SDPA_HAS_GQA: bool = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int = 0, dropout: float = 0.0) -> None:
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        if dim % n_heads or n_heads % n_kv_heads:
+            raise ValueError(f"dim={dim} must divide by n_heads={n_heads}, which must divide by n_kv_heads={n_kv_heads}")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.dropout = dropout
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        H, K, d = self.n_heads, self.n_kv_heads, self.head_dim
+        q_BHTd = self.wq(x_BTD).view(B, T, H, d).transpose(1, 2)
+        k_BKTd = self.wk(x_BTD).view(B, T, K, d).transpose(1, 2)
+        v_BKTd = self.wv(x_BTD).view(B, T, K, d).transpose(1, 2)
+        cos_Td, sin_Td = rope
+        q_BHTd, k_BKTd = apply_rope(q_BHTd, cos_Td, sin_Td), apply_rope(k_BKTd, cos_Td, sin_Td)
+
+        gqa = K < H
+        if gqa and not SDPA_HAS_GQA:  # materialize the shared heads: kv head j serves queries j*H/K ..
+            k_BKTd = k_BKTd.repeat_interleave(H // K, dim=1)
+            v_BKTd = v_BKTd.repeat_interleave(H // K, dim=1)
+        extra = {"enable_gqa": True} if gqa and SDPA_HAS_GQA else {}
+        y_BHTd = F.scaled_dot_product_attention(
+            q_BHTd, k_BKTd, v_BKTd, is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0, **extra)
+        return self.wo(y_BHTd.transpose(1, 2).reshape(B, T, H * d))

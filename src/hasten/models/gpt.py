@@ -1,0 +1,137 @@
+"""The Llama-style decoder: token embedding -> n_layers pre-norm blocks -> RMSNorm -> vocabulary head.
+
+A block is built from two factories, a sequence mixer and a feed-forward network, so attention
+can be swapped for a Mamba-2 mixer or SwiGLU for a mixture of experts without touching this file.
+
+Shape legend:
+    B batch, T sequence length, D model width (dim), V vocabulary, d head size.
+    idx_BT  token ids;  h_BTD  residual stream;  logits_BTV  next-token scores;  cos_Td, sin_Td  RoPE.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import nn
+
+from hasten.config import ConfigError, ModelConfig
+from hasten.models.attention import Attention
+from hasten.models.layers import RMSNorm, SwiGLU, rope_tables
+
+# Linears that write into the residual stream. Their init is scaled by 1/sqrt(2*n_layers) so the
+# variance of the stream does not grow with depth (GPT-2); a new mixer adds its own name here.
+RESIDUAL_PROJECTIONS: tuple[str, ...] = ("wo", "w2")
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def ffn_hidden_dim(config: ModelConfig) -> int:
+    """SwiGLU width: explicit, or 8/3*dim (same weights as a 4*dim GELU MLP) rounded for the GPU."""
+    return config.ffn_dim or round_up(int(8 * config.dim / 3), config.ffn_multiple_of)
+
+
+def resolve_vocab_size(config: ModelConfig, tokenizer_vocab: int) -> int:
+    """Embedding rows: config.vocab_size, or the tokenizer's size rounded up to 64 (tensor-core tiles)."""
+    if config.vocab_size:
+        if config.vocab_size < tokenizer_vocab:
+            raise ConfigError(f"model.vocab_size={config.vocab_size} is not allowed: the tokenizer has "
+                              f"{tokenizer_vocab} tokens; raise it or set 0 to size it automatically.")
+        return config.vocab_size
+    return round_up(tokenizer_vocab, 64)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: h + mixer(norm(h)), then h + ffn(norm(h))."""
+
+    def __init__(self, dim: int, mixer: Callable[[], nn.Module], ffn: Callable[[], nn.Module],
+                 norm_eps: float = 1e-5, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.mixer_norm = RMSNorm(dim, norm_eps)
+        self.mixer = mixer()
+        self.ffn_norm = RMSNorm(dim, norm_eps)
+        self.ffn = ffn()
+        self.dropout = nn.Dropout(dropout)  # on each residual branch (identity in eval or at p=0)
+
+    def forward(self, h_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        h_BTD = h_BTD + self.dropout(self.mixer(self.mixer_norm(h_BTD), rope=rope))
+        return h_BTD + self.dropout(self.ffn(self.ffn_norm(h_BTD)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.config, self.vocab_size = config, vocab_size
+        c = config
+        mixer = partial(Attention, c.dim, c.n_heads, c.n_kv_heads or c.n_heads, c.dropout)
+        ffn = partial(SwiGLU, c.dim, ffn_hidden_dim(c))
+        self.tok_embeddings = nn.Embedding(vocab_size, c.dim)
+        self.layers = nn.ModuleList(Block(c.dim, mixer, ffn, c.norm_eps, c.dropout) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.output = nn.Linear(c.dim, vocab_size, bias=False)
+        # Derived from the config, so not saved in checkpoints; init_weights recomputes them.
+        cos_Td, sin_Td = self._rope_tables()
+        self.register_buffer("rope_cos", cos_Td, persistent=False)
+        self.register_buffer("rope_sin", sin_Td, persistent=False)
+        self.init_weights()  # a no-op on the meta device; build_model calls it again after to_empty
+
+    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        return rope_tables(c.dim // c.n_heads, c.max_seq_len, c.rope_theta, self.tok_embeddings.weight.device)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) everywhere, residual projections scaled down, norms to 1, RoPE recomputed."""
+        c = self.config
+        # to_empty() gives each module its own fresh tensor, so a tie made before it is broken: redo it.
+        if c.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scaled = name.rsplit(".", 1)[-1] in RESIDUAL_PROJECTIONS
+                nn.init.normal_(module.weight, 0.0, c.init_std / math.sqrt(2 * c.n_layers) if scaled else c.init_std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()  # RMSNorm, and whatever a future mixer needs
+        cos_Td, sin_Td = self._rope_tables()
+        self.rope_cos.copy_(cos_Td)
+        self.rope_sin.copy_(sin_Td)
+
+    def forward(self, idx_BT: torch.Tensor) -> torch.Tensor:
+        T = idx_BT.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than model.max_seq_len={self.config.max_seq_len}")
+        rope = (self.rope_cos[:T], self.rope_sin[:T])
+        h_BTD = self.tok_embeddings(idx_BT)
+        for block in self.layers:
+            h_BTD = block(h_BTD, rope)
+        return self.output(self.norm(h_BTD))  # logits_BTV, in autocast's dtype; the loss is the caller's
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Parameter count, tied weights once. exclude_embedding drops the token-embedding table
+        (with tied embeddings that is also the head), the convention of the scaling-law papers."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() already yields a tied one once
+        return n - self.tok_embeddings.weight.numel() if exclude_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6N for the matmuls forward+backward, plus attention scores
+        and values, 12 * n_layers * dim * seq_len (PaLM appendix B / nanoGPT)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layers * c.dim * seq_len
+
+
+def build_model(config: ModelConfig, vocab_size: int, device: torch.device | str = "cpu") -> Decoder:
+    """The one entry point: build on meta (no memory, no wasted init), allocate on `device`, init once.
+
+    Deterministic under the caller's torch.manual_seed.
+    """
+    with torch.device("meta"):
+        model = Decoder(config, vocab_size)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model

@@ -1,0 +1,1 @@
+"""The trainer: run assembly, the explicit loop, checkpoints, metrics, logging and guards."""

@@ -1,0 +1,140 @@
+"""Resumable checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout: `<run>/checkpoints/step_0000100/` holds DCP shards of the model, optimizer and RNG
+tensors, plus `trainer_state.json` (step, counters, loss scaler). A checkpoint is written into a
+`.tmp` folder and renamed when complete, so a crash never leaves a half checkpoint that `resume =
+"auto"` would pick. DCP works in one process and, later, across ranks with resharding.
+Nothing is loaded with pickle: DCP stores tensors, and the rest is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from hasten.config import ConfigError
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    """What the loop needs, beyond tensors, to continue exactly where it stopped."""
+
+    step: int = 0  # optimizer steps completed
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    bad_loss_streak: int = 0
+    scaler: dict[str, Any] = field(default_factory=dict)
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:07d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temp folders are ignored)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+                  and not p.name.endswith(".tmp") and (p / STATE_FILE).exists())
+
+
+def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    state: TrainerState, device: torch.device, keep: int) -> Path:
+    """Write a complete checkpoint atomically and prune all but the newest `keep`."""
+    final = checkpoint_dir(run_dir, state.step)
+    tmp = final.with_name(final.name + ".tmp")
+    if _is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    tensors: dict[str, Any] = {"rng": rng_state(device)}
+    if optimizer is not None:
+        tensors["model"], tensors["optim"] = get_state_dict(model, optimizer)
+    else:
+        tensors["model"] = get_state_dict(model, [])[0]
+    with warnings.catch_warnings():  # DCP warns that it runs in one process, which is intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(tensors, checkpoint_id=str(tmp))
+    if _is_rank0():
+        (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def resolve_resume(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: none, the newest complete one ('auto'), or a given folder."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).exists():
+        raise ConfigError(f"train.resume={resume!r} is not a complete hasten checkpoint folder (no {STATE_FILE}).")
+    return path
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    device: torch.device) -> TrainerState:
+    """Load model (and optimizer, RNG) state in place and return the trainer state."""
+    tensors: dict[str, Any] = {"rng": rng_state(device)}
+    if optimizer is not None:
+        tensors["model"], tensors["optim"] = get_state_dict(model, optimizer)
+    else:
+        tensors["model"] = get_state_dict(model, [])[0]
+    try:
+        dcp.load(tensors, checkpoint_id=str(path))
+    except Exception as err:  # DCP raises a variety of errors for a mismatched model
+        raise ConfigError(f"Checkpoint {path} does not match this model or optimizer ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200]}); check the recipe it was trained with.") from None
+    if optimizer is not None:
+        set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"])
+    else:
+        set_state_dict(model, [], model_state_dict=tensors["model"], optim_state_dict={},
+                       options=StateDictOptions(strict=True))
+    set_rng_state(tensors["rng"], device)
+    return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """Load only the model's weights from a checkpoint (for generate and export)."""
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state["model"])

@@ -1,0 +1,75 @@
+"""Load a trained hasten model from a run, a checkpoint or an export; write safetensors exports.
+
+An export folder holds `model.safetensors`, `config.json` (the hasten model config and vocabulary
+size) and the tokenizer. A Hugging Face Llama layout is a separate format to be added beside this
+one (`format="hf"`); the hasten format stays the one that round-trips every hasten model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from hasten.config import ConfigError, ModelConfig, load_config
+from hasten.train.checkpoint import STATE_FILE, list_checkpoints, load_model_weights
+
+EXPORT_CONFIG = "config.json"
+EXPORT_WEIGHTS = "model.safetensors"
+
+
+def _find(path: Path) -> tuple[str, Path, Path]:
+    """Classify `path` as ('export', folder, folder) or ('checkpoint', run_dir, checkpoint)."""
+    if (path / EXPORT_WEIGHTS).exists() and (path / EXPORT_CONFIG).exists():
+        return "export", path, path
+    if (path / STATE_FILE).exists():  # a checkpoint folder: <run>/checkpoints/step_N
+        return "checkpoint", path.parent.parent, path
+    found = list_checkpoints(path)
+    if (path / "config.toml").exists() and found:
+        return "checkpoint", path, found[-1]
+    raise ConfigError(f"{path} is not a hasten run folder with a checkpoint, a checkpoint folder, or an export folder.")
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, ModelConfig]:
+    """(model in eval mode, tokenizer, model config) from a run folder, checkpoint or export."""
+    from hasten.data import load_tokenizer
+    from hasten.models import build_model
+
+    kind, root, weights = _find(Path(path))
+    if kind == "export":
+        meta = json.loads((root / EXPORT_CONFIG).read_text())
+        model_cfg, vocab_size = ModelConfig(**meta["model"]), meta["vocab_size"]
+    else:
+        model_cfg = load_config(root / "config.toml").model
+        vocab_size = None
+    tokenizer = load_tokenizer(root / "tokenizer")
+    if vocab_size is None:
+        from hasten.models import resolve_vocab_size
+        vocab_size = resolve_vocab_size(model_cfg, tokenizer.vocab_size)
+    model = build_model(model_cfg, vocab_size, torch.device(device))
+    if kind == "export":
+        load_model(model, str(weights / EXPORT_WEIGHTS), device=str(device))
+    else:
+        load_model_weights(weights, model)
+    return model.eval(), tokenizer, model_cfg
+
+
+def export_run(path: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write the newest weights of a run as safetensors + config + tokenizer; returns the folder."""
+    model, tokenizer, model_cfg = load_trained(path)
+    kind, root, _ = _find(Path(path))
+    out = Path(out_dir) if out_dir else root / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out / EXPORT_WEIGHTS))  # de-duplicates tied embedding/head weights
+    meta = dict(format="hasten", model=asdict(model_cfg), vocab_size=model.tok_embeddings.num_embeddings)
+    (out / EXPORT_CONFIG).write_text(json.dumps(meta, indent=1))
+    if kind != "export":
+        shutil.rmtree(out / "tokenizer", ignore_errors=True)
+        tokenizer.save(out / "tokenizer")
+    return out

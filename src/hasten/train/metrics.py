@@ -1,0 +1,61 @@
+"""Throughput, model FLOPs utilization and memory: what every run reports."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+# Dense (no sparsity) datasheet peaks in FLOP/s, by device-name substring and precision.
+# H100/H200 SXM: 989 TFLOP/s bf16/fp16, 67 TFLOP/s plain fp32. A100: 312 and 19.5.
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
+    "A10G": {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12},
+    "RTX 4090": {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12},
+}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """The datasheet peak of the device for a precision, or None where unknown (CPUs)."""
+    if device.type != "cuda":
+        return None
+    name = device_name(device)
+    for key, peaks in PEAK_FLOPS.items():
+        if key in name:
+            return peaks.get(precision)
+    return None
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, peak: float | None) -> float | None:
+    """Model FLOPs utilization: achieved model FLOP/s over the datasheet peak."""
+    if peak is None or tokens_per_second <= 0:
+        return None
+    return tokens_per_second * flops_per_token / peak
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak accelerator memory allocated by tensors; on CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
