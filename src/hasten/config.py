@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import importlib.resources
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomli_w
 
 
 class ConfigError(ValueError):
@@ -342,6 +341,25 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[s
     return build_config(values)
 
 
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if value == value and abs(value) != float("inf") else str(value)  # nan, inf, -inf
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def dumps_toml(tree: dict[str, dict[str, Any]]) -> str:
+    """TOML for a two-level table of scalars, which is all a RunConfig holds."""
+    blocks = []
+    for section, values in tree.items():
+        lines = [f"[{section}]"] + [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config as TOML; `load_config(path)` reads it back to an equal config."""
-    Path(path).write_text(tomli_w.dumps(config.to_dict()))
+    Path(path).write_text(dumps_toml(config.to_dict()))

@@ -84,7 +84,8 @@ def write_entry(folder: Path, train: Sequence[Document], val: Sequence[Document]
             "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
                           "fingerprint": tokenizer.fingerprint}}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
-    log.info("tokenized %d train / %d val tokens in %.1f s", tokens["train"], tokens["val"], time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    log.info("tokenized %d train / %d val tokens in %.1f s", tokens["train"], tokens["val"], elapsed)
 
 
 def write_tokens(path: Path, docs: Sequence[Document], tokenizer: Tokenizer, dtype: np.dtype) -> int:

@@ -60,8 +60,8 @@ def _limit(docs: list[Document], max_documents: int) -> list[Document]:
 def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
     """(train, val) by a hash of each name; both sides get at least one document."""
     if len(docs) < 2:
-        raise ConfigError(f"The source has {len(docs)} document(s) but a train/val split by document needs at least 2; "
-                          "split the text into several files (a folder) or use a JSONL file with one document per line.")
+        raise ConfigError(f"The source has {len(docs)} document(s) but a split by document needs at least 2; "
+                          "split the text into several files (a folder) or a JSONL file with one document per line.")
     train = [d for d in docs if name_hash(d.name) >= val_fraction]
     val = [d for d in docs if name_hash(d.name) < val_fraction]
     if not val:
@@ -150,13 +150,14 @@ def _hf_documents(name: str, split: str, text_field: str) -> list[Document]:
     try:
         import datasets
     except ImportError:
-        raise ConfigError(f"data.source='hf:{name}' needs the `datasets` package; run `pip install datasets`.") from None
+        raise ConfigError(f"data.source='hf:{name}' needs the `datasets` package; "
+                          "run `pip install datasets`.") from None
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as err:  # noqa: BLE001 - any loading failure is reported the same way to the user
         raise ConfigError(f"Could not load the Hugging Face dataset {name!r} (split {split!r}): {err}; "
                           "check the name and split, and note that this machine may be offline.") from None
     if text_field not in dataset.column_names:
-        raise ConfigError(f"The dataset {name!r} has no column {text_field!r} (it has {', '.join(dataset.column_names)}); "
-                          "set data.text_field.")
+        columns = ", ".join(dataset.column_names)
+        raise ConfigError(f"The dataset {name!r} has no column {text_field!r} (it has {columns}); set data.text_field.")
     return [Document(f"{name}:{i:09d}", text) for i, text in enumerate(dataset[text_field])]

@@ -80,6 +80,7 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, tok: tokenizers.Tokenizer, eot_id: int, name: str) -> None:
         self.tok = tok
+        self.tok.encode_special_tokens = True  # text spelling "<|endoftext|>" is text: only we insert eot
         self.eot_id = eot_id
         self.name = name
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)

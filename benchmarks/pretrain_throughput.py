@@ -1,0 +1,249 @@
+"""Pre-training throughput on one GPU: hasten's trainer vs a plain compiled loop vs HF Trainer.
+
+GPT-2-124M-shaped models, seq 1024, batch 32, bf16, all fed windows of the same token stream
+(the embedded corpus, BPE with GPT-2's vocabulary size). Each side runs in its own subprocess of
+this one command, so their memory peaks and compile caches stay apart:
+
+    python benchmarks/pretrain_throughput.py --out benchmarks/results
+
+(a) hasten: `hasten.train` with the shipped `gpt2-124m` recipe (compile on, fused AdamW, bf16).
+(b) plain: the same hasten model definition, `torch.compile`, fused AdamW, bf16 autocast, a loop
+    written as in nanoGPT.
+(c) HF: `transformers.Trainer` with `GPT2LMHeadModel`, `bf16=True`, `torch_compile=True`, fused
+    AdamW.
+
+Throughput is measured after warm-up (compilation excluded) between two synchronizations.
+Each side checks its loss is finite and falling before its numbers are accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SEQ, BATCH = 1024, 32
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _token_stream(cache_dir: str):
+    from hasten.config import load_config
+    from hasten.data import prepare_data
+
+    cfg = load_config("gpt2-124m", [f"data.cache_dir={cache_dir}"])
+    return prepare_data(cfg.data)
+
+
+def _check_loss(losses: list[float]) -> None:
+    import math
+    if not all(math.isfinite(x) for x in losses) or not losses[-1] < losses[0]:
+        raise SystemExit(f"loss is not finite and falling: {losses[:3]} ... {losses[-3:]}")
+
+
+def run_hasten(args: argparse.Namespace) -> dict:
+    import hasten
+    from hasten.config import load_config
+
+    steps = args.warmup + args.steps
+    cfg = load_config("gpt2-124m", [
+        f"train.steps={steps}", f"train.out_dir={args.workdir}/hasten", f"data.cache_dir={args.workdir}/cache",
+        f"log.every={args.log_every}", "train.eval_every=0", "train.eval_batches=2", "checkpoint.every=0",
+        "checkpoint.at_end=false", "log.sample_tokens=0", "log.progress=false", "log.plot=false",
+        "log.tensorboard=false", f"optim.warmup_steps={args.warmup}"])
+    summary = hasten.train(cfg)
+    records = [json.loads(x) for x in (Path(args.workdir) / "hasten" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["event"] == "train"]
+    _check_loss(losses)
+    return dict(name="hasten", tokens_per_second=summary["tokens_per_second"], mfu=summary["mfu"],
+                peak_memory_gib=summary["peak_memory_gib"], step_ms=1000 * BATCH * SEQ / summary["tokens_per_second"],
+                final_loss=summary["final_loss"], params=summary["params"], flops_per_token=summary["flops_per_token"])
+
+
+def _timed_loop(step_fn, batches, warmup: int, steps: int) -> tuple[float, list[float]]:
+    """Run warm-up steps, then time `steps` steps between two synchronizations; returns step ms."""
+    import torch
+    losses = []
+    for i in range(warmup):
+        losses.append(step_fn(batches(i)))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        losses.append(step_fn(batches(i)))
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return 1000 * elapsed / steps, [x.item() for x in losses[:: max(1, len(losses) // 20)]] + [losses[-1].item()]
+
+
+def run_plain(args: argparse.Namespace) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from hasten.config import load_config
+    from hasten.models import build_model, resolve_vocab_size
+
+    data = _token_stream(f"{args.workdir}/cache")
+    tokens = torch.from_numpy(data.train.astype("int64"))
+    cfg = load_config("gpt2-124m").model
+    torch.manual_seed(0)
+    model = build_model(cfg, resolve_vocab_size(cfg, data.tokenizer.vocab_size), torch.device("cuda"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
+    compiled = torch.compile(model)
+    gen = torch.Generator().manual_seed(0)
+
+    def batches(_: int):
+        starts = torch.randint(0, len(tokens) - SEQ - 1, (BATCH,), generator=gen)
+        window = torch.stack([tokens[s: s + SEQ + 1] for s in starts.tolist()]).pin_memory()
+        window = window.to("cuda", non_blocking=True)
+        return window[:, :-1], window[:, 1:]
+
+    def step(batch):
+        x, y = batch
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = compiled(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    torch.cuda.reset_peak_memory_stats()
+    step_ms, losses = _timed_loop(step, batches, args.warmup, args.steps)
+    _check_loss(losses)
+    tps = BATCH * SEQ / (step_ms / 1000)
+    fpt = model.flops_per_token(SEQ)
+    return dict(name="plain_compiled", tokens_per_second=tps, mfu=tps * fpt / 989e12, step_ms=step_ms,
+                peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30, final_loss=losses[-1],
+                params=model.num_params(), flops_per_token=fpt)
+
+
+def run_hf(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+    data = _token_stream(f"{args.workdir}/cache")
+    tokens = torch.from_numpy(data.train.astype("int64"))
+    steps = args.warmup + args.steps
+
+    class Windows(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return steps * BATCH
+
+        def __getitem__(self, i: int) -> dict:
+            g = torch.Generator().manual_seed(i)
+            s = int(torch.randint(0, len(tokens) - SEQ, (1,), generator=g))
+            ids = tokens[s: s + SEQ]
+            return {"input_ids": ids, "labels": ids}
+
+    marks: dict[str, float] = {}
+    losses: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kw):
+            if state.global_step == args.warmup:
+                torch.cuda.synchronize()
+                marks["start"] = time.perf_counter()
+
+        def on_log(self, targs, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+        def on_train_end(self, targs, state, control, **kw):
+            torch.cuda.synchronize()
+            marks["end"] = time.perf_counter()
+
+    config = GPT2Config(n_embd=768, n_layer=12, n_head=12, n_positions=SEQ, vocab_size=50304)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).cuda()
+    targs = TrainingArguments(output_dir=f"{args.workdir}/hf", per_device_train_batch_size=BATCH, max_steps=steps,
+                              learning_rate=6e-4, weight_decay=0.1, adam_beta2=0.95, warmup_steps=args.warmup,
+                              bf16=True, torch_compile=True, optim="adamw_torch_fused", logging_steps=args.log_every,
+                              save_strategy="no", report_to=[], dataloader_num_workers=4, dataloader_pin_memory=True,
+                              max_grad_norm=1.0, disable_tqdm=True)
+    torch.cuda.reset_peak_memory_stats()
+    Trainer(model=model, args=targs, train_dataset=Windows(), callbacks=[Clock()]).train()
+    _check_loss(losses)
+    step_ms = 1000 * (marks["end"] - marks["start"]) / args.steps
+    tps = BATCH * SEQ / (step_ms / 1000)
+    return dict(name="hf_trainer", tokens_per_second=tps, step_ms=step_ms, final_loss=losses[-1],
+                peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
+                params=sum(p.numel() for p in model.parameters()))
+
+
+SIDES = {"hasten": run_hasten, "plain": run_plain, "hf": run_hf}
+
+
+def _environment() -> dict:
+    import torch
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    return dict(date=time.strftime("%Y-%m-%d"), commit=commit or os.environ.get("HASTEN_COMMIT", "unknown"),
+                device=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(), torch=torch.__version__,
+                cuda=torch.version.cuda)
+
+
+def _markdown(result: dict) -> str:
+    s = result["summary"]
+    lines = [f"# Pre-training throughput ({result['device']}, torch {result['torch']})", "",
+             f"GPT-2-124M shape, seq {SEQ}, batch {BATCH}, bf16; {result['steps']} timed steps after "
+             f"{result['warmup']} warm-up steps.", "",
+             "| system | tokens/s | MFU | peak GiB | step ms | final loss |", "|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        mfu = f"{r['mfu']:.3f}" if r.get("mfu") else "-"
+        lines.append(f"| {r['name']} | {r['tokens_per_second']:,.0f} | {mfu} | {r['peak_memory_gib']:.1f} | "
+                     f"{r['step_ms']:.1f} | {r['final_loss']:.3f} |")
+    lines += ["", f"hasten / plain compiled: **{s['ratio_vs_plain']:.3f}**; hasten / HF Trainer: "
+              f"**{s['ratio_vs_hf']:.3f}**; hasten MFU **{s['hasten_mfu']:.3f}** of the 989 TFLOP/s bf16 peak."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=sorted(SIDES), help="run one side in this process (used internally)")
+    parser.add_argument("--steps", type=int, default=150, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=30, help="warm-up steps (compilation happens here)")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--workdir", default="/tmp/hasten-bench")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    if args.only:
+        print("RESULT " + json.dumps(SIDES[args.only](args)), flush=True)
+        return
+    _token_stream(f"{args.workdir}/cache")  # tokenize once, outside every side's timing
+    rows = []
+    for side in ("hasten", "plain", "hf"):
+        cmd = [sys.executable, __file__, "--only", side, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--log-every", str(args.log_every), "--workdir", args.workdir]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not found:
+            print(f"{side} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", flush=True)
+            rows.append(dict(name=side, error=proc.stderr[-2000:]))
+            continue
+        rows.append(json.loads(found[-1][len("RESULT "):]))
+        print(json.dumps(rows[-1]), flush=True)
+    by = {r["name"]: r for r in rows if "error" not in r}
+    h, p, f = by.get("hasten", {}), by.get("plain_compiled", {}), by.get("hf_trainer", {})
+    summary = dict(hasten_tokens_per_second=h.get("tokens_per_second"), plain_compiled_tokens_per_second=p.get(
+        "tokens_per_second"), hf_trainer_tokens_per_second=f.get("tokens_per_second"), hasten_mfu=h.get("mfu"),
+        hasten_peak_gib=h.get("peak_memory_gib"))
+    if h and p:
+        summary["ratio_vs_plain"] = h["tokens_per_second"] / p["tokens_per_second"]
+    if h and f:
+        summary["ratio_vs_hf"] = h["tokens_per_second"] / f["tokens_per_second"]
+    result = dict(suite="pretrain_throughput", **_environment(), steps=args.steps, warmup=args.warmup,
+                  seq_len=SEQ, batch_size=BATCH, precision="bf16", rows=rows, summary=summary)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pretrain_throughput.json").write_text(json.dumps(result, indent=1))
+    if {"ratio_vs_plain", "ratio_vs_hf"} <= summary.keys():
+        (out / "pretrain_throughput.md").write_text(_markdown(result))
+        print(_markdown(result))
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+import pytest
+
+from hasten.config import MODEL_PRESETS, ConfigError, RunConfig, field_help, load_config, save_config
+
+
+def test_default_recipe_loads_and_applies_preset():
+    cfg = load_config()
+    assert isinstance(cfg, RunConfig)
+    assert cfg.model.dim == MODEL_PRESETS["small"]["dim"]
+    assert cfg.data.source == "stdlib"
+
+
+def test_overrides_are_typed():
+    cfg = load_config("default", ["train.steps=7", "optim.lr=3e-4", "train.compile=true", "precision.dtype=bf16",
+                                  "log.sample_prompt=class "])
+    assert cfg.train.steps == 7 and cfg.optim.lr == 3e-4 and cfg.train.compile is True
+    assert cfg.precision.dtype == "bf16" and cfg.log.sample_prompt == "class "
+
+
+def test_explicit_model_fields_beat_the_preset():
+    cfg = load_config("default", ["model.preset=gpt2-124m", "model.n_layers=3"])
+    assert cfg.model.dim == 768 and cfg.model.n_layers == 3
+
+
+def test_unknown_key_suggests_the_nearest():
+    with pytest.raises(ConfigError, match=r"Unknown config key 'train.setps'.*Did you mean train.steps\?"):
+        load_config("default", ["train.setps=3"])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("precision.dtype=fp9", "precision.dtype='fp9' is not allowed: choose one of auto, fp32, bf16, fp16"),
+    ("train.steps=0", "train.steps=0 is not allowed: it must be > 0"),
+    ("train.steps=abc", "train.steps='abc' is not allowed: it must be an integer"),
+    ("optim.lr=fast", "optim.lr='fast' is not allowed: it must be a number"),
+    ("train.compile=maybe", "train.compile='maybe' is not allowed: it must be true or false"),
+    ("model.n_heads=3", "model.n_heads=3 is not allowed: model.dim=256 must be divisible by it"),
+    ("train.seq_len=512", "train.seq_len=512 is not allowed: it must be <= model.max_seq_len=256"),
+    ("model.preset=huge", "model.preset='huge' is not allowed: choose one of tiny"),
+    ("optim.schedule=linear", "choose one of cosine, wsd, constant"),
+    ("train.device=tpu", "use auto, cpu, cuda or cuda:N"),
+    ("nosuchform", "not of the form section.field=value"),
+])
+def test_bad_values_name_key_value_and_allowed(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config("default", [override])
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_recipe_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="neither a file nor a shipped recipe"):
+        load_config("no-such-recipe")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nsteps = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    flat = tmp_path / "flat.toml"
+    flat.write_text("steps = 3\n")
+    with pytest.raises(ConfigError, match="must be a table"):
+        load_config(flat)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config("gpt2-124m", ['log.sample_prompt="quote \\" and ünïcode"', "optim.lr=1e-5"])
+    save_config(cfg, tmp_path / "c.toml")
+    assert load_config(tmp_path / "c.toml") == cfg
+
+
+def test_every_field_is_documented():
+    rows = field_help()
+    assert len(rows) > 40
+    assert all(help_text for *_, help_text in rows)
+    keys = [key for key, *_ in rows]
+    assert "train.resume" in keys and "precision.dtype" in keys and len(keys) == len(set(keys))
+
+
+def test_shipped_recipes_are_valid():
+    for name in ("default", "gpt2-124m"):
+        load_config(name)
