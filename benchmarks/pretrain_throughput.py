@@ -199,7 +199,7 @@ def _markdown(result: dict) -> str:
              f"GPT-2-124M shape, seq {SEQ}, batch {BATCH}, bf16; {result['steps']} timed steps after "
              f"{result['warmup']} warm-up steps.", "",
              "| system | tokens/s | MFU | peak GiB | step ms | final loss |", "|---|---:|---:|---:|---:|---:|"]
-    for r in result["rows"]:
+    for r in (r for r in result["rows"] if "error" not in r):
         mfu = f"{r['mfu']:.3f}" if r.get("mfu") else "-"
         lines.append(f"| {r['name']} | {r['tokens_per_second']:,.0f} | {mfu} | {r['peak_memory_gib']:.1f} | "
                      f"{r['step_ms']:.1f} | {r['final_loss']:.3f} |")
