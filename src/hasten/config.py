@@ -143,6 +143,7 @@ class TrainConfig:
                                 choices=("auto", "flash", "cudnn", "efficient", "math"))
     out_dir: str = _f("runs/default", "run folder: config, logs, checkpoints, plots, exported weights")
     resume: str = _f("none", "'none', 'auto' (newest complete checkpoint in the run folder), or a checkpoint folder")
+    time_limit_s: float = _f(0.0, "stop (after saving) once training has run this many seconds (0 = no limit)")
     max_bad_steps: int = _f(5, "stop (after saving) when this many consecutive steps have a non-finite loss")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
 
@@ -151,6 +152,7 @@ class TrainConfig:
             _check(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "it must be > 0")
         _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "it must be >= 0")
         _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "it must be >= 0")
+        _check(self.time_limit_s >= 0, "train.time_limit_s", self.time_limit_s, "it must be >= 0")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "train.device", self.device, "use auto, cpu, cuda or cuda:N")
 

@@ -190,8 +190,11 @@ def train_loop(run: Run) -> dict[str, Any]:
                 stop_reason = _log_interval(run, state, counters, timer, logger, tokens_per_step, peak, last)
             if stop.requested and not stop_reason:
                 stop_reason = f"received {stop.signal_name}"
-            if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or state.step == cfg.train.steps:
-                _log_eval(run, state, forward_loss, logger, last)
+            if cfg.train.time_limit_s and time.perf_counter() - timer.start >= cfg.train.time_limit_s:
+                stop_reason = stop_reason or f"time limit of {cfg.train.time_limit_s:g} s reached"
+            if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or state.step == cfg.train.steps \
+                    or stop_reason:
+                _log_eval(run, state, forward_loss, logger, last, timer.start)
                 timer.restart_interval()
             if stop_reason or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or (
                     state.step == cfg.train.steps and cfg.checkpoint.at_end):
@@ -209,7 +212,7 @@ def _log_interval(run: Run, state: TrainerState, counters: DeviceCounters, timer
     state.bad_loss_streak = int(values["streak"])
     lr = run.optimizer.param_groups[0]["lr"]
     record = dict(loss=values["loss"], lr=float(lr), tokens=state.tokens_seen, tokens_per_second=rate,
-                  skipped_steps=state.skipped_steps)
+                  skipped_steps=state.skipped_steps, elapsed_s=time.perf_counter() - timer.start)
     if run.scaler is not None:
         record["loss_scale"] = float(run.scaler.get_scale())
     if (utilization := mfu(rate, run.flops_per_token or 0.0, peak)) is not None:
@@ -223,14 +226,16 @@ def _log_interval(run: Run, state: TrainerState, counters: DeviceCounters, timer
     return ""
 
 
-def _log_eval(run: Run, state: TrainerState, forward_loss: Any, logger: RunLogger, last: dict[str, Any]) -> None:
+def _log_eval(run: Run, state: TrainerState, forward_loss: Any, logger: RunLogger, last: dict[str, Any],
+              timer_start: float) -> None:
     val_loss = evaluate(run, forward_loss)
     if math.isnan(val_loss):
         return
+    elapsed = time.perf_counter() - timer_start
     last["val_loss"] = val_loss
     last.setdefault("best_val_loss", val_loss)
     last["best_val_loss"] = min(last["best_val_loss"], val_loss)
-    logger.log("eval", state.step, val_loss=val_loss)
+    logger.log("eval", state.step, val_loss=val_loss, tokens=state.tokens_seen, elapsed_s=elapsed)
     baseline = run.info.get("unigram_val_loss")
     note = f" (unigram baseline {baseline:.4f})" if baseline else ""
     logger.print(f"step {state.step:>6}  val loss {val_loss:.4f}{note}")
