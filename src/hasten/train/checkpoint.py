@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from hasten.config import ConfigError
@@ -35,6 +36,15 @@ class TrainerState:
     skipped_steps: int = 0
     bad_loss_streak: int = 0
     scaler: dict[str, Any] = field(default_factory=dict)
+
+
+def _quiet(fn: Any) -> Any:
+    """DCP warns that it runs in a single process when no process group exists: that is intended."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            return fn(*args, **kwargs)
+    return call
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -85,9 +95,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         tensors["model"], tensors["optim"] = get_state_dict(model, optimizer)
     else:
         tensors["model"] = get_state_dict(model, [])[0]
-    with warnings.catch_warnings():  # DCP warns that it runs in one process, which is intended
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(tensors, checkpoint_id=str(tmp))
+    _quiet(dcp.save)(tensors, checkpoint_id=str(tmp))
     if _is_rank0():
         (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
         shutil.rmtree(final, ignore_errors=True)
@@ -120,10 +128,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     else:
         tensors["model"] = get_state_dict(model, [])[0]
     try:
-        dcp.load(tensors, checkpoint_id=str(path))
-    except Exception as err:  # DCP raises a variety of errors for a mismatched model
-        raise ConfigError(f"Checkpoint {path} does not match this model or optimizer ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:200]}); check the recipe it was trained with.") from None
+        _quiet(dcp.load)(tensors, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise ConfigError(f"Checkpoint {path} does not match this model or optimizer ({lines[-1][:300]}); "
+                          "resume with the recipe it was trained with.") from None
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"])
     else:
@@ -136,5 +145,5 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 def load_model_weights(path: Path, model: nn.Module) -> None:
     """Load only the model's weights from a checkpoint (for generate and export)."""
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(path))
+    _quiet(dcp.load)(state, checkpoint_id=str(path))
     model.load_state_dict(state["model"])

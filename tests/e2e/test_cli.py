@@ -1,0 +1,100 @@
+"""The `hasten` command end to end, in subprocesses, on tiny real runs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY
+
+
+def hasten(*args, env, timeout=300, check=True):
+    proc = subprocess.run([sys.executable, "-m", "hasten", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    if check and proc.returncode:
+        raise AssertionError(f"hasten {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {**os.environ, "HASTEN_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+
+
+def test_train_generate_export_round_trip(tmp_path, env):
+    run = tmp_path / "run"
+    proc = hasten("train", *TINY, "train.steps=12", "train.eval_every=6", "log.plot=true", "log.sample_tokens=10",
+                  f"train.out_dir={run}", env=env)
+    assert "val loss" in proc.stderr and "sample:" in proc.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["completed"] and summary["steps"] == 12 and (run / "loss.png").stat().st_size > 1000
+    from_run = hasten("generate", str(run), "--prompt", "def ", "--tokens", "16", "--seed", "3", env=env).stdout
+    assert from_run.startswith("def ")
+    out = hasten("export", str(run), env=env).stdout.strip()
+    export = Path(out)
+    assert (export / "model.safetensors").exists() and (export / "config.json").exists()
+    assert json.loads((export / "config.json").read_text())["model"]["dim"] == 64
+    from_export = hasten("generate", str(export), "--prompt", "def ", "--tokens", "16", "--seed", "3", env=env).stdout
+    assert from_export == from_run  # same weights, same seed: the export loses nothing
+
+
+def test_recipe_file_with_overrides(tmp_path, env):
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text('[model]\npreset = "tiny"\n[train]\nsteps = 3\nbatch_size = 2\nseq_len = 16\n'
+                      '[data]\ntokenizer = "byte"\nmax_documents = 30\n')
+    run = tmp_path / "r"
+    hasten("train", str(recipe), "train.steps=4", "log.sample_tokens=0", f"train.out_dir={run}", env=env)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    assert 'steps = 4' in (run / "config.toml").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.stpes=3"], "Unknown config key 'train.stpes'. Did you mean train.steps?"),
+    (["precision.dtype=fp8"], "precision.dtype='fp8' is not allowed: choose one of auto, fp32, bf16, fp16."),
+    (["missing.toml"], "Recipe 'missing.toml' is neither a file nor a shipped recipe"),
+    (["data.source=/no/such/place"], "/no/such/place"),
+])
+def test_bad_input_fails_at_once_with_one_sentence(env, args, message):
+    proc = hasten("train", *args, env=env, check=False, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_generate_from_a_folder_that_is_not_a_run(tmp_path, env):
+    proc = hasten("generate", str(tmp_path), env=env, check=False)
+    assert proc.returncode == 2 and "is not a hasten run folder" in proc.stderr
+
+
+def test_help_documents_every_field(env):
+    from hasten.config import field_help
+
+    text = hasten("train", "--help", env=env).stdout
+    for key, *_ in field_help():
+        assert key in text
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path, env):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "hasten", "train", *TINY, "train.steps=100000", "log.every=5",
+            "checkpoint.every=0", "train.eval_every=0", f"train.out_dir={run}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "received SIGTERM" in stderr
+    summary = json.loads((run / "summary.json").read_text())
+    stopped_at = summary["steps"]
+    assert 0 < stopped_at < 100000 and not summary["completed"]
+    assert (run / "checkpoints" / f"step_{stopped_at:07d}" / "trainer_state.json").exists()
+    hasten("train", *TINY, f"train.steps={stopped_at + 3}", "train.resume=auto", f"train.out_dir={run}", env=env)
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["completed"] and resumed["steps"] == stopped_at + 3

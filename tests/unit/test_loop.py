@@ -1,0 +1,168 @@
+"""The trainer on real tiny runs: precisions, accumulation, exact resume, guards, user models."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import hasten
+from hasten.train.checkpoint import list_checkpoints
+from hasten.train.log import read_log
+
+
+def _losses(run_dir, event="train", key="loss"):
+    return {r["step"]: r[key] for r in read_log(run_dir / "metrics.jsonl") if r["event"] == event}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_each_precision_trains_and_loss_falls(tiny_config, dtype):
+    cfg = tiny_config(f"precision.dtype={dtype}", "train.steps=30", "log.every=5", "train.eval_every=30",
+                      "optim.lr=3e-3", out=dtype)
+    summary = hasten.train(cfg)
+    losses = _losses(cfg_dir := __import__("pathlib").Path(cfg.train.out_dir))
+    assert summary["precision"] == dtype and summary["completed"]
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses[30] < losses[5] - 0.5
+    assert math.isfinite(summary["final_val_loss"])
+    records = read_log(cfg_dir / "metrics.jsonl")
+    if dtype == "fp16":  # the loss scale is logged and overflow steps are counted, not hidden
+        assert all("loss_scale" in r for r in records if r["event"] == "train")
+    assert summary["skipped_steps"] >= 0
+
+
+def test_resume_is_bit_exact(tiny_config, tmp_path):
+    """2N steps straight equal N steps + resume + N steps, loss for loss, with dropout on."""
+    common = ("train.steps=8", "checkpoint.every=4", "checkpoint.keep=3", "log.every=1", "model.dropout=0.1",
+              "train.grad_accum=2", "train.eval_every=4")
+    straight = tiny_config(*common, out="straight")
+    hasten.train(straight)
+    straight_dir = tmp_path / "straight"
+    half = list_checkpoints(straight_dir)[0]
+    assert half.name == "step_0000004"
+    resumed = tiny_config(*common, f"train.resume={half}", out="resumed")
+    hasten.train(resumed)
+    a, b = _losses(straight_dir), _losses(tmp_path / "resumed")
+    assert sorted(b) == [5, 6, 7, 8]
+    assert [a[s] for s in b] == [b[s] for s in b]  # exact equality, not approximate
+    assert _losses(straight_dir, "eval", "val_loss")[8] == _losses(tmp_path / "resumed", "eval", "val_loss")[8]
+
+
+def test_resume_auto_continues_and_rewrites_the_log(tiny_config, tmp_path):
+    first = tiny_config("train.steps=6", "checkpoint.every=3", "log.every=1", out="run")
+    hasten.train(first)
+    again = tiny_config("train.steps=9", "checkpoint.every=3", "log.every=1", "train.resume=auto", out="run")
+    summary = hasten.train(again)
+    steps = [r["step"] for r in read_log(tmp_path / "run" / "metrics.jsonl") if r["event"] == "train"]
+    assert steps == list(range(1, 10)) and summary["steps"] == 9
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_0000006", "step_0000009"]
+
+
+def test_checkpoints_are_pruned_and_complete(tiny_config, tmp_path):
+    hasten.train(tiny_config("train.steps=10", "checkpoint.every=2", "checkpoint.keep=2", out="run"))
+    found = list_checkpoints(tmp_path / "run")
+    assert [p.name for p in found] == ["step_0000008", "step_0000010"]
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))
+    state = json.loads((found[-1] / "trainer_state.json").read_text())
+    assert state["step"] == 10 and state["tokens_seen"] == 10 * 4 * 32
+
+
+def test_resume_from_a_checkpoint_of_another_model_fails_clearly(tiny_config, tmp_path):
+    hasten.train(tiny_config("train.steps=2", out="small"))
+    ckpt = list_checkpoints(tmp_path / "small")[-1]
+    with pytest.raises(hasten.ConfigError, match="does not match this model"):
+        hasten.train(tiny_config("train.steps=4", "model.dim=128", f"train.resume={ckpt}", out="other"))
+
+
+class Regression(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+def mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def _regression_batches(bad_from=None, bad_steps=()):
+    def batches(step, micro):
+        g = torch.Generator().manual_seed(step * 100 + micro)
+        x = torch.randn(16, 8, generator=g)
+        y = x.sum(dim=1, keepdim=True)
+        if step in bad_steps or (bad_from is not None and step >= bad_from):
+            x = x.clone()
+            x[0, 0] = float("nan")
+        return x, y
+    return batches
+
+
+def test_user_model_and_loss(tiny_config):
+    cfg = tiny_config("train.steps=40", "optim.lr=0.05", "optim.weight_decay=0", "log.every=10", "out=user"
+                      if False else "train.eval_every=0")
+    torch.manual_seed(0)
+    summary = hasten.train(cfg, model=Regression(), loss_fn=mse, train_batches=_regression_batches())
+    assert summary["completed"] and summary["final_loss"] < 1.0
+    assert summary["params"] == 9
+
+
+def test_non_finite_steps_are_skipped_and_counted(tiny_config):
+    cfg = tiny_config("train.steps=12", "log.every=4", "train.eval_every=0")
+    torch.manual_seed(0)
+    model = Regression()
+    summary = hasten.train(cfg, model=model, loss_fn=mse, train_batches=_regression_batches(bad_steps={3, 7}))
+    assert summary["completed"] and summary["skipped_steps"] == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_run_of_bad_steps_stops_after_saving(tiny_config, tmp_path):
+    cfg = tiny_config("train.steps=50", "log.every=2", "train.max_bad_steps=3", "train.eval_every=0",
+                      "checkpoint.every=0")
+    summary = hasten.train(cfg, model=Regression(), loss_fn=mse, train_batches=_regression_batches(bad_from=5))
+    assert not summary["completed"]
+    assert "consecutive steps had a non-finite loss" in summary["stop_reason"]
+    assert 8 <= summary["steps"] <= 10
+    assert list_checkpoints(tmp_path / "run")[-1].name == f"step_{summary['steps']:07d}"
+
+
+def test_gradient_accumulation_matches_the_big_batch(tiny_config):
+    """Two half batches accumulated give the update of the whole batch (mean losses)."""
+    def full(step, micro):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(16, 8, generator=g)
+        return x, x.sum(dim=1, keepdim=True)
+
+    def halves(step, micro):
+        x, y = full(step, 0)
+        return x[micro * 8:(micro + 1) * 8], y[micro * 8:(micro + 1) * 8]
+
+    results = []
+    for accum, batches in ((1, full), (2, halves)):
+        torch.manual_seed(0)
+        model = Regression()
+        hasten.train(tiny_config("train.steps=5", f"train.grad_accum={accum}", "train.eval_every=0",
+                                 out=f"acc{accum}"), model=model, loss_fn=mse, train_batches=batches)
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+def test_user_model_needs_loss_and_batches(tiny_config):
+    with pytest.raises(hasten.ConfigError, match="needs loss_fn"):
+        hasten.train(tiny_config(), model=Regression())
+
+
+def test_summary_and_artifacts(tiny_config, tmp_path):
+    cfg = tiny_config("train.steps=6", "log.every=2", "log.plot=true", "log.tensorboard=true",
+                      "log.sample_tokens=8", out="arts")
+    summary = hasten.train(cfg)
+    run = tmp_path / "arts"
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "loss.png", "tokenizer"):
+        assert (run / name).exists(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert summary["tokens_per_second"] > 0 and summary["peak_memory_gib"] > 0 and summary["mfu"] is None
+    assert summary["unigram_val_loss"] > 0 and summary["sample"].startswith("def ")
+    assert hasten.load_config(run / "config.toml") == cfg
