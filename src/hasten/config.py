@@ -10,6 +10,7 @@ Config is data: no modules, devices or tokenizers live here; builders receive th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -245,31 +246,26 @@ def _unknown(key: str) -> ConfigError:
 
 def _coerce(key: str, value: Any, kind: type, choices: tuple[Any, ...] | None) -> Any:
     """Convert a TOML or command-line value to the field's type, or explain why it cannot be."""
-    if kind is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-            value = value.lower() in ("true", "1", "yes", "on")
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is not allowed: it must be true or false.")
-    elif kind is int:
-        try:
-            value = int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else value
-        except (TypeError, ValueError):
-            pass
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is not allowed: it must be an integer.")
-    elif kind is float:
-        try:
-            value = float(value) if not isinstance(value, bool) else value
-        except (TypeError, ValueError):
-            pass
-        if not isinstance(value, float):
-            raise ConfigError(f"{key}={value!r} is not allowed: it must be a number.")
-    elif kind is str:
-        if not isinstance(value, str):
-            value = str(value)
+    if kind is bool and isinstance(value, str) and value.lower() in _BOOL_WORDS:
+        value = _BOOL_WORDS[value.lower()]
+    elif kind is int and isinstance(value, (str, float)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError, OverflowError):
+            value = int(value) if float(value).is_integer() else value
+    elif kind is float and isinstance(value, (str, int)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    elif kind is str and not isinstance(value, str):
+        value = str(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{key}={value!r} is not allowed: it must be {_KIND_WORDS[kind]}.")
     if choices and value not in choices:
         raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(map(str, choices))}.")
     return value
+
+
+_BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False, "on": True,
+               "off": False}
+_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _parse_override(arg: str) -> tuple[str, Any]:

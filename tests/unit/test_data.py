@@ -51,7 +51,15 @@ def test_split_is_by_document_deterministic_and_never_empty() -> None:
     _, all_val = split_documents(docs[:3], 0.999)
     assert len(all_val) == 2
     with pytest.raises(ConfigError, match="at least 2"):
-        split_documents(docs[:1], 0.1)
+        split_documents(docs[:1], 0.1)  # one line cannot be split
+
+
+def test_a_lone_text_is_cut_into_pieces_of_whole_lines() -> None:
+    text = "".join(f"line {i}\n" for i in range(1000))
+    train, val = split_documents([Document("novel.txt", text)], 0.1)
+    pieces = sorted(train + val)
+    assert len(pieces) == 63 and pieces[0].name == "novel.txt#0000"  # ceil(1000 / 64) = 16 lines each
+    assert "".join(d.text for d in pieces) == text and val and train
 
 
 def test_stdlib_source_is_deterministic_and_excludes_packages() -> None:

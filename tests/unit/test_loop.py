@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,8 @@ def test_each_precision_trains_and_loss_falls(tiny_config, dtype):
     cfg = tiny_config(f"precision.dtype={dtype}", "train.steps=30", "log.every=5", "train.eval_every=30",
                       "optim.lr=3e-3", out=dtype)
     summary = hasten.train(cfg)
-    losses = _losses(cfg_dir := __import__("pathlib").Path(cfg.train.out_dir))
+    cfg_dir = Path(cfg.train.out_dir)
+    losses = _losses(cfg_dir)
     assert summary["precision"] == dtype and summary["completed"]
     assert all(math.isfinite(v) for v in losses.values())
     assert losses[30] < losses[5] - 0.5
@@ -102,8 +104,8 @@ def _regression_batches(bad_from=None, bad_steps=()):
 
 
 def test_user_model_and_loss(tiny_config):
-    cfg = tiny_config("train.steps=40", "optim.lr=0.05", "optim.weight_decay=0", "log.every=10", "out=user"
-                      if False else "train.eval_every=0")
+    cfg = tiny_config("train.steps=40", "optim.lr=0.05", "optim.weight_decay=0", "log.every=10",
+                      "train.eval_every=0")
     torch.manual_seed(0)
     summary = hasten.train(cfg, model=Regression(), loss_fn=mse, train_batches=_regression_batches())
     assert summary["completed"] and summary["final_loss"] < 1.0

@@ -58,10 +58,16 @@ def _limit(docs: list[Document], max_documents: int) -> list[Document]:
 
 
 def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
-    """(train, val) by a hash of each name; both sides get at least one document."""
+    """(train, val) by a hash of each name; both sides get at least one document.
+
+    A lone document (one text file, say a novel) is first cut into pieces of whole lines, so it can
+    be split too; its pieces are named `name#0000`, `name#0001`, …
+    """
+    if len(docs) == 1:
+        docs = split_lone_document(docs[0])
     if len(docs) < 2:
-        raise ConfigError(f"The source has {len(docs)} document(s) but a split by document needs at least 2; "
-                          "split the text into several files (a folder) or a JSONL file with one document per line.")
+        raise ConfigError(f"The source has {len(docs)} document(s) with text but a split needs at least 2 "
+                          "(or one of at least 2 lines); add text or files.")
     train = [d for d in docs if name_hash(d.name) >= val_fraction]
     val = [d for d in docs if name_hash(d.name) < val_fraction]
     if not val:
@@ -71,6 +77,14 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
         last = max(val, key=lambda d: (name_hash(d.name), d.name))
         train, val = [last], [d for d in val if d is not last]
     return train, val
+
+
+def split_lone_document(doc: Document, pieces: int = 64) -> list[Document]:
+    """Cut one document into up to `pieces` runs of whole lines (fewer for short texts)."""
+    lines = doc.text.splitlines(keepends=True)
+    per_piece = max(1, -(-len(lines) // pieces))
+    chunks = ["".join(lines[i:i + per_piece]) for i in range(0, len(lines), per_piece)]
+    return [Document(f"{doc.name}#{i:04d}", text) for i, text in enumerate(chunks)]
 
 
 def stdlib_root() -> Path:

@@ -6,7 +6,6 @@ here, in that order; nothing is reordered silently.
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,6 +116,13 @@ def _build_lm(config: RunConfig, run_dir: Path, device: torch.device, rank: int,
     )
 
 
+def _items_per_batch(train_batches: BatchFn) -> int:
+    """What a user batch counts for throughput: token ids (an integer first tensor) count one each,
+    otherwise each row of the first tensor is one item."""
+    first = train_batches(0, 0)[0]
+    return first.numel() if not (first.is_floating_point() or first.is_complex()) else first.shape[0]
+
+
 def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: LossFn | None = None,
               train_batches: BatchFn | None = None, val_batches: BatchFn | None = None) -> Run:
     """Build a run. Without a model, hasten builds its decoder and token data from the config;
@@ -128,12 +134,13 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
     run_dir = prepare_run_dir(config, rank)
     if model is None:
         parts = _build_lm(config, run_dir, device, rank, world)
+        parts["tokens_per_micro_batch"] = config.train.batch_size * config.train.seq_len
     else:
         if loss_fn is None or train_batches is None:
             raise ConfigError("A user model needs loss_fn(model, batch) and train_batches(step, micro) as well.")
         model.to(device)
         parts = dict(model=model, loss_fn=loss_fn, train_batches=train_batches, val_batches=val_batches,
-                     tokenizer=None, flops_per_token=None,
+                     tokenizer=None, flops_per_token=None, tokens_per_micro_batch=_items_per_batch(train_batches),
                      info=dict(params=sum(p.numel() for p in model.parameters())))
     precision = resolve_precision(config.precision, device)
     select_attention_backend(config.train.attention_backend, device)
@@ -141,7 +148,6 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
     return Run(config=config, run_dir=run_dir, device=device, optimizer=optimizer,
                schedule=build_schedule(config.optim, config.train.steps), precision=precision,
                scaler=make_grad_scaler(precision, config.precision),
-               tokens_per_micro_batch=config.train.batch_size * config.train.seq_len,
                rank=rank, world_size=world, **parts)
 
 
@@ -165,7 +171,3 @@ def select_attention_backend(name: str, device: torch.device) -> None:
     torch.backends.cuda.enable_mem_efficient_sdp(name == "efficient")
     torch.backends.cuda.enable_math_sdp(name == "math")
 
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))

@@ -20,7 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from hasten.config import ConfigError
 
@@ -82,7 +82,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
                   and not p.name.endswith(".tmp") and (p / STATE_FILE).exists())
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: TrainerState, device: torch.device, keep: int) -> Path:
     """Write a complete checkpoint atomically and prune all but the newest `keep`."""
     final = checkpoint_dir(run_dir, state.step)
@@ -90,11 +90,8 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     if _is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    tensors: dict[str, Any] = {"rng": rng_state(device)}
-    if optimizer is not None:
-        tensors["model"], tensors["optim"] = get_state_dict(model, optimizer)
-    else:
-        tensors["model"] = get_state_dict(model, [])[0]
+    model_state, optim_state = get_state_dict(model, optimizer)
+    tensors = {"model": model_state, "optim": optim_state, "rng": rng_state(device)}
     _quiet(dcp.save)(tensors, checkpoint_id=str(tmp))
     if _is_rank0():
         (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
@@ -119,25 +116,18 @@ def resolve_resume(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     device: torch.device) -> TrainerState:
     """Load model (and optimizer, RNG) state in place and return the trainer state."""
-    tensors: dict[str, Any] = {"rng": rng_state(device)}
-    if optimizer is not None:
-        tensors["model"], tensors["optim"] = get_state_dict(model, optimizer)
-    else:
-        tensors["model"] = get_state_dict(model, [])[0]
+    model_state, optim_state = get_state_dict(model, optimizer)
+    tensors = {"model": model_state, "optim": optim_state, "rng": rng_state(device)}
     try:
         _quiet(dcp.load)(tensors, checkpoint_id=str(path))
     except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise ConfigError(f"Checkpoint {path} does not match this model or optimizer ({lines[-1][:300]}); "
                           "resume with the recipe it was trained with.") from None
-    if optimizer is not None:
-        set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"])
-    else:
-        set_state_dict(model, [], model_state_dict=tensors["model"], optim_state_dict={},
-                       options=StateDictOptions(strict=True))
+    set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"])
     set_rng_state(tensors["rng"], device)
     return TrainerState(**json.loads((path / STATE_FILE).read_text()))
 

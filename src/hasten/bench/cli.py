@@ -1,0 +1,203 @@
+"""`hasten bench`: run the rows under one budget, then write and print the trade-off report.
+
+`add_parser(subparsers)` adds the subcommand to `hasten`'s parser and `run(ns)` executes it;
+`python -m hasten.bench` runs the same two functions on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from hasten.bench.rows import ROWS, Row, default_row_names, get_row, parse_custom_row
+from hasten.config import ConfigError
+
+DEFAULT_OUT = "runs/bench"
+
+DESCRIPTION = """\
+Train the same model once per row (baseline, bf16, compile, wsd, ... each a `hasten train` in its
+own process) under one budget, measure every row (wall time, tokens/s, MFU, peak memory, val loss,
+steps and time to the baseline's final val loss, inference latency, model size) and write
+report.json, report.md, report.html and plots into --out. Finished rows are reused on a rerun with
+the same settings; --fresh reruns them. With no recipe on a CPU the bench shrinks the default
+recipe so that the default rows finish in about 15 minutes on 2 cores."""
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add the `bench` subcommand to an argparse subparsers object."""
+    rows = ", ".join(f"{name} ({row.family})" for name, row in ROWS.items())
+    bench = subparsers.add_parser("bench", help="measure methods side by side: the trade-off report",
+                                  description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  epilog=f"rows: {rows}; join names with '+' to combine them (bf16+compile).")
+    bench.add_argument("args", nargs="*", metavar="RECIPE | key=value",
+                       help="recipe first (optional), then overrides applied to every row")
+    bench.add_argument("--rows", default=None, help="comma-separated rows (default: baseline,bf16,compile,wsd "
+                       "on CPU); the baseline is always run, first")
+    bench.add_argument("--row", action="append", default=[], metavar="NAME:OVERRIDES",
+                       help="an extra one-off row, e.g. --row 'lr3e-3:optim.lr=3e-3' (repeatable)")
+    budget = bench.add_mutually_exclusive_group()
+    budget.add_argument("--budget-steps", type=int, default=None,
+                        help="optimizer steps per row (default: 250 with the CPU defaults, else the recipe's)")
+    budget.add_argument("--budget-seconds", type=float, default=None,
+                        help="training seconds per row (train.time_limit_s) instead of a step count")
+    bench.add_argument("--out", default=None, help=f"output folder (default: {DEFAULT_OUT})")
+    bench.add_argument("--fresh", action="store_true", help="rerun every row, even those finished before")
+    bench.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
+                       help="print two report.json files side by side and write compare.md (no training)")
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Execute `hasten bench`; returns the exit status (1 when every row failed)."""
+    if ns.compare:
+        return _compare(ns.compare[0], ns.compare[1], Path(ns.out or "."))
+    from hasten.bench.report import build_report, write_report
+    from hasten.bench.runner import BenchSettings, check_settings
+
+    recipe, overrides = _split_recipe(ns.args)
+    settings = BenchSettings(recipe=recipe, overrides=tuple(overrides), budget_steps=ns.budget_steps,
+                             budget_seconds=ns.budget_seconds, device_type=_device_type(overrides))
+    rows = select_rows(ns.rows, ns.row, settings.device_type)
+    check_settings(settings)
+    out = Path(ns.out or DEFAULT_OUT)
+    results = _run_rows(settings, rows, out, ns.fresh)
+    report = build_report(results, environment(settings, rows))
+    paths = write_report(report, out)
+    _print_table(report)
+    print(f"report: {paths[1]}  {paths[2]}  {paths[0]}")
+    return 0 if any(r["status"] == "ok" for r in results) else 1
+
+
+def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
+    """(recipe or None, overrides): the first argument is a recipe unless it is a key=value."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, list(args)
+
+
+def _device_type(overrides: list[str]) -> str:
+    """'cuda' or 'cpu': where the rows will train, from train.device or what is visible."""
+    import torch
+
+    device = next((o.split("=", 1)[1].strip().strip("'\"") for o in overrides
+                   if o.split("=", 1)[0].strip() == "train.device"), "auto")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def select_rows(names: str | None, custom: list[str], device_type: str) -> list[Row]:
+    """The rows to run: named or default, then custom ones; the baseline first, each name once."""
+    chosen = [n.strip() for n in names.split(",") if n.strip()] if names else default_row_names(device_type)
+    rows = [get_row(n) for n in dict.fromkeys(["baseline", *chosen])]
+    rows += [parse_custom_row(spec) for spec in custom]
+    seen: set[str] = set()
+    for row in rows:
+        if row.name in seen:
+            raise ConfigError(f"Bench row {row.name!r} is given twice; give each row a distinct name.")
+        seen.add(row.name)
+    return rows
+
+
+def _run_rows(settings: Any, rows: list[Row], out: Path, fresh: bool) -> list[dict[str, Any]]:
+    """Run the rows one after another with a progress display; a failed row does not stop the others."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hasten.bench.runner import run_row
+
+    steps = settings.resolved_steps() if settings.budget_seconds is None else None
+    results = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+        overall = bar.add_task("bench rows", total=len(rows))
+        for row in rows:
+            task = bar.add_task(f"  {row.name}", total=steps)
+            outcome = run_row(settings, row, out, fresh=fresh,
+                              on_step=lambda step, t=task: bar.update(t, completed=step))
+            bar.update(task, completed=steps or 0, visible=False)
+            line = _row_line(outcome.result, outcome.reused)
+            bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            results.append(outcome.result)
+            bar.advance(overall)
+    return results
+
+
+def _row_line(result: dict[str, Any], reused: bool) -> str:
+    """One line per row as it finishes, so that logs (not only terminals) show the progress."""
+    name = result["name"]
+    if reused:
+        return f"row {name}: skipped, finished in an earlier run with the same settings (--fresh reruns it)"
+    if result["status"] != "ok":
+        last = (result.get("error") or "").strip().splitlines()
+        return f"row {name}: FAILED ({last[-1] if last else 'no error recorded'}); see {name}/bench_stderr.log"
+    summary = result["summary"]
+    return (f"row {name}: done, {summary['steps']} steps in {summary['wall_time_s']:.1f} s, "
+            f"val loss {summary['final_val_loss']:.4f}, inference {result['inference_ms']:.2f} ms")
+
+
+def environment(settings: Any, rows: list[Row]) -> dict[str, Any]:
+    """Where and how the report was measured: device, versions, date, budget, settings."""
+    import torch
+
+    import hasten
+
+    if settings.device_type == "cuda":
+        device = f"cuda ({torch.cuda.get_device_name()}, {torch.cuda.device_count()} visible)"
+    else:
+        device = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return dict(device=device, torch=torch.__version__, hasten=hasten.__version__, python=platform.python_version(),
+                cpu_count=os.cpu_count(), commit=_commit(),
+                date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                budget=settings.budget(), recipe=settings.recipe or "default",
+                overrides=settings.common_overrides(), rows=[row.name for row in rows])
+
+
+def _commit() -> str | None:
+    """The git commit of the hasten source tree, when it is a checkout."""
+    try:
+        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return found.stdout.strip() or None if found.returncode == 0 else None
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from hasten.bench.report import HEADERS, table_cells
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 220))  # logs: one line per row rather than wrapped cells
+    table = Table(title=f"hasten bench ({report['environment']['device']})")
+    for i, header in enumerate(HEADERS):
+        table.add_column(header, justify="left" if i < 4 else "right", overflow="fold")
+    for cells in table_cells(report):
+        table.add_row(*cells, style=None if cells[3] == "ok" else "red")
+    console.print(table)
+
+
+def _compare(path_a: str, path_b: str, out: Path) -> int:
+    """`--compare A.json B.json`: print the rows side by side and write compare.md."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from hasten.bench.report import compare_markdown, compare_rows, load_report
+
+    a, b = load_report(path_a), load_report(path_b)
+    headers, cells = compare_rows(a, b)
+    table = Table(title=f"A = {path_a}   B = {path_b}")
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for line in cells:
+        table.add_row(*line)
+    Console().print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(compare_markdown(a, b, (path_a, path_b)))
+    print(f"comparison: {out / 'compare.md'}")
+    return 0

@@ -1,0 +1,123 @@
+"""The rows of `hasten bench`: one named set of config overrides per method (or combination).
+
+A row is data: a name, the method family it belongs to, what that family is for (`benefit`) and
+the `section.field=value` overrides that switch it on over the bench's common settings. Each
+method family registers its rows here, one `register(Row(...))` line each; the registry rejects
+duplicate names so that two families cannot silently shadow each other.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from hasten.config import ConfigError
+
+# What a family can be for; a row's benefit is one of these or several joined by " + ".
+BENEFITS = ("reference", "training time", "inference time", "memory", "quality", "quality at equal budget")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Row:
+    """One bench row: a method (or combination) as overrides of the common bench settings."""
+
+    name: str
+    family: str
+    benefit: str
+    overrides: tuple[str, ...]
+    description: str
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "/\\ ,:") or self.name.startswith("."):
+            raise ConfigError(f"Bench row name {self.name!r} must be non-empty without '/', '\\', ' ', ',' or ':'.")
+        for part in self.benefit.split(" + "):
+            if part not in BENEFITS:
+                raise ConfigError(f"Bench row {self.name!r} has benefit {part!r}; use one of {', '.join(BENEFITS)}.")
+        for override in self.overrides:
+            if "=" not in override:
+                raise ConfigError(f"Bench row {self.name!r} override {override!r} is not section.field=value.")
+
+
+ROWS: dict[str, Row] = {}
+
+
+def register(row: Row) -> Row:
+    """Add a row to the registry; a second row of the same name is an error, not a replacement."""
+    if row.name in ROWS:
+        raise ConfigError(f"A bench row named {row.name!r} is already registered ({ROWS[row.name].family}); "
+                          "pick another name.")
+    ROWS[row.name] = row
+    return row
+
+
+def _join_unique(parts: list[str]) -> str:
+    return " + ".join(dict.fromkeys(p for part in parts for p in part.split(" + ") if p != "reference")) or "reference"
+
+
+def combine(*names: str) -> Row:
+    """A row that switches on several registered rows at once, e.g. combine('bf16', 'compile').
+
+    Two rows that set the same key to different values cannot be combined: the result would
+    depend on their order, so this raises instead.
+    """
+    rows = [get_row(name) for name in names]
+    values: dict[str, str] = {}
+    for row in rows:
+        for override in row.overrides:
+            key, value = override.split("=", 1)
+            if values.get(key, value) != value:
+                raise ConfigError(f"Bench rows {' and '.join(names)} set {key} to different values; "
+                                  "they cannot be combined.")
+            values[key] = value
+    return Row(name="+".join(names), family=_join_unique([r.family for r in rows]),
+               benefit=_join_unique([r.benefit for r in rows]),
+               overrides=tuple(f"{k}={v}" for k, v in values.items()),
+               description="; ".join(r.description for r in rows))
+
+
+def get_row(name: str) -> Row:
+    """A registered row, or a combination 'a+b' of registered rows, by name."""
+    if name in ROWS:
+        return ROWS[name]
+    if "+" in name and all(part in ROWS for part in name.split("+")):
+        return combine(*name.split("+"))
+    close = difflib.get_close_matches(name, list(ROWS), n=1)
+    hint = f" Did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"Unknown bench row {name!r}.{hint} Known rows: {', '.join(ROWS)} (join names with '+' "
+                      "to combine them).")
+
+
+def default_row_names(device_type: str) -> list[str]:
+    """The rows `hasten bench` runs when none are named.
+
+    On CPU fp16 autocast is slow and fp32 is already the baseline's precision; on a GPU the
+    baseline is bf16, so fp32 and fp16 are the informative precision rows there.
+    """
+    if device_type == "cuda":
+        return ["baseline", "fp32", "fp16", "compile", "wsd", "bf16+compile"]
+    return ["baseline", "bf16", "compile", "wsd"]
+
+
+def parse_custom_row(spec: str) -> Row:
+    """A one-off row from the command line: 'NAME:key=value key=value'."""
+    name, sep, rest = spec.partition(":")
+    if not sep or not rest.strip():
+        raise ConfigError(f"--row {spec!r} must look like NAME:section.field=value [section.field=value ...].")
+    return Row(name=name.strip(), family="custom", benefit="reference", overrides=tuple(rest.split()),
+               description=f"custom row from the command line: {rest.strip()}")
+
+
+# The rows of the methods that exist today. Later method families add one line each.
+register(Row(name="baseline", family="baseline", benefit="reference", overrides=("precision.dtype=auto",),
+             description="AdamW, fp32 on CPU / bf16 on GPUs that support it, eager"))
+register(Row(name="fp32", family="mixed precision", benefit="reference", overrides=("precision.dtype=fp32",),
+             description="full fp32 forward/backward (what mixed precision is measured against on a GPU)"))
+register(Row(name="bf16", family="mixed precision", benefit="training time", overrides=("precision.dtype=bf16",),
+             description="bf16 autocast, fp32 weights and optimizer"))
+register(Row(name="fp16", family="mixed precision", benefit="training time", overrides=("precision.dtype=fp16",),
+             description="fp16 autocast with dynamic loss scaling"))
+register(Row(name="compile", family="compilation", benefit="training time", overrides=("train.compile=true",),
+             description="forward and loss compiled as one graph with torch.compile"))
+register(Row(name="wsd", family="schedule", benefit="quality at equal budget", overrides=("optim.schedule=wsd",),
+             description="warmup-stable-decay learning-rate schedule instead of cosine"))
+register(combine("bf16", "compile"))

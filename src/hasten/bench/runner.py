@@ -1,0 +1,259 @@
+"""Run bench rows: each one is a real `hasten train` in its own process, under the same budget.
+
+    for row in rows:
+        skip it if <out>/rows/<row>/bench_row.json holds a finished result of the same settings
+        python -m hasten train RECIPE <bench defaults> <user overrides> <budget> <row> out_dir=<row dir>
+        read summary.json and metrics.jsonl; load the produced model and time its forward pass
+        write <out>/rows/<row>/bench_row.json (or the error: the last lines of stderr)
+
+A subprocess per row means a crash, a hang in a compiler or an out-of-memory in one row cannot
+take the others down, and each row's peak memory is its own process's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hasten.bench.rows import Row
+from hasten.config import ConfigError, load_config
+
+ROW_RESULT = "bench_row.json"
+ERROR_LINES = 20  # lines of a failed row's stderr kept in its result
+
+# On CPU the shipped default recipe takes ~10 minutes per run; these make one row a few minutes
+# so that the default rows together finish within ~15 minutes on 2 cores.
+CPU_DEFAULTS = ("model.preset=small", "data.max_documents=400", "train.batch_size=8", "train.seq_len=128",
+                "train.eval_every=25", "train.eval_batches=5", "optim.warmup_steps=30")
+CPU_DEFAULT_STEPS = 250
+# Every row, on every device: no console chatter, no sample, no mid-run checkpoints (only the
+# final one, which the inference measurement loads).
+QUIET = ("log.progress=false", "log.sample_tokens=0", "log.tensorboard=false", "checkpoint.every=0",
+         "checkpoint.at_end=true")
+UNBOUNDED_STEPS = 1_000_000  # train.steps under a time budget: the time limit stops the run
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchSettings:
+    """What every row shares: recipe, overrides, budget. Equal settings mean a row can be reused."""
+
+    recipe: str | None = None
+    overrides: tuple[str, ...] = ()
+    budget_steps: int | None = None
+    budget_seconds: float | None = None
+    device_type: str = "cpu"
+    inference_batch: int = 4
+    inference_repeats: int = 20
+
+    def __post_init__(self) -> None:
+        if self.budget_steps is not None and self.budget_seconds is not None:
+            raise ConfigError("Give --budget-steps or --budget-seconds, not both.")
+        if self.budget_steps is not None and self.budget_steps <= 0:
+            raise ConfigError(f"--budget-steps={self.budget_steps} must be > 0.")
+        if self.budget_seconds is not None and self.budget_seconds <= 0:
+            raise ConfigError(f"--budget-seconds={self.budget_seconds} must be > 0.")
+
+    def budget(self) -> dict[str, Any]:
+        """The budget every row gets, as recorded in the report."""
+        if self.budget_seconds is not None:
+            return dict(kind="seconds", value=self.budget_seconds)
+        return dict(kind="steps", value=self.resolved_steps())
+
+    def resolved_steps(self) -> int | None:
+        """Steps of a step budget: the flag, else the CPU default for the default recipe, else the recipe's."""
+        if self.budget_steps is not None:
+            return self.budget_steps
+        if self.recipe is None and self.device_type == "cpu" and not _sets(self.overrides, "train.steps"):
+            return CPU_DEFAULT_STEPS
+        return None
+
+    def common_overrides(self) -> list[str]:
+        """Overrides shared by all rows, lowest priority first: bench defaults, user's, budget."""
+        defaults = list(CPU_DEFAULTS) if self.recipe is None and self.device_type == "cpu" else []
+        budget: list[str] = []
+        if self.budget_seconds is not None:
+            budget.append(f"train.time_limit_s={self.budget_seconds}")
+            if not _sets(self.overrides, "train.steps"):
+                budget.append(f"train.steps={UNBOUNDED_STEPS}")
+        elif (steps := self.resolved_steps()) is not None:
+            budget.append(f"train.steps={steps}")
+        return [*defaults, *QUIET, *self.overrides, *budget]
+
+    def fingerprint(self, row: Row) -> str:
+        """A short hash of everything that decides a row's result; a stored result of another hash is stale."""
+        payload = json.dumps([asdict(self), list(row.overrides)], sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _sets(overrides: tuple[str, ...] | list[str], key: str) -> bool:
+    return any(o.split("=", 1)[0].strip() == key for o in overrides)
+
+
+def train_command(settings: BenchSettings, row: Row, row_dir: Path) -> list[str]:
+    """The `hasten train` command line of one row; the row's own overrides win over shared ones."""
+    recipe = [settings.recipe] if settings.recipe else []
+    return [sys.executable, "-m", "hasten", "train", *recipe, *settings.common_overrides(), *row.overrides,
+            f"train.out_dir={row_dir}"]
+
+
+def check_settings(settings: BenchSettings) -> None:
+    """Fail before any training when the shared settings themselves are invalid (a typo in a key).
+
+    A row's own overrides are not checked here: a bad row fails alone, recorded in the report.
+    """
+    load_config(settings.recipe, settings.common_overrides())
+
+
+@dataclass
+class RowOutcome:
+    """What the runner reports to the progress display for one row."""
+
+    result: dict[str, Any]
+    reused: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def load_finished(row_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    """A stored result of the same settings that completed; failed rows are retried, not reused."""
+    path = row_dir / ROW_RESULT
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if result.get("fingerprint") != fingerprint or result.get("status") != "ok":
+        return None
+    return result
+
+
+def run_row(settings: BenchSettings, row: Row, out: Path, *, fresh: bool = False,
+            on_step: Callable[[int], None] | None = None) -> RowOutcome:
+    """Run one row (or reuse its finished result) and store its result in its folder."""
+    row_dir = out / "rows" / row.name
+    fingerprint = settings.fingerprint(row)
+    if not fresh and (done := load_finished(row_dir, fingerprint)) is not None:
+        return RowOutcome(done, reused=True)
+    row_dir.mkdir(parents=True, exist_ok=True)
+    (row_dir / ROW_RESULT).unlink(missing_ok=True)
+    result: dict[str, Any] = dict(name=row.name, family=row.family, benefit=row.benefit,
+                                  overrides=list(row.overrides), description=row.description,
+                                  fingerprint=fingerprint, command=train_command(settings, row, row_dir))
+    started = time.perf_counter()
+    error = _train(result["command"], row_dir, on_step)
+    result["process_time_s"] = time.perf_counter() - started
+    result["load_average"] = os.getloadavg()[0]  # above the core count: other processes shared the CPU
+    if error is None:
+        error = _collect(result, settings, row_dir)
+    result["status"] = "ok" if error is None else "failed"
+    result["error"] = error
+    (row_dir / ROW_RESULT).write_text(json.dumps(result, indent=1, default=_json_default))
+    return RowOutcome(result)
+
+
+def _json_default(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else str(value)
+
+
+def _train(command: list[str], row_dir: Path, on_step: Callable[[int], None] | None) -> str | None:
+    """Run the training process; None when it succeeded, else the last lines of its stderr."""
+    stdout_path, stderr_path = row_dir / "bench_stdout.log", row_dir / "bench_stderr.log"
+    metrics = row_dir / "metrics.jsonl"
+    with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
+        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL)
+        while proc.poll() is None:
+            time.sleep(0.5)
+            if on_step is not None and (step := last_step(metrics)) is not None:
+                on_step(step)
+    if proc.returncode == 0:
+        return None
+    lines = stderr_path.read_text(errors="replace").strip().splitlines()
+    tail = "\n".join(lines[-ERROR_LINES:]) or "(no output on stderr)"
+    return f"hasten train exited with status {proc.returncode}:\n{tail}"
+
+
+def last_step(metrics_path: Path) -> int | None:
+    """The step of the newest record in a metrics.jsonl that is being written, if any."""
+    try:
+        with metrics_path.open("rb") as f:
+            f.seek(max(0, metrics_path.stat().st_size - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else None
+    except (OSError, ValueError, KeyError, IndexError):
+        return None  # not written yet, or a line half-written: try again at the next poll
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (train, eval, summary events)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _collect(result: dict[str, Any], settings: BenchSettings, row_dir: Path) -> str | None:
+    """Add summary, curves and measured inference to `result`; None on success, else the error."""
+    summary_path = row_dir / "summary.json"
+    if not summary_path.exists():
+        return f"hasten train finished without writing {summary_path}."
+    result["summary"] = json.loads(summary_path.read_text())
+    records = read_metrics(row_dir / "metrics.jsonl")
+    result["evals"] = [dict(step=r["step"], val_loss=r["val_loss"], elapsed_s=r["elapsed_s"])
+                       for r in records if r.get("event") == "eval"]
+    result["train"] = [dict(step=r["step"], loss=r["loss"], elapsed_s=r["elapsed_s"])
+                       for r in records if r.get("event") == "train"]
+    try:
+        result.update(measure_inference(row_dir, settings.inference_batch, settings.inference_repeats))
+    except Exception as err:  # noqa: BLE001 - any failure here is this row's, reported, not the bench's
+        return f"measuring inference failed: {type(err).__name__}: {err}"
+    return None
+
+
+def measure_inference(run_dir: Path, batch_size: int, repeats: int) -> dict[str, Any]:
+    """Median forward-pass time of the produced model on a fixed batch, and its parameter bytes.
+
+    The model is loaded as `hasten generate` would load it (eager, fp32 weights, CPU unless a GPU
+    is present), so the number says what the method left behind, not how it trained.
+    """
+    import torch
+
+    from hasten.train.export import load_trained
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _, _ = load_trained(run_dir, device)
+    seq_len = load_config(run_dir / "config.toml").train.seq_len
+    vocab = model.tok_embeddings.num_embeddings if hasattr(model, "tok_embeddings") else 256
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    times = []
+    with torch.inference_mode():
+        for i in range(3 + repeats):  # 3 warm-up passes are left out
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            model(ids)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+    return dict(inference_ms=statistics.median(times) * 1e3, model_bytes=parameter_bytes(model),
+                inference_shape=[batch_size, seq_len], inference_device=str(device))
+
+
+def parameter_bytes(model: Any) -> int:
+    """Bytes of the model's parameters, each tensor once (tied embedding and head count once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total

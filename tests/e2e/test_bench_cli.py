@@ -1,0 +1,61 @@
+"""`hasten bench` end to end: real training subprocesses, a failing row, the report files, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hasten.bench.report import HEADERS
+
+TINY = ["model.preset=tiny", "data.tokenizer=byte", "data.max_documents=40", "train.seq_len=32",
+        "train.batch_size=4", "train.eval_every=5", "train.eval_batches=2", "log.plot=false", "optim.warmup_steps=2"]
+
+
+def _bench_command() -> list[str]:
+    """`python -m hasten bench` when hasten's CLI has the subcommand, else its own entry point.
+
+    Both run the same `add_parser` and `run` of hasten.bench.cli.
+    """
+    wired = subprocess.run([sys.executable, "-m", "hasten", "bench", "--help"], capture_output=True).returncode == 0
+    return [sys.executable, "-m", "hasten", "bench"] if wired else [sys.executable, "-m", "hasten.bench"]
+
+
+def _run(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_bench_runs_rows_records_failures_and_resumes(tmp_path: Path) -> None:
+    env = {**os.environ, "HASTEN_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
+    out = tmp_path / "bench"
+    command = [*_bench_command(), *TINY, "--budget-steps", "10", "--rows", "baseline,wsd",
+               "--row", "broken:optim.lr=-1", "--out", str(out)]
+    first = _run(command, env, tmp_path)
+
+    for name in ("report.json", "report.md", "report.html", "loss_vs_time.png", "pareto_time.png",
+                 "quality_latency.png", "peak_memory.png"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    assert report["columns"] == HEADERS
+    rows = {r["name"]: r for r in report["rows"]}
+    assert [rows[n]["status"] for n in ("baseline", "wsd", "broken")] == ["ok", "ok", "failed"]
+    assert "optim.lr" in rows["broken"]["error"]
+    for name in ("baseline", "wsd"):
+        row = rows[name]
+        assert row["steps"] == 10 and row["final_val_loss"] > 0 and row["inference_ms"] > 0
+        assert row["model_mb"] > 0 and row["tokens_per_second"] > 0 and len(row["evals"]) == 2
+    assert rows["baseline"]["tokens_per_second_ratio"] == 1.0 and rows["baseline"]["steps_to_baseline_loss"] == 10
+    header = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| row"))
+    assert [c.strip() for c in header.strip("|").split("|")] == HEADERS
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 4
+    assert "row broken: FAILED" in first.stdout
+
+    finished = {n: (out / "rows" / n / "bench_row.json").stat().st_mtime_ns for n in ("baseline", "wsd")}
+    second = _run(command, env, tmp_path)
+    assert "row baseline: skipped" in second.stdout and "row wsd: skipped" in second.stdout
+    assert {n: (out / "rows" / n / "bench_row.json").stat().st_mtime_ns for n in finished} == finished
+    assert "row broken: FAILED" in second.stdout  # failed rows are retried, not reused
