@@ -8,6 +8,8 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
+from hasten.bench.cli import add_parser as add_bench_parser
+from hasten.bench.cli import run as run_bench
 from hasten.config import ConfigError, field_help, load_config
 
 
@@ -39,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("path")
     exp.add_argument("--out", default=None, help="output folder (default: RUN/export)")
     sub.add_parser("recipes", help="list the shipped recipes")
+    add_bench_parser(sub)
     return parser
 
 
@@ -111,7 +114,8 @@ def _cmd_recipes(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
-    handler = {"train": _cmd_train, "generate": _cmd_generate, "export": _cmd_export, "recipes": _cmd_recipes}
+    handler = {"train": _cmd_train, "generate": _cmd_generate, "export": _cmd_export, "recipes": _cmd_recipes,
+               "bench": run_bench}
     try:
         return handler[ns.command](ns)
     except ConfigError as err:

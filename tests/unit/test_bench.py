@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from hasten.bench.report import (
     write_report,
 )
 from hasten.bench.rows import ROWS, Row, combine, get_row, parse_custom_row, register
-from hasten.bench.runner import BenchSettings, parameter_bytes, train_command
+from hasten.bench.runner import BenchSettings, other_cpu_share, parameter_bytes, train_command
 from hasten.config import ConfigError, load_config
 
 EVALS = [dict(step=25, val_loss=6.0, elapsed_s=5.0), dict(step=50, val_loss=5.5, elapsed_s=10.0),
@@ -55,7 +56,7 @@ RESULTS = [
             peak_gib=2.0, inference_ms=10.0),
     # twice as fast per step, reaches 5.0 at its 3rd eval: 3 * 2.5 s = 7.5 s vs the baseline's 20 s
     _result("fast", val_losses=[5.8, 5.3, 5.0, 4.9], seconds_per_eval=2.5, tokens_per_second=2000.0,
-            peak_gib=1.0, inference_ms=5.0),
+            peak_gib=1.0, inference_ms=5.0) | dict(other_cpu_share=0.3),
     # slower and never reaches 5.0
     _result("slow", val_losses=[6.5, 6.0, 5.7, 5.6], seconds_per_eval=10.0, tokens_per_second=500.0,
             peak_gib=3.0, inference_ms=20.0),
@@ -165,6 +166,14 @@ def test_settings_order_budget_and_fingerprint(tmp_path: Path) -> None:
     assert BenchSettings().resolved_steps() == 250 and BenchSettings(recipe="gpt2-124m").resolved_steps() is None
 
 
+def test_other_cpu_share_from_counters() -> None:
+    cores = os.cpu_count() or 1
+    # the machine was busy 5 CPU-s more, of which the row's own process used 3: others used 2 of 10 s * cores
+    assert other_cpu_share((100.0, 10.0), (105.0, 13.0), 10.0) == pytest.approx(2.0 / (10.0 * cores))
+    assert other_cpu_share((100.0, 10.0), (101.0, 13.0), 10.0) == 0.0  # clock granularity: never negative
+    assert other_cpu_share(None, (1.0, 1.0), 10.0) is None
+
+
 def test_parameter_bytes_counts_tied_weights_once() -> None:
     import torch
 
@@ -191,6 +200,7 @@ def test_report_files_have_the_columns(tmp_path: Path) -> None:
     slow_line = next(line for line in md.splitlines() if line.startswith("| slow"))
     assert NOT_REACHED in slow_line and "0.50x" in slow_line
     assert "Row `broken` failed" in md
+    assert "fast (30%)" in md  # the row that shared the CPU with other processes is flagged
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and all(h in page for h in HEADERS)
 

@@ -56,13 +56,13 @@ def run(ns: argparse.Namespace) -> int:
     if ns.compare:
         return _compare(ns.compare[0], ns.compare[1], Path(ns.out or "."))
     from hasten.bench.report import build_report, write_report
-    from hasten.bench.runner import BenchSettings, check_settings
+    from hasten.bench.runner import BenchSettings, prepare
 
     recipe, overrides = _split_recipe(ns.args)
     settings = BenchSettings(recipe=recipe, overrides=tuple(overrides), budget_steps=ns.budget_steps,
                              budget_seconds=ns.budget_seconds, device_type=_device_type(overrides))
     rows = select_rows(ns.rows, ns.row, settings.device_type)
-    check_settings(settings)
+    prepare(settings)
     out = Path(ns.out or DEFAULT_OUT)
     results = _run_rows(settings, rows, out, ns.fresh)
     report = build_report(results, environment(settings, rows))

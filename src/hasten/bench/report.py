@@ -21,6 +21,7 @@ from typing import Any
 
 MB = 1e6
 NOT_REACHED = "not reached"
+BUSY_SHARE = 0.1  # other processes' CPU share above which a row's timings are flagged
 
 
 def _fmt_num(value: Any, digits: int = 4) -> str:
@@ -121,7 +122,7 @@ def row_metrics(result: dict[str, Any], target: float | None) -> dict[str, Any]:
         time_to_baseline_loss_s=reached[1] if reached else None,
         inference_ms=_finite(result.get("inference_ms")),
         model_mb=model_bytes / MB if isinstance(model_bytes, int) else None,
-        load_average=_finite(result.get("load_average")), evals=evals, train=result.get("train") or [],
+        other_cpu_share=_finite(result.get("other_cpu_share")), evals=evals, train=result.get("train") or [],
     )
 
 
@@ -179,11 +180,11 @@ def _notes(report: dict[str, Any]) -> list[str]:
                      "timings are noisy, so compare ratios rather than absolute seconds.")
     if budget.get("kind") == "seconds":
         notes.append("Under a time budget the lr schedules span train.steps, so decay phases may not be reached.")
-    cores = env.get("cpu_count")
-    busy = [r["name"] for r in report["rows"] if cores and (r.get("load_average") or 0) > cores + 0.5]
+    busy = [f"{r['name']} ({r['other_cpu_share']:.0%})" for r in report["rows"]
+            if (r.get("other_cpu_share") or 0) > BUSY_SHARE]
     if busy:
-        notes.append(f"Other processes competed for the {cores} cores while these rows trained "
-                     f"(1-minute load average above the core count): {', '.join(busy)}; their timings are inflated.")
+        notes.append("Other processes used part of the CPU while these rows trained (share of all CPU time): "
+                     f"{', '.join(busy)}; their timings are inflated.")
     for row in report["rows"]:
         if row["status"] == "ok" and row.get("stop_reason") and not row["stop_reason"].startswith("time limit"):
             notes.append(f"Row `{row['name']}` stopped early: {row['stop_reason']}.")

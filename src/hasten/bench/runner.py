@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -106,12 +107,16 @@ def train_command(settings: BenchSettings, row: Row, row_dir: Path) -> list[str]
             f"train.out_dir={row_dir}"]
 
 
-def check_settings(settings: BenchSettings) -> None:
-    """Fail before any training when the shared settings themselves are invalid (a typo in a key).
+def prepare(settings: BenchSettings) -> None:
+    """Check the shared settings and fill the token cache once, before any row runs.
 
-    A row's own overrides are not checked here: a bad row fails alone, recorded in the report.
+    A typo in a shared key fails here, before any training; a row's own bad override fails that
+    row alone. With the cache filled, no row pays for tokenizing (or training a BPE tokenizer) in
+    its wall time or peak memory, so the first row is not penalised for going first.
     """
-    load_config(settings.recipe, settings.common_overrides())
+    from hasten.data import prepare_data
+
+    prepare_data(load_config(settings.recipe, settings.common_overrides()).data)
 
 
 @dataclass
@@ -149,10 +154,10 @@ def run_row(settings: BenchSettings, row: Row, out: Path, *, fresh: bool = False
     result: dict[str, Any] = dict(name=row.name, family=row.family, benefit=row.benefit,
                                   overrides=list(row.overrides), description=row.description,
                                   fingerprint=fingerprint, command=train_command(settings, row, row_dir))
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), cpu_counters()
     error = _train(result["command"], row_dir, on_step)
     result["process_time_s"] = time.perf_counter() - started
-    result["load_average"] = os.getloadavg()[0]  # above the core count: other processes shared the CPU
+    result["other_cpu_share"] = other_cpu_share(cpu_before, cpu_counters(), result["process_time_s"])
     if error is None:
         error = _collect(result, settings, row_dir)
     result["status"] = "ok" if error is None else "failed"
@@ -180,6 +185,34 @@ def _train(command: list[str], row_dir: Path, on_step: Callable[[int], None] | N
     lines = stderr_path.read_text(errors="replace").strip().splitlines()
     tail = "\n".join(lines[-ERROR_LINES:]) or "(no output on stderr)"
     return f"hasten train exited with status {proc.returncode}:\n{tail}"
+
+
+def cpu_counters() -> tuple[float, float] | None:
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process's finished children).
+
+    Linux only (/proc/stat); None elsewhere.
+    """
+    try:
+        fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return busy, children.ru_utime + children.ru_stime
+
+
+def other_cpu_share(before: tuple[float, float] | None, after: tuple[float, float] | None,
+                    wall_s: float) -> float | None:
+    """Fraction of the machine's CPU time that processes other than the row used while it ran.
+
+    Rows are timed on a machine that others may share; a share well above zero means the row's
+    timings are inflated and should not be compared with rows that ran alone.
+    """
+    if before is None or after is None or wall_s <= 0:
+        return None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return min(1.0, max(0.0, others / (wall_s * (os.cpu_count() or 1))))
 
 
 def last_step(metrics_path: Path) -> int | None:
