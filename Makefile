@@ -30,6 +30,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/hasten train
 	$(BIN)/hasten generate runs/default --prompt "def " --tokens 120
+	@echo "run folder: runs/default (loss.png, metrics.jsonl, summary.json, checkpoints/)"
+	@echo "next: '$(BIN)/hasten bench' measures every method side by side (about 3 minutes here) into runs/bench/report.html"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
