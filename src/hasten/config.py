@@ -144,7 +144,8 @@ class TrainConfig:
                                 choices=("auto", "flash", "cudnn", "efficient", "math"))
     out_dir: str = _f("runs/default", "run folder: config, logs, checkpoints, plots, exported weights")
     resume: str = _f("none", "'none', 'auto' (newest complete checkpoint in the run folder), or a checkpoint folder")
-    time_limit_s: float = _f(0.0, "stop (after saving) once training has run this many seconds (0 = no limit)")
+    time_limit_s: float = _f(0.0, "stop (after saving) once training has run this many seconds after its first "
+                                  "step, which holds compilation and warm-up (0 = no limit)")
     max_bad_steps: int = _f(5, "stop (after saving) when this many consecutive steps have a non-finite loss")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
 

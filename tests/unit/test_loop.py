@@ -168,3 +168,12 @@ def test_summary_and_artifacts(tiny_config, tmp_path):
     assert summary["tokens_per_second"] > 0 and summary["peak_memory_gib"] > 0 and summary["mfu"] is None
     assert summary["unigram_val_loss"] > 0 and summary["sample"].startswith("def ")
     assert hasten.load_config(run / "config.toml") == cfg
+
+
+def test_time_limit_stops_with_a_checkpoint_and_a_final_eval(tiny_config, tmp_path):
+    summary = hasten.train(tiny_config("train.steps=1000000", "train.time_limit_s=1.5", "train.eval_every=0",
+                                       "checkpoint.every=0", out="timed"))
+    assert not summary["completed"] and "time limit" in summary["stop_reason"]
+    assert summary["wall_time_s"] >= 1.5 and summary["first_step_s"] > 0
+    assert math.isfinite(summary["final_val_loss"])
+    assert list_checkpoints(tmp_path / "timed")[-1].name == f"step_{summary['steps']:07d}"

@@ -78,6 +78,11 @@ class Timer:
     interval_start: float = field(default_factory=time.perf_counter)
     interval_steps: int = 0
     rates: list[float] = field(default_factory=list)  # tokens/s per log interval
+    first_step_s: float | None = None  # the first step holds compilation and warm-up
+
+    def training_seconds(self) -> float:
+        """Seconds since the first step ended: what train.time_limit_s is compared with."""
+        return time.perf_counter() - self.start - (self.first_step_s or 0.0)
 
     def restart_interval(self) -> None:
         self.interval_start, self.interval_steps = time.perf_counter(), 0
@@ -186,11 +191,13 @@ def train_loop(run: Run) -> dict[str, Any]:
             state.step += 1
             state.tokens_seen += tokens_per_step
             timer.interval_steps += 1
+            if timer.first_step_s is None:
+                timer.first_step_s = time.perf_counter() - timer.start
             if state.step % cfg.log.every == 0 or state.step == cfg.train.steps or stop.requested:
                 stop_reason = _log_interval(run, state, counters, timer, logger, tokens_per_step, peak, last)
             if stop.requested and not stop_reason:
                 stop_reason = f"received {stop.signal_name}"
-            if cfg.train.time_limit_s and time.perf_counter() - timer.start >= cfg.train.time_limit_s:
+            if cfg.train.time_limit_s and timer.training_seconds() >= cfg.train.time_limit_s:
                 stop_reason = stop_reason or f"time limit of {cfg.train.time_limit_s:g} s reached"
             if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or state.step == cfg.train.steps \
                     or stop_reason:
@@ -250,6 +257,7 @@ def _finish(run: Run, state: TrainerState, logger: RunLogger, timer: Timer, peak
     summary = dict(
         steps=state.step, completed=state.step >= run.config.train.steps and not stop_reason,
         stop_reason=stop_reason, tokens=state.tokens_seen, wall_time_s=time.perf_counter() - timer.start,
+        first_step_s=timer.first_step_s,
         final_loss=last["loss"], final_val_loss=last["val_loss"], best_val_loss=last.get("best_val_loss", math.nan),
         tokens_per_second=tokens_per_second, mfu=mfu(tokens_per_second, run.flops_per_token or 0.0, peak),
         peak_memory_gib=peak_memory_bytes(run.device) / GIB, skipped_steps=state.skipped_steps,
