@@ -9,25 +9,33 @@ import torch
 from torch import nn
 
 from hasten.config import RunConfig, load_config
+from hasten.parallel import is_sharded, unwrap
 from hasten.train.build import BatchFn, LossFn, build_run
 from hasten.train.export import export_run, load_trained
 from hasten.train.loop import train_loop
 
 
 def train(config: RunConfig | None = None, *, model: nn.Module | None = None, loss_fn: LossFn | None = None,
-          train_batches: BatchFn | None = None, val_batches: BatchFn | None = None) -> dict[str, Any]:
+          train_batches: BatchFn | None = None, val_batches: BatchFn | None = None,
+          sampled_loss_fn: LossFn | None = None) -> dict[str, Any]:
     """Train and return the run's metrics (also written to `<out_dir>/summary.json`).
 
     With no model, hasten builds its decoder and data from the config. With your own `model`,
     pass `loss_fn(model, batch) -> loss` and `train_batches(step, micro) -> tuple of tensors`
-    (and optionally `val_batches(i, 0)`); the loop, precision, schedule, checkpoints, guards and
-    metrics are the same.
+    (and optionally `val_batches(i, 0)`, and `sampled_loss_fn(model, batch)`, the loss on labels
+    sampled from the model, for optim.name=sophia); the loop, precision, schedule, checkpoints,
+    guards and metrics are the same.
     """
     config = config or load_config()
-    run = build_run(config, model=model, loss_fn=loss_fn, train_batches=train_batches, val_batches=val_batches)
+    run = build_run(config, model=model, loss_fn=loss_fn, train_batches=train_batches, val_batches=val_batches,
+                    sampled_loss_fn=sampled_loss_fn)
     summary = train_loop(run)
-    if run.tokenizer is not None and config.log.sample_tokens and run.rank == 0 and summary["steps"]:
-        summary["sample"] = sample(run.model, run.tokenizer, config.log.sample_prompt, config.log.sample_tokens)
+    # A sharded model's forward is a collective: every rank samples (same seed, same text), rank 0 keeps it.
+    if run.tokenizer is not None and config.log.sample_tokens and summary["steps"] and (
+            run.rank == 0 or is_sharded(run.model)):
+        text = sample(unwrap(run.model), run.tokenizer, config.log.sample_prompt, config.log.sample_tokens)
+        if run.rank == 0:
+            summary["sample"] = text
     return summary
 
 

@@ -52,13 +52,29 @@ def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:
+    """Train; under `torchrun --nproc-per-node N -m hasten train ...` every rank runs this, rank 0 reports."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
     from hasten.api import train
+    from hasten.parallel import rank_and_world, shutdown_distributed
 
     recipe, overrides = _split_recipe(ns.args)
     config = load_config(recipe, overrides)
-    summary = train(config)
-    _print_summary(summary, config.train.out_dir)
+    try:
+        summary = record(train)(config)  # record: torchrun's failure report carries this rank's traceback
+        if rank_and_world()[0] == 0:
+            _print_summary(summary, config.train.out_dir)
+    finally:
+        shutdown_distributed()
     return 0
+
+
+def _rank_prefix() -> str:
+    """'rank R/N: ' in a multi-process launch, so that each rank's error says which rank it is."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"rank {os.environ.get('RANK', '0')}/{world}: " if world > 1 else ""
 
 
 def _fmt(value: object) -> str:
@@ -119,10 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler[ns.command](ns)
     except ConfigError as err:
-        print(f"hasten: error: {err}", file=sys.stderr)
+        print(f"hasten: error: {_rank_prefix()}{err}", file=sys.stderr)
         return 2
     except FileNotFoundError as err:
-        print(f"hasten: error: {err.strerror}: {err.filename}", file=sys.stderr)
+        print(f"hasten: error: {_rank_prefix()}{err.strerror}: {err.filename}", file=sys.stderr)
         return 2
 
 

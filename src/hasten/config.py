@@ -36,6 +36,11 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}.")
 
 
+# Letters of the per-layer patterns in ModelConfig (the decoder maps each to a layer factory).
+MIXER_LETTERS = "AM"  # attention, Mamba-2
+FFN_LETTERS = "DE"  # dense SwiGLU, mixture of experts
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """Llama-style decoder shape. `preset` fills the shape; fields given explicitly win."""
@@ -54,10 +59,59 @@ class ModelConfig:
     tie_embeddings: bool = _f(True, "share the input embedding with the output head")
     dropout: float = _f(0.0, "dropout on attention and residual branches")
     init_std: float = _f(0.02, "std of the normal init; output projections are scaled by 1/sqrt(2*n_layers)")
+    mixers: str = _f("", "sequence mixer of each layer, one letter per layer: A attention, M Mamba-2 (e.g. 'MMAM'); empty = all A")
+    ffns: str = _f("", "feed-forward of each layer, one letter per layer: D dense SwiGLU, E mixture of experts; empty = all D")
+    num_experts: int = _f(8, "experts per MoE layer")
+    top_k: int = _f(2, "experts each token is routed to")
+    moe_router: str = _f("softmax", "router scores: softmax (Switch/Mixtral) or sigmoid (DeepSeek-V3)", choices=("softmax", "sigmoid"))
+    moe_shared_expert: bool = _f(False, "add one always-on expert that every token passes through")
+    moe_capacity_factor: float = _f(0.0, "expert capacity as a multiple of the balanced load; tokens over it are dropped (0 = dropless)")
+    moe_aux_weight: float = _f(0.01, "weight of the load-balancing loss")
+    moe_z_weight: float = _f(0.001, "weight of the router z-loss")
+    moe_hidden_dim: int = _f(0, "hidden width of one expert; 0 = the dense width / (top_k + shared), so active params match dense")
+    ssm_state: int = _f(64, "Mamba-2 state size N per head")
+    ssm_head_dim: int = _f(64, "Mamba-2 head size P")
+    ssm_expand: int = _f(2, "Mamba-2 inner width as a multiple of dim")
+    ssm_chunk: int = _f(64, "Mamba-2 SSD chunk length")
+    ssm_groups: int = _f(1, "Mamba-2 groups of heads sharing B and C")
+    ssm_conv: int = _f(4, "Mamba-2 causal depthwise convolution width")
+
+    def layer_mixers(self) -> str:
+        """The mixer letter of every layer (the `mixers` pattern, or all attention)."""
+        return self.mixers or "A" * self.n_layers
+
+    def layer_ffns(self) -> str:
+        """The feed-forward letter of every layer (the `ffns` pattern, or all dense)."""
+        return self.ffns or "D" * self.n_layers
+
+    def _check_patterns(self) -> None:
+        for name, letters in (("mixers", MIXER_LETTERS), ("ffns", FFN_LETTERS)):
+            pattern = getattr(self, name)
+            _check(not pattern or len(pattern) == self.n_layers, f"model.{name}", pattern,
+                   f"it needs one letter per layer, {self.n_layers} letters for model.n_layers={self.n_layers}")
+            bad = sorted(set(pattern) - set(letters))
+            _check(not bad, f"model.{name}", pattern, f"use only the letters {', '.join(letters)} (found {', '.join(bad)})")
+        if "E" in self.layer_ffns():
+            _check(self.num_experts > 0, "model.num_experts", self.num_experts, "it must be > 0")
+            _check(0 < self.top_k <= self.num_experts, "model.top_k", self.top_k,
+                   f"it must be in [1, model.num_experts={self.num_experts}]")
+            _check(self.moe_capacity_factor >= 0, "model.moe_capacity_factor", self.moe_capacity_factor, "it must be >= 0")
+            for name in ("moe_aux_weight", "moe_z_weight", "moe_hidden_dim"):
+                _check(getattr(self, name) >= 0, f"model.{name}", getattr(self, name), "it must be >= 0")
+        if "M" in self.layer_mixers():
+            for name in ("ssm_state", "ssm_head_dim", "ssm_expand", "ssm_chunk", "ssm_groups", "ssm_conv"):
+                _check(getattr(self, name) > 0, f"model.{name}", getattr(self, name), "it must be > 0")
+            inner = self.ssm_expand * self.dim
+            _check(inner % self.ssm_head_dim == 0, "model.ssm_head_dim", self.ssm_head_dim,
+                   f"it must divide the inner width ssm_expand*dim={inner}")
+            heads = inner // self.ssm_head_dim
+            _check(heads % self.ssm_groups == 0, "model.ssm_groups", self.ssm_groups,
+                   f"it must divide the {heads} Mamba-2 heads (ssm_expand*dim/ssm_head_dim)")
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "max_seq_len"):
             _check(getattr(self, name) > 0, f"model.{name}", getattr(self, name), "it must be > 0")
+        self._check_patterns()
         kv = self.n_kv_heads or self.n_heads
         _check(self.dim % self.n_heads == 0, "model.n_heads", self.n_heads, f"model.dim={self.dim} must be divisible by it")
         _check(self.n_heads % kv == 0, "model.n_kv_heads", self.n_kv_heads, f"it must divide model.n_heads={self.n_heads}")
@@ -89,7 +143,8 @@ class DataConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    name: str = _f("adamw", "optimizer", choices=("adamw",))
+    name: str = _f("adamw", "optimizer (docs/optimizers.md says which to pick)",
+                   choices=("adamw", "sophia", "lion", "muon", "adafactor", "schedulefree_adamw", "adamw8bit"))
     lr: float = _f(1e-3, "peak learning rate")
     weight_decay: float = _f(0.1, "decoupled weight decay (not applied to norms, biases and embeddings)")
     beta1: float = _f(0.9, "first-moment decay")
@@ -100,9 +155,32 @@ class OptimConfig:
     warmup_steps: int = _f(100, "linear warmup steps")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak (cosine, wsd)")
     decay_fraction: float = _f(0.2, "fraction of the run spent decaying in warmup-stable-decay")
+    sophia_rho: float = _f(0.04, "sophia: clipping scale rho; the step is lr*clip(m / max(rho*h, eps), 1)")
+    sophia_beta1: float = _f(0.965, "sophia: gradient-momentum decay")
+    sophia_beta2: float = _f(0.99, "sophia: decay of the Hessian-diagonal moving average")
+    sophia_hessian_every: int = _f(10, "sophia: refresh the Hessian estimate every this many steps (one extra "
+                                       "forward/backward on labels sampled from the model)")
+    lion_beta1: float = _f(0.9, "lion: interpolation between momentum and gradient for the sign")
+    lion_beta2: float = _f(0.99, "lion: momentum decay")
+    muon_momentum: float = _f(0.95, "muon: Nesterov momentum of the hidden matrices")
+    muon_ns_steps: int = _f(5, "muon: Newton-Schulz iterations that orthogonalize each update")
+    muon_adjust_lr: str = _f("match_rms_adamw", "muon: per-matrix lr scaling; match_rms_adamw lets muon share "
+                                                "optim.lr with AdamW (Moonlight), original is Keller Jordan's",
+                             choices=("match_rms_adamw", "original"))
+    muon_lr_scale: float = _f(1.0, "muon: learning rate of the hidden matrices as a multiple of optim.lr")
+    adafactor_beta2_decay: float = _f(-0.8, "adafactor: second-moment decay is 1 - step^this")
+    adafactor_clip: float = _f(1.0, "adafactor: clip the update's RMS to this (d in the paper)")
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", self.lr, "it must be > 0")
+        for name in ("sophia_beta1", "sophia_beta2", "lion_beta1", "lion_beta2", "muon_momentum"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"optim.{name}", getattr(self, name), "it must be in [0, 1)")
+        for name in ("sophia_rho", "sophia_hessian_every", "muon_ns_steps", "muon_lr_scale", "adafactor_clip"):
+            _check(getattr(self, name) > 0, f"optim.{name}", getattr(self, name), "it must be > 0")
+        _check(self.adafactor_beta2_decay <= 0, "optim.adafactor_beta2_decay", self.adafactor_beta2_decay,
+               "it must be <= 0")
+        _check(self.fused != "on" or self.name == "adamw", "optim.fused", self.fused,
+               f"the fused kernel exists for adamw only, not optim.name={self.name}; use optim.fused=auto")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "it must be >= 0")
         for name in ("beta1", "beta2"):
             _check(0.0 <= getattr(self, name) < 1.0, f"optim.{name}", getattr(self, name), "it must be in [0, 1)")
@@ -189,6 +267,23 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class ParallelConfig:
+    """Data parallelism over the ranks of a torchrun launch (docs/distributed.md)."""
+
+    strategy: str = _f("none", "none (one process), ddp (replicate), zero1 (shard optimizer states), zero2 (also "
+                               "gradients, FSDP2 without resharding), zero3 (also parameters, FSDP2)",
+                       choices=("none", "ddp", "zero1", "zero2", "zero3"))
+    cpu_offload: bool = _f(False, "keep sharded parameters, gradients and optimizer states in CPU memory (zero2, zero3)")
+    activation_checkpointing: str = _f("none", "recompute block activations in the backward pass: full (every "
+                                               "block) or selective (every other block)",
+                                       choices=("none", "full", "selective"))
+
+    def __post_init__(self) -> None:
+        _check(not self.cpu_offload or self.strategy in ("zero2", "zero3"), "parallel.cpu_offload", self.cpu_offload,
+               f"CPU offload needs parallel.strategy=zero2 or zero3, not {self.strategy}")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """A whole run. Sections map one to one onto TOML tables."""
 
@@ -199,10 +294,18 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         _check(self.train.seq_len <= self.model.max_seq_len, "train.seq_len", self.train.seq_len,
                f"it must be <= model.max_seq_len={self.model.max_seq_len}")
+        # ZeroRedundancyOptimizer wraps the optimizer and hides the hooks these optimizers need
+        # (Hessian refresh, train/eval weights) or their split into two optimizers (Muon + AdamW).
+        _check(not (self.parallel.strategy == "zero1" and self.optim.name in ("sophia", "schedulefree_adamw", "muon")),
+               "optim.name", self.optim.name, "it does not work with parallel.strategy=zero1 yet; use ddp, zero2 or zero3")
+        # Newton-Schulz orthogonalizes whole matrices; FSDP2 holds only a shard of each per rank.
+        _check(not (self.optim.name == "muon" and self.parallel.strategy in ("zero2", "zero3")),
+               "optim.name", self.optim.name, "Muon does not support sharded parameters (zero2, zero3) yet; use ddp")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -219,7 +322,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "precision": PrecisionConfig,
-            "train": TrainConfig, "log": LogConfig, "checkpoint": CheckpointConfig}
+            "train": TrainConfig, "log": LogConfig, "checkpoint": CheckpointConfig,
+            "parallel": ParallelConfig}
 
 
 def field_help() -> list[tuple[str, str, Any, str]]:

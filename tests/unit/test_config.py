@@ -77,3 +77,10 @@ def test_every_field_is_documented():
 def test_shipped_recipes_are_valid():
     for name in ("default", "gpt2-124m"):
         load_config(name)
+
+
+@pytest.mark.parametrize("optim, strategy", [("sophia", "zero1"), ("schedulefree_adamw", "zero1"), ("muon", "zero1"),
+                                             ("muon", "zero3")])
+def test_optimizers_that_cannot_shard_yet_are_refused(optim, strategy):
+    with pytest.raises(ConfigError, match=f"optim.name='{optim}' is not allowed"):
+        load_config("default", [f"optim.name={optim}", f"parallel.strategy={strategy}"])

@@ -31,7 +31,10 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: dict | None = None) -> torch.Tensor:
+        """`rope` holds the tables of these T positions. With a `cache` dict (generation), keys and
+        values of earlier calls are reused and this call's are appended."""
         B, T, _ = x_BTD.shape
         H, K, d = self.n_heads, self.n_kv_heads, self.head_dim
         q_BHTd = self.wq(x_BTD).view(B, T, H, d).transpose(1, 2)
@@ -39,6 +42,14 @@ class Attention(nn.Module):
         v_BKTd = self.wv(x_BTD).view(B, T, K, d).transpose(1, 2)
         cos_Td, sin_Td = rope
         q_BHTd, k_BKTd = apply_rope(q_BHTd, cos_Td, sin_Td), apply_rope(k_BKTd, cos_Td, sin_Td)
+        mask = None
+        if cache is not None:
+            if "k" in cache:
+                k_BKTd, v_BKTd = torch.cat([cache["k"], k_BKTd], dim=2), torch.cat([cache["v"], v_BKTd], dim=2)
+            cache["k"], cache["v"] = k_BKTd, v_BKTd
+            past = k_BKTd.shape[2] - T
+            if past:  # query i sees keys up to past + i
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x_BTD.device).tril(past)
 
         gqa = K < H
         if gqa and not SDPA_HAS_GQA:  # materialize the shared heads: kv head j serves queries j*H/K ..
@@ -46,6 +57,6 @@ class Attention(nn.Module):
             v_BKTd = v_BKTd.repeat_interleave(H // K, dim=1)
         extra = {"enable_gqa": True} if gqa and SDPA_HAS_GQA else {}
         y_BHTd = F.scaled_dot_product_attention(
-            q_BHTd, k_BKTd, v_BKTd, is_causal=True,
+            q_BHTd, k_BKTd, v_BKTd, attn_mask=mask, is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0, **extra)
         return self.wo(y_BHTd.transpose(1, 2).reshape(B, T, H * d))

@@ -1,7 +1,9 @@
-"""Autoregressive sampling from a Decoder: temperature, top-k, seeded, no KV cache.
+"""Autoregressive sampling from a Decoder: temperature, top-k, seeded.
 
-Without a cache each step re-runs the (cropped) context; for the end-of-run samples this library
-prints (a few hundred tokens) that costs well under a second on a GPU and keeps the model simple.
+A model that offers `new_cache()` (hasten's Decoder) is run once over the prompt and then one
+token at a time from its per-layer cache (attention keys/values, Mamba-2 states). Any other model
+re-runs the (cropped) context each step. Both give the same tokens: once the text outgrows
+max_seq_len, the cached path also re-reads the last max_seq_len tokens each step.
 
 Shape legend: B batch (1 here), T context length, V vocabulary; idx_BT ids, logits_BV last-step scores.
 """
@@ -37,10 +39,18 @@ def generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, tempe
     idx_BT = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
+    new_cache = getattr(model, "new_cache", None)
     try:
         with torch.no_grad():
-            for _ in range(max_new_tokens):
-                logits_BV = model(idx_BT[:, -max_len:])[:, -1, :]
+            cache = new_cache() if new_cache is not None else None
+            for i in range(max_new_tokens):
+                if cache is not None and i > 0 and cache.pos < max_len:
+                    logits_BV = model(idx_BT[:, -1:], cache=cache)[:, -1, :]  # continue from the cache
+                elif cache is not None:
+                    cache = new_cache()  # the prompt, or a window slid past max_seq_len: read it afresh
+                    logits_BV = model(idx_BT[:, -max_len:], cache=cache)[:, -1, :]
+                else:
+                    logits_BV = model(idx_BT[:, -max_len:])[:, -1, :]
                 idx_BT = torch.cat((idx_BT, _sample(logits_BV, temperature, top_k, gen)), dim=1)
     finally:
         model.train(was_training)

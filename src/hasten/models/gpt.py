@@ -1,7 +1,11 @@
 """The Llama-style decoder: token embedding -> n_layers pre-norm blocks -> RMSNorm -> vocabulary head.
 
-A block is built from two factories, a sequence mixer and a feed-forward network, so attention
-can be swapped for a Mamba-2 mixer or SwiGLU for a mixture of experts without touching this file.
+A block is built from two factories, a sequence mixer and a feed-forward network. The config's
+per-layer patterns (`model.mixers`, `model.ffns`) pick each layer's factories from MIXERS and FFNS:
+attention or Mamba-2, dense SwiGLU or a mixture of experts.
+
+For generation, `forward(idx, cache=decoder.new_cache())` fills a per-layer cache (attention keys
+and values, Mamba-2 conv and SSM states) and later calls continue from it one token at a time.
 
 Shape legend:
     B batch, T sequence length, D model width (dim), V vocabulary, d head size.
@@ -12,18 +16,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from torch import nn
 
-from hasten.config import ConfigError, ModelConfig
+from hasten.config import FFN_LETTERS, MIXER_LETTERS, ConfigError, ModelConfig
 from hasten.models.attention import Attention
 from hasten.models.layers import RMSNorm, SwiGLU, rope_tables
+from hasten.models.mamba2 import Mamba2
+from hasten.models.moe import MoE
 
 # Linears that write into the residual stream. Their init is scaled by 1/sqrt(2*n_layers) so the
 # variance of the stream does not grow with depth (GPT-2); a new mixer adds its own name here.
-RESIDUAL_PROJECTIONS: tuple[str, ...] = ("wo", "w2")
+RESIDUAL_PROJECTIONS: tuple[str, ...] = ("wo", "w2", "out_proj")
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -33,6 +40,41 @@ def round_up(n: int, multiple: int) -> int:
 def ffn_hidden_dim(config: ModelConfig) -> int:
     """SwiGLU width: explicit, or 8/3*dim (same weights as a 4*dim GELU MLP) rounded for the GPU."""
     return config.ffn_dim or round_up(int(8 * config.dim / 3), config.ffn_multiple_of)
+
+
+def moe_hidden_dim(config: ModelConfig) -> int:
+    """One expert's width: explicit, or the dense width split over the experts a token uses
+    (top_k, plus the shared one), rounded up to 16, so that active parameters match dense."""
+    used = config.top_k + int(config.moe_shared_expert)
+    return config.moe_hidden_dim or round_up(-(-ffn_hidden_dim(config) // used), 16)
+
+
+def _out_std(c: ModelConfig) -> float:
+    return c.init_std / math.sqrt(2 * c.n_layers)
+
+
+# Layer factories by pattern letter (config.MIXER_LETTERS / FFN_LETTERS): config -> () -> module.
+MIXERS: dict[str, Callable[[ModelConfig], Callable[[], nn.Module]]] = {
+    "A": lambda c: partial(Attention, c.dim, c.n_heads, c.n_kv_heads or c.n_heads, c.dropout),
+    "M": lambda c: partial(Mamba2, c.dim, d_state=c.ssm_state, head_dim=c.ssm_head_dim, expand=c.ssm_expand,
+                           n_groups=c.ssm_groups, chunk_size=c.ssm_chunk, d_conv=c.ssm_conv, norm_eps=c.norm_eps),
+}
+FFNS: dict[str, Callable[[ModelConfig], Callable[[], nn.Module]]] = {
+    "D": lambda c: partial(SwiGLU, c.dim, ffn_hidden_dim(c)),
+    "E": lambda c: partial(MoE, c.dim, moe_hidden_dim(c), num_experts=c.num_experts, top_k=c.top_k,
+                           router=c.moe_router, shared_expert=c.moe_shared_expert,
+                           capacity_factor=c.moe_capacity_factor, aux_weight=c.moe_aux_weight,
+                           z_weight=c.moe_z_weight, init_std=c.init_std, out_init_std=_out_std(c)),
+}
+assert set(MIXERS) == set(MIXER_LETTERS) and set(FFNS) == set(FFN_LETTERS)
+
+
+@dataclass
+class DecodeCache:
+    """Per-layer generation state (each mixer owns its dict) and the position of the next token."""
+
+    layers: list[dict] = field(default_factory=list)
+    pos: int = 0
 
 
 def resolve_vocab_size(config: ModelConfig, tokenizer_vocab: int) -> int:
@@ -57,8 +99,10 @@ class Block(nn.Module):
         self.ffn = ffn()
         self.dropout = nn.Dropout(dropout)  # on each residual branch (identity in eval or at p=0)
 
-    def forward(self, h_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        h_BTD = h_BTD + self.dropout(self.mixer(self.mixer_norm(h_BTD), rope=rope))
+    def forward(self, h_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: dict | None = None) -> torch.Tensor:
+        extra = {} if cache is None else {"cache": cache}  # mixers without a cache never see the argument
+        h_BTD = h_BTD + self.dropout(self.mixer(self.mixer_norm(h_BTD), rope=rope, **extra))
         return h_BTD + self.dropout(self.ffn(self.ffn_norm(h_BTD)))
 
 
@@ -67,10 +111,9 @@ class Decoder(nn.Module):
         super().__init__()
         self.config, self.vocab_size = config, vocab_size
         c = config
-        mixer = partial(Attention, c.dim, c.n_heads, c.n_kv_heads or c.n_heads, c.dropout)
-        ffn = partial(SwiGLU, c.dim, ffn_hidden_dim(c))
         self.tok_embeddings = nn.Embedding(vocab_size, c.dim)
-        self.layers = nn.ModuleList(Block(c.dim, mixer, ffn, c.norm_eps, c.dropout) for _ in range(c.n_layers))
+        self.layers = nn.ModuleList(Block(c.dim, MIXERS[m](c), FFNS[f](c), c.norm_eps, c.dropout)
+                                    for m, f in zip(c.layer_mixers(), c.layer_ffns()))
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.output = nn.Linear(c.dim, vocab_size, bias=False)
         # Derived from the config, so not saved in checkpoints; init_weights recomputes them.
@@ -102,15 +145,22 @@ class Decoder(nn.Module):
         self.rope_cos.copy_(cos_Td)
         self.rope_sin.copy_(sin_Td)
 
-    def forward(self, idx_BT: torch.Tensor) -> torch.Tensor:
-        T = idx_BT.shape[1]
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens is longer than model.max_seq_len={self.config.max_seq_len}")
-        rope = (self.rope_cos[:T], self.rope_sin[:T])
+    def forward(self, idx_BT: torch.Tensor, cache: DecodeCache | None = None) -> torch.Tensor:
+        start = cache.pos if cache is not None else 0
+        end = start + idx_BT.shape[1]
+        if end > self.config.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens is longer than model.max_seq_len={self.config.max_seq_len}")
+        rope = (self.rope_cos[start:end], self.rope_sin[start:end])
         h_BTD = self.tok_embeddings(idx_BT)
-        for block in self.layers:
-            h_BTD = block(h_BTD, rope)
+        for i, block in enumerate(self.layers):
+            h_BTD = block(h_BTD, rope, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.pos = end
         return self.output(self.norm(h_BTD))  # logits_BTV, in autocast's dtype; the loss is the caller's
+
+    def new_cache(self) -> DecodeCache:
+        """An empty generation cache; `generate` uses one when the model offers this method."""
+        return DecodeCache(layers=[{} for _ in self.layers])
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Parameter count, tied weights once. exclude_embedding drops the token-embedding table
@@ -118,11 +168,18 @@ class Decoder(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # parameters() already yields a tied one once
         return n - self.tok_embeddings.weight.numel() if exclude_embedding else n
 
+    def num_active_params(self) -> int:
+        """Parameters one token uses: all, less the experts its router does not pick."""
+        return self.num_params() - sum(m.inactive_params() for m in self.modules() if isinstance(m, MoE))
+
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6N for the matmuls forward+backward, plus attention scores
-        and values, 12 * n_layers * dim * seq_len (PaLM appendix B / nanoGPT)."""
+        """Training FLOPs per token: 6N over the active parameters N for the matmuls forward+backward,
+        plus 12 * dim * seq_len per attention layer for scores and values (PaLM appendix B / nanoGPT),
+        plus each Mamba-2 layer's chunked scan."""
         c = self.config
-        return 6 * self.num_params() + 12 * c.n_layers * c.dim * seq_len
+        attention = 12 * c.layer_mixers().count("A") * c.dim * seq_len
+        scans = sum(m.scan_flops_per_token() for m in self.modules() if isinstance(m, Mamba2))
+        return 6 * self.num_active_params() + attention + scans
 
 
 def build_model(config: ModelConfig, vocab_size: int, device: torch.device | str = "cpu") -> Decoder:

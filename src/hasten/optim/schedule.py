@@ -41,8 +41,14 @@ def constant_with_warmup(step: int, *, warmup: int) -> float:
 
 
 def build_schedule(cfg: OptimConfig, total_steps: int) -> Schedule:
-    """The configured schedule as a function step -> multiplier of `cfg.lr`."""
+    """The configured schedule as a function step -> multiplier of `cfg.lr`.
+
+    A schedule-free optimizer replaces the decay, so for it only the warmup is kept."""
+    from hasten.optim.registry import optimizer_spec
+
     warmup = min(cfg.warmup_steps, max(0, total_steps - 1))
+    if optimizer_spec(cfg.name).schedule_free:
+        return lambda s: constant_with_warmup(s, warmup=warmup)
     if cfg.schedule == "cosine":
         return lambda s: warmup_cosine(s, total=total_steps, warmup=warmup, min_ratio=cfg.min_lr_ratio)
     if cfg.schedule == "wsd":

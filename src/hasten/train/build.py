@@ -19,18 +19,40 @@ from torch import nn
 from hasten.config import ConfigError, RunConfig, save_config
 from hasten.methods.precision import Precision, make_grad_scaler, resolve_precision
 from hasten.optim import build_optimizer, build_schedule
+from hasten.optim.hooks import CurvatureOptimizer
 from hasten.optim.schedule import Schedule
+from hasten.parallel import wrap_optimizer
 
 Batch = tuple[torch.Tensor, ...]
 BatchFn = Callable[[int, int], Batch]  # (step, micro) -> batch on the CPU
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]  # (model, batch on device) -> scalar loss
+# (model, batch on device) -> scalar loss, or (loss, {name: scalar}) whose terms the loop logs
+LossFn = Callable[[nn.Module, Batch], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Next-token cross-entropy of a language model that maps ids_BT to logits_BTV."""
+def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Next-token cross-entropy of a language model that maps ids_BT to logits_BTV.
+
+    When layers recorded auxiliary losses in this (training) forward, e.g. MoE load balancing and
+    router z-loss, their weighted sum is added, and the cross-entropy and each term are returned
+    alongside for logging. Evaluation forwards record none, so validation loss is plain CE."""
+    from hasten.models.moe import auxiliary_losses
+
     inputs, targets = batch
     logits = model(inputs)
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+    ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+    aux, terms = auxiliary_losses(model)
+    if aux is None:
+        return ce
+    return ce + aux, {"ce": ce.detach(), **terms}
+
+
+def lm_sampled_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Cross-entropy against next tokens sampled from the model's own predictions: the loss whose
+    gradient gives SophiaG's Gauss-Newton-Bartlett Hessian estimate (the true targets are unused)."""
+    from hasten.optim import sampled_label_loss
+
+    logits = model(batch[0])
+    return sampled_label_loss(logits.view(-1, logits.size(-1)))
 
 
 @dataclass
@@ -54,6 +76,7 @@ class Run:
     info: dict[str, Any] = field(default_factory=dict)
     rank: int = 0
     world_size: int = 1
+    sampled_loss_fn: LossFn | None = None  # loss on labels sampled from the model (Hessian refresh)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,9 +89,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    from hasten.parallel import rank_and_world
+
+    return rank_and_world()
 
 
 def prepare_run_dir(config: RunConfig, rank: int) -> Path:
@@ -93,12 +116,23 @@ def _token_batches(tokens: Any, config: RunConfig, seed: int, rank: int, world: 
     return sampler.batch
 
 
+def _rank0_first(fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0, then on the other ranks (which then find rank 0's cached results)."""
+    barrier = torch.distributed.barrier if torch.distributed.is_initialized() else (lambda: None)
+    if _rank_and_world()[0] != 0:
+        barrier()
+    result = fn()
+    if _rank_and_world()[0] == 0:
+        barrier()
+    return result
+
+
 def _build_lm(config: RunConfig, run_dir: Path, device: torch.device, rank: int, world: int) -> dict[str, Any]:
     """Data and model for hasten's own language-model runs."""
     from hasten.data import prepare_data, unigram_cross_entropy
     from hasten.models import build_model, resolve_vocab_size
 
-    data = prepare_data(config.data)
+    data = _rank0_first(lambda: prepare_data(config.data))  # one rank tokenizes, the others read its cache
     if rank == 0:
         data.tokenizer.save(run_dir / "tokenizer")
     vocab_size = resolve_vocab_size(config.model, data.tokenizer.vocab_size)
@@ -106,7 +140,7 @@ def _build_lm(config: RunConfig, run_dir: Path, device: torch.device, rank: int,
     model = build_model(config.model, vocab_size, device)
     pin = device.type == "cuda"
     return dict(
-        model=model, tokenizer=data.tokenizer, loss_fn=lm_loss,
+        model=model, tokenizer=data.tokenizer, loss_fn=lm_loss, sampled_loss_fn=lm_sampled_loss,
         train_batches=_token_batches(data.train, config, config.train.seed, rank, world, pin),
         val_batches=_token_batches(data.val, config, config.train.seed + 1, rank, world, pin),
         flops_per_token=model.flops_per_token(config.train.seq_len),
@@ -124,11 +158,18 @@ def _items_per_batch(train_batches: BatchFn) -> int:
 
 
 def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: LossFn | None = None,
-              train_batches: BatchFn | None = None, val_batches: BatchFn | None = None) -> Run:
+              train_batches: BatchFn | None = None, val_batches: BatchFn | None = None,
+              sampled_loss_fn: LossFn | None = None) -> Run:
     """Build a run. Without a model, hasten builds its decoder and token data from the config;
-    with one, the caller supplies `loss_fn` and `train_batches` (and optionally `val_batches`)."""
-    rank, world = _rank_and_world()
+    with one, the caller supplies `loss_fn` and `train_batches` (and optionally `val_batches`, and
+    `sampled_loss_fn` for optimizers that estimate curvature from sampled labels, like SophiaG)."""
+    from hasten.parallel import check_launch, init_distributed, rank_device
+
     device = resolve_device(config.train.device)
+    init_distributed(device)  # under torchrun: start the process group from its environment
+    device = rank_device(device)
+    rank, world = _rank_and_world()
+    check_launch(config.parallel, world)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     run_dir = prepare_run_dir(config, rank)
@@ -140,22 +181,43 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
             raise ConfigError("A user model needs loss_fn(model, batch) and train_batches(step, micro) as well.")
         model.to(device)
         parts = dict(model=model, loss_fn=loss_fn, train_batches=train_batches, val_batches=val_batches,
+                     sampled_loss_fn=sampled_loss_fn,
                      tokenizer=None, flops_per_token=None, tokens_per_micro_batch=_items_per_batch(train_batches),
                      info=dict(params=sum(p.numel() for p in model.parameters())))
     precision = resolve_precision(config.precision, device)
     select_attention_backend(config.train.attention_backend, device)
+    parts["model"] = parallelize(parts["model"], config, device, precision)
     optimizer = build_optimizer(parts["model"], config.optim, device)
+    if isinstance(optimizer, CurvatureOptimizer) and parts.get("sampled_loss_fn") is None:
+        raise ConfigError(f"optim.name={config.optim.name} estimates curvature from labels sampled from the model: "
+                          "pass sampled_loss_fn(model, batch) with your model (hasten.optim.sampled_label_loss "
+                          "turns logits into that loss), or choose another optim.name.")
+    optimizer = wrap_optimizer(optimizer, config.parallel)  # ZeRO-1 shards the states of the optimizer just built
     return Run(config=config, run_dir=run_dir, device=device, optimizer=optimizer,
                schedule=build_schedule(config.optim, config.train.steps), precision=precision,
                scaler=make_grad_scaler(precision, config.precision),
                rank=rank, world_size=world, **parts)
 
 
+def parallelize(model: nn.Module, config: RunConfig, device: torch.device, precision: Precision) -> nn.Module:
+    """Activation checkpointing → compile → sharding per block then root (hasten.parallel says why
+    at each step). Without a strategy, compilation stays whole-graph, in `compiled_loss`."""
+    from hasten.parallel import apply_parallelism
+
+    distributed = config.parallel.strategy != "none"
+    if distributed and precision.name == "fp16" and config.parallel.strategy in ("zero2", "zero3"):
+        raise ConfigError("precision.dtype=fp16 is not supported with sharded gradients (zero2, zero3); "
+                          "use bf16, which needs no loss scaling.")
+    param_dtype = precision.dtype if distributed and precision.name == "bf16" else None
+    compile_mode = config.train.compile_mode if distributed and config.train.compile else None
+    return apply_parallelism(model, config.parallel, device, param_dtype=param_dtype, compile_mode=compile_mode)
+
+
 def compiled_loss(run: Run) -> Callable[[Batch], torch.Tensor]:
     """The forward + loss function the loop calls; compiled as one graph when train.compile is set,
     so the loss fuses with the output head instead of materializing fp32 logits."""
     fn = functools.partial(run.loss_fn, run.model)
-    if run.config.train.compile:
+    if run.config.train.compile and run.config.parallel.strategy == "none":  # else compiled per block
         mode = run.config.train.compile_mode
         fn = torch.compile(fn, mode=None if mode == "default" else mode)
     return fn

@@ -3,7 +3,8 @@
 Layout: `<run>/checkpoints/step_0000100/` holds DCP shards of the model, optimizer and RNG
 tensors, plus `trainer_state.json` (step, counters, loss scaler). A checkpoint is written into a
 `.tmp` folder and renamed when complete, so a crash never leaves a half checkpoint that `resume =
-"auto"` would pick. DCP works in one process and, later, across ranks with resharding.
+"auto"` would pick. Every rank writes its own shards; a checkpoint written at world size N with
+one strategy loads at world size M with any strategy (DCP reshards on load).
 Nothing is loaded with pickle: DCP stores tensors, and the rest is JSON.
 """
 
@@ -20,9 +21,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from hasten.config import ConfigError
+from hasten.parallel.ddp import load_zero1_state_dict, zero1_state_dict
 
 STATE_FILE = "trainer_state.json"
 
@@ -60,6 +64,14 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Model and optimizer state keyed by parameter name, sharded tensors as DTensors: the form
+    in which DCP reshards a checkpoint to another world size or strategy."""
+    if isinstance(optimizer, ZeroRedundancyOptimizer):  # ZeRO-1: each rank holds the states it owns
+        return get_model_state_dict(model), zero1_state_dict(model, optimizer)
+    return get_state_dict(model, optimizer)
+
+
 def _is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
@@ -90,7 +102,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     if _is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = _state_dicts(model, optimizer)
     tensors = {"model": model_state, "optim": optim_state, "rng": rng_state(device)}
     _quiet(dcp.save)(tensors, checkpoint_id=str(tmp))
     if _is_rank0():
@@ -119,7 +131,7 @@ def resolve_resume(run_dir: Path, resume: str) -> Path | None:
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     device: torch.device) -> TrainerState:
     """Load model (and optimizer, RNG) state in place and return the trainer state."""
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = _state_dicts(model, optimizer)
     tensors = {"model": model_state, "optim": optim_state, "rng": rng_state(device)}
     try:
         _quiet(dcp.load)(tensors, checkpoint_id=str(path))
@@ -127,7 +139,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise ConfigError(f"Checkpoint {path} does not match this model or optimizer ({lines[-1][:300]}); "
                           "resume with the recipe it was trained with.") from None
-    set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"])
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        set_model_state_dict(model, tensors["model"])
+        load_zero1_state_dict(model, optimizer, tensors["optim"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"])
     set_rng_state(tensors["rng"], device)
     return TrainerState(**json.loads((path / STATE_FILE).read_text()))
 

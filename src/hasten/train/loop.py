@@ -3,7 +3,8 @@
     for step in range(start, steps):
         lr ← peak · schedule(step)
         for micro in range(grad_accum):                  # accumulate
-            loss ← loss_fn(model, batch(step, micro))     # under autocast
+            loss ← loss_fn(model, batch(step, micro))     # under autocast; may also return
+                                                          #   {name: term} to log (e.g. MoE aux losses)
             backward(loss / grad_accum)                   # scaled for fp16
         norm ← clip(grads)                                # after unscaling
         optimizer step unless norm is non-finite          # counted, no host sync when fused
@@ -13,7 +14,11 @@
     finish: checkpoint, summary.json, loss.png, a generated sample
 
 Methods that act inside a step do so through the loss function or the optimizer, never through
-a branch here.
+a branch here. The loop honours two optional optimizer capabilities, documented in
+hasten.optim.hooks: a Hessian refresh after the step (SophiaG: one extra forward/backward of
+`sampled_loss_fn`, timed with the step), and evaluation weights (schedule-free: `eval()` around
+evaluation and checkpoints, left in eval mode at the end). A param group's `lr_scale` multiplies
+its scheduled rate (Muon's matrices).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import Any
 
 import torch
 
+from hasten.optim.hooks import evaluation_weights, set_learning_rate, set_train_mode, wants_hessian
+from hasten.parallel import clip_grad_norm_, gradient_sync, memory_bytes
 from hasten.train.build import Batch, Run, compiled_loss
 from hasten.train.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
 from hasten.train.guard import StopSignal, step_if_finite
@@ -45,6 +52,8 @@ class DeviceCounters:
     skipped: torch.Tensor
     bad_streak: torch.Tensor
     worst_streak: torch.Tensor
+    term_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # extra loss terms, summed per step
+    term_steps: int = 0
 
     @classmethod
     def zeros(cls, device: torch.device) -> DeviceCounters:
@@ -58,16 +67,25 @@ class DeviceCounters:
         self.bad_streak.copy_((self.bad_streak + bad) * bad)
         torch.maximum(self.worst_streak, self.bad_streak, out=self.worst_streak)
 
-    def read_and_reset(self) -> dict[str, float]:
-        """One host sync: the interval's mean loss and the guard counters."""
+    def add_terms(self, terms: dict[str, torch.Tensor]) -> None:
+        for name, value in terms.items():
+            self.term_sums[name] = self.term_sums.get(name, 0) + value
+        self.term_steps += 1
+
+    def read_and_reset(self) -> dict[str, Any]:
+        """One host sync: the interval's mean loss, the guard counters and the mean extra terms."""
+        names = list(self.term_sums)
         values = torch.stack([self.loss_sum, self.finite_steps, self.skipped, self.bad_streak,
-                              self.worst_streak]).tolist()
-        loss_sum, finite, skipped, streak, worst = values
+                              self.worst_streak, *(self.term_sums[n].float() for n in names)]).tolist()
+        loss_sum, finite, skipped, streak, worst = values[:5]
+        terms = {n: v / self.term_steps for n, v in zip(names, values[5:])}
+        self.term_sums, self.term_steps = {}, 0
         self.loss_sum.zero_()
         self.finite_steps.zero_()
         self.skipped.zero_()
         self.worst_streak.copy_(self.bad_streak)
-        return dict(loss=loss_sum / finite if finite else math.nan, skipped=skipped, streak=streak, worst=worst)
+        return dict(loss=loss_sum / finite if finite else math.nan, skipped=skipped, streak=streak, worst=worst,
+                    terms=terms)
 
 
 @dataclass
@@ -105,30 +123,56 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def _grad_norm(run: Run) -> torch.Tensor:
+    """Clip to train.grad_clip; the norm is of the whole gradient even when each rank holds a shard."""
     params = [p for p in run.model.parameters() if p.grad is not None]
-    max_norm = run.config.train.grad_clip or math.inf
-    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=run.device.type == "cuda" or None)
+    return clip_grad_norm_(params, run.config.train.grad_clip or math.inf)
 
 
-def train_step(run: Run, forward_loss: Any, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over `grad_accum` micro-batches; returns (mean loss, skipped flag)."""
+def split_loss(out: torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A loss function's result as (loss, extra terms to log)."""
+    return out if isinstance(out, tuple) else (out, {})
+
+
+def train_step(run: Run, forward_loss: Any, step: int,
+               terms: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over `grad_accum` micro-batches; returns (mean loss, skipped flag).
+    The loss function's extra terms, averaged over the micro-batches, are added to `terms`."""
     accum = run.config.train.grad_accum
     lr = run.config.optim.lr * run.schedule(step)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    set_learning_rate(run.optimizer, lr)  # times each group's lr_scale
     step_loss = torch.zeros((), device=run.device)
     for micro in range(accum):
         batch = _to_device(run.train_batches(step, micro), run.device)
-        with run.precision.autocast():
-            loss = forward_loss(batch)
-        scaled = loss / accum
-        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+        # Ranks exchange gradients only after the last micro-batch; earlier ones accumulate locally.
+        with gradient_sync(run.model, enabled=micro == accum - 1):
+            with run.precision.autocast():
+                loss, extra = split_loss(forward_loss(batch))
+            scaled = loss / accum
+            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
         step_loss += loss.detach().float() / accum
+        if terms is not None:
+            for name, value in extra.items():
+                terms[name] = terms.get(name, 0) + value.detach().float() / accum
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
     skipped = step_if_finite(run.optimizer, _grad_norm(run), run.scaler)
     run.optimizer.zero_grad(set_to_none=True)
+    if wants_hessian(run.optimizer, step):
+        _refresh_hessian(run, step)
     return step_loss, skipped
+
+
+def _refresh_hessian(run: Run, step: int) -> None:
+    """The curvature hook (hasten.optim.hooks): backpropagate the loss on labels sampled from the
+    model, on this step's first micro-batch, into the optimizer's Hessian estimate."""
+    batch = _to_device(run.train_batches(step, 0), run.device)
+    with run.precision.autocast():
+        loss = run.sampled_loss_fn(run.model, batch)
+    scale = run.scaler.get_scale() if run.scaler is not None else 1.0  # fp16: keep small grads representable
+    (loss * scale).backward()
+    run.optimizer.update_hessian(batch_size=run.tokens_per_micro_batch * run.world_size, grad_scale=scale)
+    run.optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -138,16 +182,42 @@ def evaluate(run: Run, forward_loss: Any) -> float:
         return math.nan
     run.model.eval()
     total = torch.zeros((), device=run.device)
-    for i in range(run.config.train.eval_batches):
-        with run.precision.autocast():
-            total += forward_loss(_to_device(run.val_batches(i, 0), run.device)).float()
+    with evaluation_weights(run.optimizer):  # schedule-free: evaluate the averaged weights
+        for i in range(run.config.train.eval_batches):
+            with run.precision.autocast():
+                total += split_loss(forward_loss(_to_device(run.val_batches(i, 0), run.device)))[0].float()
     run.model.train()
-    value = total.item() / run.config.train.eval_batches
-    if torch.distributed.is_initialized():
-        tensor = torch.tensor(value, device=run.device)
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.AVG)
-        value = tensor.item()
-    return value
+    return _mean_over_ranks(run, total.item() / run.config.train.eval_batches)
+
+
+def global_batch_tokens(run: Run) -> int:
+    """Tokens per optimizer step over all ranks: micro-batch × grad_accum × world size."""
+    return run.tokens_per_micro_batch * run.config.train.grad_accum * run.world_size
+
+
+def _memory_per_rank(run: Run) -> list[dict[str, int]]:
+    """Each rank's parameter, gradient and optimizer-state bytes (compare `zero_memory_bytes`)."""
+    mine = memory_bytes(run.model, run.optimizer)
+    if not torch.distributed.is_initialized():
+        return [mine]
+    every: list[Any] = [None] * run.world_size
+    torch.distributed.all_gather_object(every, mine)
+    return every
+
+
+def _mean_over_ranks(run: Run, value: float) -> float:
+    if run.world_size == 1:
+        return value
+    tensor = torch.tensor(value, dtype=torch.float64, device=run.device)
+    torch.distributed.all_reduce(tensor)  # a sum: gloo has no AVG
+    return tensor.item() / run.world_size
+
+
+def _agree_to_stop(run: Run, reason: str) -> str:
+    """Every rank stops when any rank has a reason to (a signal, the time limit, the guard)."""
+    flag = torch.tensor(float(bool(reason)), device=run.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return reason or ("stopped because another rank stopped" if flag.item() else "")
 
 
 def _resume(run: Run, logger_path: Any) -> TrainerState:
@@ -155,6 +225,7 @@ def _resume(run: Run, logger_path: Any) -> TrainerState:
     if path is None:
         return TrainerState()
     state = load_checkpoint(path, run.model, run.optimizer, run.device)
+    set_train_mode(run.optimizer, True)  # checkpoints hold evaluation weights (schedule-free)
     if run.scaler is not None and state.scaler:
         run.scaler.load_state_dict(state.scaler)
     if run.rank == 0:
@@ -165,18 +236,23 @@ def _resume(run: Run, logger_path: Any) -> TrainerState:
 def _save(run: Run, state: TrainerState) -> None:
     if run.scaler is not None:
         state.scaler = run.scaler.state_dict()
-    save_checkpoint(run.run_dir, run.model, run.optimizer, state, run.device, run.config.checkpoint.keep)
+    with evaluation_weights(run.optimizer):  # schedule-free: checkpoint the averaged weights
+        save_checkpoint(run.run_dir, run.model, run.optimizer, state, run.device, run.config.checkpoint.keep)
 
 
 def train_loop(run: Run) -> dict[str, Any]:
     """Run the loop to the configured number of steps (or a stop) and return the run's metrics."""
     cfg = run.config
-    tokens_per_step = run.tokens_per_micro_batch * cfg.train.grad_accum * run.world_size
+    tokens_per_step = global_batch_tokens(run)
     state = _resume(run, run.run_dir / "metrics.jsonl")
     logger = RunLogger(run.run_dir, total_steps=cfg.train.steps, start_step=state.step, enabled=run.rank == 0,
                        progress=cfg.log.progress, tensorboard=cfg.log.tensorboard)
     if state.step:
         logger.print(f"resumed from step {state.step}")
+    if run.world_size > 1:
+        logger.print(f"{run.world_size} ranks, {cfg.parallel.strategy}: global batch {tokens_per_step} tokens = "
+                     f"{run.tokens_per_micro_batch} per micro-batch × {cfg.train.grad_accum} micro-batches × "
+                     f"{run.world_size} ranks")
     forward_loss = compiled_loss(run)
     counters, timer = DeviceCounters.zeros(run.device), Timer()
     peak = peak_flops(run.device, run.precision.name)
@@ -186,19 +262,24 @@ def train_loop(run: Run) -> dict[str, Any]:
     run.model.train()
     with StopSignal() as stop:
         while state.step < cfg.train.steps and not stop_reason:
-            loss, skipped = train_step(run, forward_loss, state.step)
+            terms: dict[str, torch.Tensor] = {}
+            loss, skipped = train_step(run, forward_loss, state.step, terms)
             counters.add_step(loss, skipped)
+            counters.add_terms(terms)
             state.step += 1
             state.tokens_seen += tokens_per_step
             timer.interval_steps += 1
             if timer.first_step_s is None:
                 timer.first_step_s = time.perf_counter() - timer.start
-            if state.step % cfg.log.every == 0 or state.step == cfg.train.steps or stop.requested:
+            log_step = state.step % cfg.log.every == 0 or state.step == cfg.train.steps
+            if log_step or (stop.requested and run.world_size == 1):
                 stop_reason = _log_interval(run, state, counters, timer, logger, tokens_per_step, peak, last)
             if stop.requested and not stop_reason:
                 stop_reason = f"received {stop.signal_name}"
             if cfg.train.time_limit_s and timer.training_seconds() >= cfg.train.time_limit_s:
                 stop_reason = stop_reason or f"time limit of {cfg.train.time_limit_s:g} s reached"
+            if run.world_size > 1:  # ranks stop together, at a log step, or the next collective hangs
+                stop_reason = _agree_to_stop(run, stop_reason) if log_step else ""
             if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or state.step == cfg.train.steps \
                     or stop_reason:
                 _log_eval(run, state, forward_loss, logger, last, timer.start)
@@ -207,6 +288,7 @@ def train_loop(run: Run) -> dict[str, Any]:
                     state.step == cfg.train.steps and cfg.checkpoint.at_end):
                 _save(run, state)
                 timer.restart_interval()
+    set_train_mode(run.optimizer, False)  # the trained model keeps the evaluation weights (schedule-free)
     return _finish(run, state, logger, timer, peak, last, stop_reason)
 
 
@@ -214,12 +296,13 @@ def _log_interval(run: Run, state: TrainerState, counters: DeviceCounters, timer
                   tokens_per_step: int, peak: float | None, last: dict[str, Any]) -> str:
     """Read the device counters, log them; return a stop reason when the guard trips."""
     values = counters.read_and_reset()
+    values["loss"] = _mean_over_ranks(run, values["loss"])  # the loss of the global batch
     rate = timer.close_interval(tokens_per_step)
     state.skipped_steps += int(values["skipped"])
     state.bad_loss_streak = int(values["streak"])
     lr = run.optimizer.param_groups[0]["lr"]
     record = dict(loss=values["loss"], lr=float(lr), tokens=state.tokens_seen, tokens_per_second=rate,
-                  skipped_steps=state.skipped_steps, elapsed_s=time.perf_counter() - timer.start)
+                  skipped_steps=state.skipped_steps, elapsed_s=time.perf_counter() - timer.start, **values["terms"])
     if run.scaler is not None:
         record["loss_scale"] = float(run.scaler.get_scale())
     if (utilization := mfu(rate, run.flops_per_token or 0.0, peak)) is not None:
@@ -250,9 +333,8 @@ def _log_eval(run: Run, state: TrainerState, forward_loss: Any, logger: RunLogge
 
 def _finish(run: Run, state: TrainerState, logger: RunLogger, timer: Timer, peak: float | None,
             last: dict[str, Any], stop_reason: str) -> dict[str, Any]:
-    from hasten.optim import optimizer_state_bytes
-
     synchronize(run.device)
+    memory = _memory_per_rank(run)  # optimizer-state bytes are this rank's: its shard under ZeRO
     tokens_per_second = timer.steady_tokens_per_second()
     summary = dict(
         steps=state.step, completed=state.step >= run.config.train.steps and not stop_reason,
@@ -261,8 +343,9 @@ def _finish(run: Run, state: TrainerState, logger: RunLogger, timer: Timer, peak
         final_loss=last["loss"], final_val_loss=last["val_loss"], best_val_loss=last.get("best_val_loss", math.nan),
         tokens_per_second=tokens_per_second, mfu=mfu(tokens_per_second, run.flops_per_token or 0.0, peak),
         peak_memory_gib=peak_memory_bytes(run.device) / GIB, skipped_steps=state.skipped_steps,
-        optimizer_state_bytes=optimizer_state_bytes(run.optimizer), precision=run.precision.name,
-        device=str(run.device), world_size=run.world_size, flops_per_token=run.flops_per_token, **run.info)
+        optimizer_state_bytes=memory[run.rank]["optimizer_state_bytes"], precision=run.precision.name,
+        device=str(run.device), world_size=run.world_size, flops_per_token=run.flops_per_token,
+        global_batch_tokens=global_batch_tokens(run), memory_per_rank=memory, **run.info)
     logger.log("summary", state.step, **summary)
     if stop_reason:
         logger.print(stop_reason)

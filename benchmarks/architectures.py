@@ -1,0 +1,214 @@
+"""Efficient architectures on one GPU: Mamba-2 vs attention mixers, and dense vs MoE vs Mamba-2 vs
+hybrid language models at equal wall time.
+
+    python benchmarks/architectures.py --out benchmarks/results          # on the H200
+    python benchmarks/architectures.py --smoke --out /tmp/arch-smoke     # any CPU, tiny sizes
+
+(a) Mixer forward+backward time, bf16: a Mamba-2 mixer (SSD scan, torch.compile) vs attention
+    (SDPA, flash kernel), same d_model and heads, batch*seq = 32k tokens, seq 2k..32k.
+    -> summary.mamba_vs_attention_speedup {seq: attention_ms / mamba_ms}
+(b) Whole models through `hasten.train` with the same wall-time budget (train.time_limit_s), the
+    gpt2-124m shape: dense; MoE (every FFN 8 experts, top-2, expert width = dense width / 2, so the
+    same active parameters); Mamba-2 (every mixer); hybrid (hybrid-gpu recipe). Each reports steady
+    tokens/s and the validation loss at the end of its budget.
+    -> summary.moe_tokens_per_second_ratio (MoE / dense), summary.moe_val_loss_delta_at_equal_time
+       (MoE - dense; negative = MoE better)
+(c) One MoE layer forward+backward: grouped dispatch (torch._grouped_mm) vs the per-expert loop.
+    -> summary.grouped_vs_loop_speedup
+
+Each model checks that its loss is finite and falling before its numbers are accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _time_ms(fn, warmup: int, iters: int, device) -> float:
+    import torch
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - start))
+    return sorted(times)[len(times) // 2]
+
+
+def bench_mixers(args, device) -> list[dict]:
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hasten.models import Attention, Mamba2, rope_tables
+
+    dim, heads = (64, 4) if args.smoke else (2048, 16)
+    seqs = [64, 128] if args.smoke else [2048, 4096, 8192, 16384, 32768]
+    tokens = 256 if args.smoke else 32768
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for seq in seqs:
+        batch = max(1, tokens // seq)
+        x = torch.randn(batch, seq, dim, device=device, dtype=dtype, requires_grad=True)
+        rope = tuple(t.to(device) for t in rope_tables(dim // heads, seq))
+        attention = Attention(dim, heads).to(device, dtype)
+        mamba = Mamba2(dim, d_state=64 if not args.smoke else 16, head_dim=2 * dim // heads, expand=2,
+                       chunk_size=64 if not args.smoke else 16).to(device, dtype)
+        mamba_fn = torch.compile(mamba) if not args.smoke else mamba
+
+        def attn_step():
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION] if device.type == "cuda" else [SDPBackend.MATH]):
+                attention(x, rope).sum().backward()
+
+        def mamba_step():
+            mamba_fn(x).sum().backward()
+
+        row = dict(seq=seq, batch=batch, dim=dim, heads=heads,
+                   attention_ms=_time_ms(attn_step, args.warmup, args.iters, device),
+                   mamba_ms=_time_ms(mamba_step, args.warmup, args.iters, device))
+        row["speedup"] = row["attention_ms"] / row["mamba_ms"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def bench_grouped(args, device) -> dict:
+    import torch
+
+    from hasten.models import MoE
+
+    dim, hidden, tokens = (64, 64, 512) if args.smoke else (768, 1024, 32768)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    grouped = MoE(dim, hidden, num_experts=8, top_k=2, impl="grouped").to(device)
+    loop = MoE(dim, hidden, num_experts=8, top_k=2, impl="loop").to(device)
+    loop.load_state_dict(grouped.state_dict())
+    x = torch.randn(1, tokens, dim, device=device, requires_grad=True)
+    result = {}
+    for name, layer in (("grouped", grouped), ("loop", loop)):
+        def step(layer=layer):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                y = layer(x)
+            y.float().sum().backward()
+        result[f"{name}_ms"] = _time_ms(step, args.warmup, args.iters, device)
+    from hasten.models.ops import grouped_mm_available
+    result.update(dim=dim, hidden=hidden, tokens=tokens, experts=8, top_k=2,
+                  grouped_kernel=grouped_mm_available(x.to(dtype)), speedup=result["loop_ms"] / result["grouped_ms"])
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def _model_variants(smoke: bool) -> dict[str, tuple[str, list[str]]]:
+    if smoke:
+        base = ["model.preset=tiny", "model.n_layers=4", "model.ssm_state=16", "model.ssm_head_dim=16",
+                "model.ssm_chunk=16", "data.tokenizer=byte", "data.max_documents=60", "train.batch_size=4",
+                "train.seq_len=64", "model.max_seq_len=64", "train.device=cpu", "precision.dtype=fp32"]
+        return {"dense": ("default", base), "moe": ("default", [*base, "model.ffns=EEEE"]),
+                "mamba": ("default", [*base, "model.mixers=MMMM"]),
+                "hybrid": ("default", [*base, "model.mixers=MMAM", "model.ffns=DEDE"])}
+    every = "E" * 12
+    return {"dense": ("gpt2-124m", []), "moe": ("moe-gpu", [f"model.ffns={every}"]),
+            "mamba": ("mamba-gpu", []), "hybrid": ("hybrid-gpu", [])}
+
+
+def bench_model(args, name: str) -> dict:
+    import hasten
+    from hasten.config import load_config
+    from hasten.train.log import read_log
+
+    recipe, overrides = _model_variants(args.smoke)[name]
+    out = Path(args.workdir) / name
+    cfg = load_config(recipe, [*overrides, f"train.out_dir={out}", f"data.cache_dir={args.workdir}/cache",
+                               "train.steps=1000000", f"train.time_limit_s={args.seconds}", "train.eval_every=0",
+                               "train.eval_batches=20", "checkpoint.every=0", "checkpoint.at_end=false",
+                               "log.progress=false", "log.plot=false", "log.tensorboard=false", "log.sample_tokens=0",
+                               f"log.every={1 if args.smoke else 50}"])
+    summary = hasten.train(cfg)
+    losses = [r["loss"] for r in read_log(out / "metrics.jsonl") if r["event"] == "train"]
+    if not losses or not all(math.isfinite(v) for v in losses) or not losses[-1] < losses[0]:
+        raise SystemExit(f"{name}: loss is not finite and falling: {losses[:3]} ... {losses[-3:]}")
+    return dict(name=name, tokens_per_second=summary["tokens_per_second"], val_loss=summary["final_val_loss"],
+                steps=summary["steps"], wall_time_s=summary["wall_time_s"], params=summary["params"],
+                flops_per_token=summary["flops_per_token"], mfu=summary["mfu"],
+                peak_memory_gib=summary["peak_memory_gib"], final_loss=losses[-1])
+
+
+def _environment() -> dict:
+    import torch
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return dict(date=time.strftime("%Y-%m-%d"), commit=commit or os.environ.get("HASTEN_COMMIT", "unknown"),
+                device=device, torch=torch.__version__, cuda=torch.version.cuda)
+
+
+def _markdown(result: dict) -> str:
+    s = result["summary"]
+    lines = [f"# Efficient architectures ({result['device']}, torch {result['torch']})", "",
+             "## Mixer forward+backward, bf16, 32k tokens per call", "",
+             "| seq | batch | attention (flash) ms | Mamba-2 (SSD, compiled) ms | attention / Mamba-2 |",
+             "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['seq']} | {r['batch']} | {r['attention_ms']:.2f} | {r['mamba_ms']:.2f} | {r['speedup']:.2f} |"
+              for r in result["mixers"]]
+    lines += ["", f"## Whole models, {result['seconds']} s of training each", "",
+              "| model | params | tokens/s | MFU | val loss | steps | peak GiB |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["models"]:
+        mfu = f"{r['mfu']:.3f}" if r.get("mfu") else "-"
+        lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['tokens_per_second']:,.0f} | {mfu} | "
+                     f"{r['val_loss']:.3f} | {r['steps']} | {r['peak_memory_gib']:.1f} |")
+    g = result["grouped"]
+    lines += ["", f"MoE tokens/s over dense: **{s['moe_tokens_per_second_ratio']:.3f}**; MoE val loss minus dense "
+              f"at equal time: **{s['moe_val_loss_delta_at_equal_time']:+.3f}**.",
+              f"One MoE layer ({g['tokens']} tokens, {g['experts']} experts, top-{g['top_k']}), grouped over loop: "
+              f"**{s['grouped_vs_loop_speedup']:.2f}x** (grouped GEMM kernel: {g['grouped_kernel']})."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results", help="folder for architectures.json and .md")
+    parser.add_argument("--workdir", default="/tmp/hasten-arch-bench", help="run folders and token cache")
+    parser.add_argument("--seconds", type=float, default=300, help="training budget of each model in (b)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device (CPU ok): checks the script")
+    parser.add_argument("--skip-models", action="store_true", help="only the layer benchmarks (a) and (c)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.seconds, args.warmup, args.iters = min(args.seconds, 10), 1, 3
+    import torch
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    result = dict(**_environment(), smoke=args.smoke, seconds=args.seconds)
+    result["mixers"] = bench_mixers(args, device)
+    result["grouped"] = bench_grouped(args, device)
+    result["models"] = [] if args.skip_models else [bench_model(args, n) for n in ("dense", "moe", "mamba", "hybrid")]
+    models = {r["name"]: r for r in result["models"]}
+    result["summary"] = dict(
+        mamba_vs_attention_speedup={str(r["seq"]): r["speedup"] for r in result["mixers"]},
+        grouped_vs_loop_speedup=result["grouped"]["speedup"],
+        moe_tokens_per_second_ratio=(models["moe"]["tokens_per_second"] / models["dense"]["tokens_per_second"]
+                                     if models else math.nan),
+        moe_val_loss_delta_at_equal_time=(models["moe"]["val_loss"] - models["dense"]["val_loss"]
+                                          if models else math.nan))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "architectures.json").write_text(json.dumps(result, indent=1))
+    (out / "architectures.md").write_text(_markdown(result))
+    print(json.dumps(result["summary"], indent=1))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "src"))
+    main()

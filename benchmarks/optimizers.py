@@ -1,0 +1,181 @@
+"""Optimizers compared on one model and one token budget: how many steps and how much time each
+needs to reach AdamW's final validation loss, and how much optimizer state it keeps.
+
+Every registered optimizer (`hasten.optim.optimizer_names()`) trains the GPT-2-124M-shaped recipe
+on the embedded corpus through `hasten.train`, with the same steps, batch, sequence length,
+warmup and cosine schedule (schedule-free AdamW keeps only the warmup, by design). Each runs a small
+learning-rate sweep: its grid centre times `--lr-mults`; the best final validation loss picks the
+run that is reported. AdamW's best final validation loss is the target:
+
+    steps_to_adamw_loss_ratio[opt] = first eval step where opt's val loss <= target / AdamW's step
+    time_to_adamw_loss_ratio[opt]  = wall time to that eval / AdamW's (evaluation passes included,
+                                     at the same cadence for every optimizer; Sophia's Hessian
+                                     refreshes are inside its steps)
+    state_bytes_ratio[opt]         = optimizer-state bytes / AdamW's
+
+On the H200 (one run per optimizer and rate; finished runs are reused, so the command can be
+repeated after a time limit):
+
+    PYTHONPATH=src python benchmarks/optimizers.py --out benchmarks/results --steps 2000
+
+Smoke test on CPU (a tiny model; results go under /tmp and are not measurements):
+
+    PYTHONPATH=src python benchmarks/optimizers.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Grid centres for the GPT-2-124M recipe (AdamW 6e-4), from each method's published guidance; they
+# are starting points, and a best rate at the edge of its grid is flagged in the results.
+LR_CENTRE = {
+    "adamw": 6e-4,               # the recipe's (nanoGPT's GPT-2 small)
+    "sophia": 6e-4,              # Sophia's authors: about AdamW's rate, with rho ~0.04
+    "lion": 1.5e-4,              # Lion paper: 3-10x smaller than AdamW ...
+    "muon": 6e-4,                # match_rms_adamw scaling: AdamW's rate carries over (Moonlight)
+    "adafactor": 1e-2,           # relative step size (torch's default), scaled by each weight's RMS
+    "schedulefree_adamw": 1.2e-3,  # schedule-free authors: 1-10x the scheduled AdamW rate
+    "adamw8bit": 6e-4,           # same as AdamW
+}
+EXTRA = {"lion": ["optim.weight_decay=0.4"]}  # ... with wd raised so that lr*wd matches AdamW's
+
+SMOKE = ["model.preset=tiny", "data.tokenizer=byte", "data.max_documents=60", "train.batch_size=4",
+         "train.seq_len=32", "train.eval_batches=2", "train.compile=false", "optim.warmup_steps=5",
+         "precision.dtype=fp32"]
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def run_one(name: str, lr: float, args: argparse.Namespace) -> dict[str, Any]:
+    """Train one (optimizer, rate); a finished run in the work folder is read back instead."""
+    import hasten
+    from hasten.config import load_config
+    from hasten.train.log import read_log
+
+    out = Path(args.workdir) / f"{name}_lr{lr:.3g}"
+    if not (out / "summary.json").exists() or not json.loads((out / "summary.json").read_text())["completed"]:
+        overrides = [*(SMOKE if args.smoke else []), f"optim.name={name}", f"optim.lr={lr}",
+                     f"train.steps={args.steps}", f"train.eval_every={args.eval_every}", "log.every=10",
+                     "checkpoint.every=0", "checkpoint.at_end=false", "log.sample_tokens=0", "log.progress=false",
+                     "log.plot=false", "log.tensorboard=false", f"data.cache_dir={args.workdir}/cache",
+                     f"train.out_dir={out}", *EXTRA.get(name, [])]
+        hasten.train(load_config(args.recipe if not args.smoke else "default", overrides))
+    summary = json.loads((out / "summary.json").read_text())
+    records = read_log(out / "metrics.jsonl")
+    curve = [dict(step=r["step"], elapsed_s=r["elapsed_s"], val_loss=r["val_loss"])
+             for r in records if r["event"] == "eval"]
+    return dict(optimizer=name, lr=lr, final_val_loss=summary["final_val_loss"], curve=curve,
+                tokens_per_second=summary["tokens_per_second"], wall_time_s=summary["wall_time_s"],
+                optimizer_state_bytes=summary["optimizer_state_bytes"], peak_memory_gib=summary["peak_memory_gib"],
+                params=summary.get("params"), completed=summary["completed"])
+
+
+def _reach(run: dict[str, Any], target: float) -> tuple[int | None, float | None]:
+    """(step, seconds) of the first evaluation at or below `target`."""
+    for point in run["curve"]:
+        if point["val_loss"] <= target:
+            return point["step"], point["elapsed_s"]
+    return None, None
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return value / base if value is not None and base else None
+
+
+def summarize(best: dict[str, dict[str, Any]], grid: dict[str, list[float]]) -> dict[str, Any]:
+    target = best["adamw"]["final_val_loss"]
+    base_step, base_time = _reach(best["adamw"], target)
+    steps, times = {}, {}
+    for name, run in best.items():
+        step, seconds = _reach(run, target)
+        steps[name], times[name] = _ratio(step, base_step), _ratio(seconds, base_time)
+    base_bytes = best["adamw"]["optimizer_state_bytes"]
+    return dict(adamw_final_val_loss=target, steps_to_adamw_loss_ratio=steps, time_to_adamw_loss_ratio=times,
+                state_bytes_ratio={n: r["optimizer_state_bytes"] / base_bytes for n, r in best.items()},
+                tokens_per_second={n: r["tokens_per_second"] for n, r in best.items()},
+                best_lr={n: r["lr"] for n, r in best.items()},
+                best_lr_at_grid_edge={n: len(grid[n]) > 1 and r["lr"] in (min(grid[n]), max(grid[n]))
+                                      for n, r in best.items()})
+
+
+def plot(best: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, run in best.items():
+        label = f"{name} (lr {run['lr']:.2g})"
+        by_step.plot([p["step"] for p in run["curve"]], [p["val_loss"] for p in run["curve"]], label=label)
+        by_time.plot([p["elapsed_s"] for p in run["curve"]], [p["val_loss"] for p in run["curve"]], label=label)
+    for ax, xlabel in ((by_step, "step"), (by_time, "wall time (s)")):
+        ax.axhline(best["adamw"]["final_val_loss"], color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss")
+    by_step.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results", help="where optimizers.json and .png go")
+    parser.add_argument("--workdir", default="/tmp/hasten-bench-optimizers", help="run folders (reused)")
+    parser.add_argument("--recipe", default="gpt2-124m", help="recipe of the model and data")
+    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps, the same for every run")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--lr-mults", default="0.5,1,2", help="the sweep: multiples of each grid centre")
+    parser.add_argument("--optimizers", default="", help="comma-separated subset (adamw is always run)")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run into /tmp, to test the script")
+    args = parser.parse_args()
+    if args.smoke:
+        args.out, args.workdir, args.steps, args.eval_every = "/tmp/hasten-bench-optimizers-smoke", \
+            "/tmp/hasten-bench-optimizers-smoke/runs", 30, 10
+        LR_CENTRE.update(adamw=3e-3, sophia=3e-3, lion=1e-3, muon=3e-3, schedulefree_adamw=3e-3, adamw8bit=3e-3)
+
+    from hasten.optim import optimizer_names, optimizer_spec
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    names = [n for n in optimizer_names() if not args.optimizers or n == "adamw" or n in args.optimizers.split(",")]
+    skipped = {n: r for n in names if (r := optimizer_spec(n).unavailable(device))}
+    mults = [float(m) for m in args.lr_mults.split(",")]
+    grid = {n: [LR_CENTRE.get(n, LR_CENTRE["adamw"]) * m for m in mults] for n in names if n not in skipped}
+    runs, best = [], {}
+    start = time.perf_counter()
+    for name, rates in grid.items():
+        tried = [run_one(name, lr, args) for lr in rates]
+        runs += tried
+        finite = [r for r in tried if math.isfinite(r["final_val_loss"])]
+        if finite:
+            best[name] = min(finite, key=lambda r: r["final_val_loss"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(best, out / "optimizers.png")
+    result = dict(suite="optimizers", smoke=args.smoke, device=torch.cuda.get_device_name() if device.type == "cuda"
+                  else platform.processor() or "cpu", torch=torch.__version__, commit=_commit(),
+                  recipe="default (tiny smoke overrides)" if args.smoke else args.recipe, steps=args.steps,
+                  eval_every=args.eval_every, lr_grid=grid, extra_overrides=EXTRA, skipped=skipped,
+                  summary=summarize(best, grid), runs=runs, bench_seconds=time.perf_counter() - start)
+    (out / "optimizers.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["summary"], indent=1))
+    print(f"wrote {out / 'optimizers.json'} and {out / 'optimizers.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Mamba-2 sequence mixer with the SSD (state-space duality) scan in plain PyTorch.
+
+The selective state-space recurrence, per head h with a scalar decay (Dao & Gu 2024, "Transformers
+are SSMs", arXiv:2405.21060):
+    state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * x_t ⊗ B_t        state: (P, N)
+    y_t     = state_t · C_t + D_h * x_t
+`ssd_scan` computes it in chunks of Q steps: inside a chunk it is a masked matmul (attention-like,
+with decays exp(segment sums of dt*A) as the mask); between chunks only the (P, N) states are
+passed on, with the chunk's total decay. `ssd_scan_ref` is the plain step-by-step loop and
+`ssd_step` one step of it, which generation uses with a cached state.
+
+Shape legend:
+    B batch, T sequence, L padded length, c chunks, Q chunk length, H heads, P head size,
+    G groups of heads sharing B/C, N state size, D model width, E inner width (= H*P), K conv width.
+    x_BTHP  inputs;  dt_BTH  step sizes (> 0);  A_H  decays (< 0);  B_BTGN, C_BTGN  in/out projections.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _segsum(a: torch.Tensor) -> torch.Tensor:
+    """(..., Q) -> (..., Q, Q): out[i, j] = a[j+1] + ... + a[i] for i >= j, -inf above the diagonal.
+    Built from masked cumulative sums, not as a difference of cumsums, so it stays exact."""
+    Q = a.shape[-1]
+    a = a[..., None].expand(*a.shape, Q)  # [..., i, j] = a[i]
+    strict = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=a.device), diagonal=-1)
+    sums = a.masked_fill(~strict, 0).cumsum(dim=-2)
+    lower = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=a.device))
+    return sums.masked_fill(~lower, -math.inf)
+
+
+def _heads(bc_BTGN: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Give each head its group's B or C: (B, T, G, N) -> (B, T, H, N)."""
+    return bc_BTGN.repeat_interleave(n_heads // bc_BTGN.shape[2], dim=2)
+
+
+def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             chunk_size: int, initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked SSD. x (B,T,H,P), dt (B,T,H), A (H), B and C (B,T,G,N), initial_state (B,H,P,N).
+    Returns y (B,T,H,P) without the D skip, and the final state (B,H,P,N) in fp32.
+
+    T need not divide by chunk_size: the tail is padded with dt = 0 (no decay, no input), which
+    leaves the final state unchanged. Decays are computed in fp32; the matmuls run in the
+    inputs' (or autocast's) dtype.
+    """
+    Bsz, T, H, P = x.shape
+    N = B.shape[-1]
+    Q = chunk_size
+    pad = (-T) % Q
+    if pad:
+        x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    c = x.shape[1] // Q
+    B_, C_ = _heads(B, H), _heads(C, H)
+    xdt = x * dt[..., None].to(x.dtype)  # discretized input
+    x_bcqhp = xdt.reshape(Bsz, c, Q, H, P)
+    B_bcqhn, C_bcqhn = B_.reshape(Bsz, c, Q, H, N), C_.reshape(Bsz, c, Q, H, N)
+    a_bhcq = (dt.float() * A.float()).reshape(Bsz, c, Q, H).permute(0, 3, 1, 2)
+    a_cum = a_bhcq.cumsum(dim=-1)
+
+    # 1. inside each chunk: y_i = sum_{j<=i} C_i·B_j exp(a_{j+1..i}) x_j   (a masked "attention")
+    decay_bhcqq = torch.exp(_segsum(a_bhcq)).to(x.dtype)
+    scores = torch.einsum("bcihn,bcjhn->bhcij", C_bcqhn, B_bcqhn) * decay_bhcqq
+    y_diag = torch.einsum("bhcij,bcjhp->bcihp", scores, x_bcqhp)
+
+    # 2. each chunk's own contribution to the state at its end
+    to_end_bhcq = torch.exp(a_cum[..., -1:] - a_cum).to(x.dtype)
+    states = torch.einsum("bcjhn,bcjhp->bchpn", B_bcqhn * to_end_bhcq.permute(0, 2, 3, 1)[..., None], x_bcqhp)
+
+    # 3. pass states between chunks: state entering chunk z = sum_{c<z} decay(c -> z) * states_c
+    if initial_state is None:
+        initial_state = torch.zeros(Bsz, H, P, N, device=x.device, dtype=torch.float32)
+    states = torch.cat([initial_state[:, None].to(states.dtype), states], dim=1)  # (B, c+1, H, P, N)
+    chunk_decay = torch.exp(_segsum(F.pad(a_cum[..., -1], (1, 0))))  # (B, H, c+1, c+1)
+    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay.to(states.dtype), states)
+    entering, final_state = states[:, :-1], states[:, -1]
+
+    # 4. what the entering state adds to each position of its chunk
+    from_start_bhcq = torch.exp(a_cum).to(x.dtype)
+    y_off = torch.einsum("bcihn,bchpn->bcihp", C_bcqhn * from_start_bhcq.permute(0, 2, 3, 1)[..., None],
+                         entering.to(x.dtype))
+    y = (y_diag + y_off).reshape(Bsz, c * Q, H, P)[:, :T]
+    return y, final_state.float()
+
+
+def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+             C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the recurrence. state (B,H,P,N) fp32, x (B,H,P), dt (B,H), B and C (B,G,N).
+    Returns y (B,H,P) without the D skip, and the new state."""
+    H = x.shape[1]
+    B_, C_ = B.repeat_interleave(H // B.shape[1], dim=1).float(), C.repeat_interleave(H // C.shape[1], dim=1).float()
+    dt = dt.float()
+    decay = torch.exp(dt * A.float())[..., None, None]
+    state = state * decay + (dt[..., None] * x.float())[..., None] * B_[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", state, C_)
+    return y.to(x.dtype), state
+
+
+def ssd_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 chunk_size: int = 0, initial_state: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: `ssd_step` over every position in turn (chunk_size is ignored)."""
+    Bsz, T, H, P = x.shape
+    state = initial_state.float() if initial_state is not None else \
+        torch.zeros(Bsz, H, P, B.shape[-1], device=x.device, dtype=torch.float32)
+    ys = []
+    for t in range(T):
+        y, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t])
+        ys.append(y)
+    return torch.stack(ys, dim=1), state
+
+
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    """RMSNorm(y * silu(z)) over each of `groups` equal slices of the last axis, then the gain."""
+    g = (y * F.silu(z.to(y.dtype))).float()
+    g = g.view(*g.shape[:-1], groups, -1)
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    return (g.flatten(-2) * weight.float()).to(y.dtype)
+
+
+class Mamba2(nn.Module):
+    """Mamba-2 mixer: in_proj -> [z | x B C | dt], causal depthwise conv + SiLU on x B C, SSD scan
+    with a D skip, gated RMSNorm with z, out_proj. `rope` is accepted and ignored (no positions
+    needed: the recurrence is ordered). With a `cache` dict it fills the conv and SSM states on a
+    prompt and continues from them one token at a time."""
+
+    def __init__(self, dim: int, d_state: int = 64, head_dim: int = 64, expand: int = 2, n_groups: int = 1,
+                 chunk_size: int = 64, d_conv: int = 4, dt_min: float = 1e-3, dt_max: float = 0.1,
+                 norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        inner = expand * dim
+        if inner % head_dim or (inner // head_dim) % n_groups:
+            raise ValueError(f"expand*dim={inner} must divide by head_dim={head_dim} into heads that divide by n_groups={n_groups}")
+        self.inner, self.n_heads, self.head_dim = inner, inner // head_dim, head_dim
+        self.d_state, self.n_groups, self.chunk_size, self.d_conv = d_state, n_groups, chunk_size, d_conv
+        self.dt_min, self.dt_max, self.norm_eps = dt_min, dt_max, norm_eps
+        self.conv_dim = inner + 2 * n_groups * d_state
+        self.in_proj = nn.Linear(dim, inner + self.conv_dim + self.n_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1)
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.empty(self.n_heads))
+        self.norm_weight = nn.Parameter(torch.empty(inner))
+        self.out_proj = nn.Linear(inner, dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """A in [-16, -1], dt log-uniform in [dt_min, dt_max] (through the softplus), D = 1 (as Mamba-2)."""
+        with torch.no_grad():
+            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+            log_dt = torch.empty_like(self.dt_bias).uniform_(math.log(self.dt_min), math.log(self.dt_max))
+            dt = log_dt.exp().clamp(min=1e-4)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            self.D.fill_(1.0)
+            self.norm_weight.fill_(1.0)
+
+    def scan_flops_per_token(self) -> int:
+        """Training FLOPs of the SSD scan per token (forward + backward = 3x forward), beyond the
+        projections: per head Q*(N+P) for the in-chunk matmuls and 2*N*P for the states."""
+        Q, N, P = self.chunk_size, self.d_state, self.head_dim
+        return 6 * self.n_heads * (Q * (N + P) + 2 * N * P)
+
+    def _split(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        GN = self.n_groups * self.d_state
+        x, B, C = xbc.split([self.inner, GN, GN], dim=-1)
+        return (x.unflatten(-1, (self.n_heads, self.head_dim)), B.unflatten(-1, (self.n_groups, self.d_state)),
+                C.unflatten(-1, (self.n_groups, self.d_state)))
+
+    def forward(self, x_BTD: torch.Tensor, rope: object = None, cache: dict | None = None) -> torch.Tensor:
+        if cache is not None and "ssm" in cache:
+            if x_BTD.shape[1] != 1:
+                raise ValueError("a filled Mamba-2 cache continues one token at a time")
+            return self.step(x_BTD, cache)
+        Bsz, T, _ = x_BTD.shape
+        z, xbc, dt = self.in_proj(x_BTD).split([self.inner, self.conv_dim, self.n_heads], dim=-1)
+        xbc_BCT = xbc.transpose(1, 2)
+        xbc = F.silu(self.conv1d(xbc_BCT)[..., :T]).transpose(1, 2)
+        x, B, C = self._split(xbc)
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        A = -torch.exp(self.A_log.float())
+        y, state = ssd_scan(x, dt, A, B, C, self.chunk_size)
+        if cache is not None:  # the last K-1 conv inputs and the final SSM state
+            cache["conv"] = F.pad(xbc_BCT, (max(0, self.d_conv - 1 - T), 0))[..., -(self.d_conv - 1):]
+            cache["ssm"] = state
+        return self._out(y, x, z)
+
+    def _out(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y = y + x * self.D.to(x.dtype)[:, None]
+        y = gated_rms_norm(y.flatten(-2), z, self.norm_weight, self.n_groups, self.norm_eps)
+        return self.out_proj(y)
+
+    def step(self, x_B1D: torch.Tensor, cache: dict) -> torch.Tensor:
+        """One token from the cached conv window and SSM state (updated in place in `cache`)."""
+        z, xbc, dt = self.in_proj(x_B1D[:, 0]).split([self.inner, self.conv_dim, self.n_heads], dim=-1)
+        window = torch.cat([cache["conv"], xbc[..., None]], dim=-1)  # (B, conv_dim, K)
+        cache["conv"] = window[..., 1:]
+        xbc = F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
+        x, B, C = self._split(xbc)
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        y, cache["ssm"] = ssd_step(cache["ssm"], x, dt, -torch.exp(self.A_log.float()), B, C)
+        return self._out(y, x, z)[:, None]

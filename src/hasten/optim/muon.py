@@ -1,0 +1,152 @@
+"""Muon: momentum orthogonalized by Newton-Schulz (Keller Jordan et al. 2024; at scale: Liu et al.
+2025, "Muon is Scalable for LLM Training", Moonlight).
+
+For each 2-D hidden weight matrix W with gradient G:
+
+    B = μ·B + (1-μ)·G;  U = (1-μ)·G + μ·B (Nesterov)
+    O = NewtonSchulz5(U) ≈ U·(UᵀU)^(-1/2)       # the nearest semi-orthogonal matrix, 5 matmul steps
+    W = W·(1 - lr·wd) - lr·scale(W)·O
+
+Its authors apply it to hidden matrices only: embeddings, the output head, norms and biases (and
+anything not 2-D) go to AdamW, in the same optimizer. `build_muon` makes that split and returns
+one `CombinedOptimizer`, so the loop, checkpoints and `optimizer_state_bytes` see one optimizer.
+
+`torch.optim.Muon` (PyTorch 2.9+) does the Muon part where it exists; `MuonNS`, written here,
+is the same update for older PyTorch and the reference the parity test compares against.
+
+FSDP2 (ZeRO-3): Newton-Schulz needs the whole matrix, not a row shard. With sharded (DTensor)
+parameters the update must gather each matrix's momentum (`full_tensor()`), orthogonalize it,
+and keep the local shard of the result (`distribute_tensor(O, mesh, placements)`); ranks can
+split the matrices among them so each orthogonalizes a few (as Moonlight's distributed Muon does).
+Neither `torch.optim.Muon` nor `MuonNS` does this yet: `hasten.parallel` must reject Muon with
+sharded parameters until it does (DDP and ZeRO-1/2, which keep whole parameters, are fine).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic, tuned for slope at zero (Keller Jordan)
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                  eps: float = 1e-7) -> torch.Tensor:
+    """Approximately orthogonalize the 2-D `G` (singular values pushed into ~[0.7, 1.2]), in bf16."""
+    a, b, c = coefficients
+    X = G.bfloat16()
+    wide = G.size(0) <= G.size(1)
+    X = X if wide else X.T  # iterate on the side whose Gram matrix is smaller
+    X = X / X.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = X @ X.T
+        X = a * X + (b * gram + c * gram @ gram) @ X
+    return X if wide else X.T
+
+
+def adjusted_lr(lr: float, shape: torch.Size, mode: str) -> float:
+    """Per-matrix rate: `original` scales by sqrt(max(1, rows/cols)); `match_rms_adamw` by
+    0.2·sqrt(max(rows, cols)), which gives updates of AdamW's RMS so AdamW's rate carries over."""
+    rows, cols = shape[0], shape[1]
+    return lr * (math.sqrt(max(1.0, rows / cols)) if mode == "original" else 0.2 * math.sqrt(max(rows, cols)))
+
+
+class MuonNS(torch.optim.Optimizer):
+    """Muon on 2-D parameters, written plainly: the fallback where `torch.optim.Muon` is missing."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5, adjust_lr_fn: str = "original", eps: float = 1e-7) -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, eps=eps))
+        for group in self.param_groups:
+            if any(p.ndim != 2 for p in group["params"]):
+                raise ValueError("Muon updates 2-D matrices only; give other parameters to AdamW.")
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            mu = group["momentum"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - mu)
+                update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+                ortho = newton_schulz(update, group["ns_steps"], eps=group["eps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(ortho, alpha=-adjusted_lr(group["lr"], p.shape, group["adjust_lr_fn"]))
+        return loss
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several optimizers over disjoint parameters, behaving as one.
+
+    The parameter groups are the children's own group dicts, in order, and all share one state
+    dict, so setting a group's lr, `state_dict()`/`load_state_dict()` and DCP's `get_state_dict`
+    work unchanged; `step()` steps each child.
+    """
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        self.optimizers = list(optimizers)
+        super().__init__([g for opt in self.optimizers for g in opt.param_groups], {})
+        self._share()
+
+    def _share(self) -> None:
+        start = 0
+        for opt in self.optimizers:
+            count = len(opt.param_groups)
+            opt.param_groups = self.param_groups[start:start + count]
+            start += count
+            self.state.update(opt.state)
+            opt.state = self.state
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # replaces self.state and the group dicts
+        self._share()
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output layer: `get_output_embeddings()` where the model defines it (Hugging Face
+    models do), else the last `nn.Linear` it registers (hasten's decoder and nanoGPT-style models
+    register the head last)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter) and getter() is not None:
+        return getter()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def muon_params(model: nn.Module) -> list[nn.Parameter]:
+    """The hidden 2-D matrices Muon should update: trainable, 2-D, not an embedding, not the head."""
+    excluded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = output_head(model)
+    if head is not None:
+        excluded.update(id(p) for p in head.parameters())
+    seen: set[int] = set()
+    chosen = []
+    for p in model.parameters():
+        if p.requires_grad and p.ndim == 2 and id(p) not in excluded and id(p) not in seen:
+            chosen.append(p)
+        seen.add(id(p))
+    return chosen
+
+
+def muon_class() -> type[torch.optim.Optimizer]:
+    """`torch.optim.Muon` where this PyTorch has it, else `MuonNS`."""
+    return getattr(torch.optim, "Muon", MuonNS)
