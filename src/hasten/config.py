@@ -41,6 +41,11 @@ MIXER_LETTERS = "AM"  # attention, Mamba-2
 FFN_LETTERS = "DE"  # dense SwiGLU, mixture of experts
 
 
+def _repeat(pattern: str, n_layers: int) -> str:
+    """A per-layer pattern stretched to n_layers by repetition ('MA' over 4 layers is 'MAMA')."""
+    return pattern * (n_layers // len(pattern)) if n_layers % len(pattern) == 0 else pattern
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """Llama-style decoder shape. `preset` fills the shape; fields given explicitly win."""
@@ -59,8 +64,10 @@ class ModelConfig:
     tie_embeddings: bool = _f(True, "share the input embedding with the output head")
     dropout: float = _f(0.0, "dropout on attention and residual branches")
     init_std: float = _f(0.02, "std of the normal init; output projections are scaled by 1/sqrt(2*n_layers)")
-    mixers: str = _f("", "sequence mixer of each layer, one letter per layer: A attention, M Mamba-2 (e.g. 'MMAM'); empty = all A")
-    ffns: str = _f("", "feed-forward of each layer, one letter per layer: D dense SwiGLU, E mixture of experts; empty = all D")
+    mixers: str = _f("", "sequence mixer of each layer, one letter per layer: A attention, M Mamba-2 (e.g. 'MMAM'); "
+                         "a shorter pattern whose length divides n_layers repeats ('M' = all Mamba-2); empty = all A")
+    ffns: str = _f("", "feed-forward of each layer, one letter per layer: D dense SwiGLU, E mixture of experts; "
+                       "a shorter pattern whose length divides n_layers repeats ('E' = all MoE); empty = all D")
     num_experts: int = _f(8, "experts per MoE layer")
     top_k: int = _f(2, "experts each token is routed to")
     moe_router: str = _f("softmax", "router scores: softmax (Switch/Mixtral) or sigmoid (DeepSeek-V3)", choices=("softmax", "sigmoid"))
@@ -78,17 +85,18 @@ class ModelConfig:
 
     def layer_mixers(self) -> str:
         """The mixer letter of every layer (the `mixers` pattern, or all attention)."""
-        return self.mixers or "A" * self.n_layers
+        return _repeat(self.mixers or "A", self.n_layers)
 
     def layer_ffns(self) -> str:
         """The feed-forward letter of every layer (the `ffns` pattern, or all dense)."""
-        return self.ffns or "D" * self.n_layers
+        return _repeat(self.ffns or "D", self.n_layers)
 
     def _check_patterns(self) -> None:
         for name, letters in (("mixers", MIXER_LETTERS), ("ffns", FFN_LETTERS)):
             pattern = getattr(self, name)
-            _check(not pattern or len(pattern) == self.n_layers, f"model.{name}", pattern,
-                   f"it needs one letter per layer, {self.n_layers} letters for model.n_layers={self.n_layers}")
+            _check(not pattern or self.n_layers % len(pattern) == 0, f"model.{name}", pattern,
+                   f"it needs one letter per layer, {self.n_layers} letters for model.n_layers={self.n_layers} "
+                   "(or a shorter pattern whose length divides it, which repeats)")
             bad = sorted(set(pattern) - set(letters))
             _check(not bad, f"model.{name}", pattern, f"use only the letters {', '.join(letters)} (found {', '.join(bad)})")
         if "E" in self.layer_ffns():

@@ -140,7 +140,10 @@ def test_every_registered_row_is_a_valid_config(name: str) -> None:
 
 
 def test_default_rows_and_selection() -> None:
-    assert bench_rows.default_row_names("cpu") == ["baseline", "bf16", "compile", "wsd"]
+    for device in ("cpu", "cuda"):
+        names = bench_rows.default_row_names(device)
+        assert names[0] == "baseline" and len(set(names)) == len(names)
+        assert all(bench_rows.get_row(name) for name in names)
     chosen = select_rows("wsd,bf16", ["odd:optim.lr=3e-3 train.grad_clip=0.5"], "cpu")
     assert [r.name for r in chosen] == ["baseline", "wsd", "bf16", "odd"]
     assert chosen[-1].overrides == ("optim.lr=3e-3", "train.grad_clip=0.5")

@@ -23,6 +23,7 @@ SMALL_SSM = ["model.n_layers=4", "model.ssm_state=16", "model.ssm_head_dim=16", 
     (dict(mixers="MMA"), "one letter per layer, 4 letters"),
     (dict(mixers="MXAM"), "use only the letters A, M (found X)"),
     (dict(ffns="DEDEE"), "one letter per layer"),
+    (dict(ffns="DEE"), "or a shorter pattern whose length divides it"),
     (dict(ffns="DDDd"), "use only the letters D, E (found d)"),
     (dict(ffns="DEDE", top_k=9), "model.top_k=9"),
     (dict(mixers="MMMM", ssm_head_dim=48), "model.ssm_head_dim=48"),
@@ -81,3 +82,8 @@ def test_resume_with_moe_and_mamba_is_exact(tmp_path, monkeypatch):
                 if r["event"] == "train"}
     a, b = losses("straight"), losses("resumed")
     assert sorted(b) == [4, 5, 6] and all(a[s] == b[s] for s in b)
+
+
+def test_a_short_pattern_repeats_over_the_layers():
+    config = ModelConfig(dim=64, n_layers=4, n_heads=4, mixers="MA", ffns="E", ssm_head_dim=16)
+    assert config.layer_mixers() == "MAMA" and config.layer_ffns() == "EEEE"

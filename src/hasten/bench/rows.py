@@ -94,8 +94,8 @@ def default_row_names(device_type: str) -> list[str]:
     baseline is bf16, so fp32 and fp16 are the informative precision rows there.
     """
     if device_type == "cuda":
-        return ["baseline", "fp32", "fp16", "compile", "wsd", "bf16+compile"]
-    return ["baseline", "bf16", "compile", "wsd"]
+        return ["baseline", "fp32", "fp16", "compile", "wsd", "bf16+compile", "sophia", "muon", "moe", "hybrid"]
+    return ["baseline", "bf16", "compile", "wsd", "sophia", "muon", "moe"]
 
 
 def parse_custom_row(spec: str) -> Row:
@@ -121,3 +121,22 @@ register(Row(name="compile", family="compilation", benefit="training time", over
 register(Row(name="wsd", family="schedule", benefit="quality at equal budget", overrides=("optim.schedule=wsd",),
              description="warmup-stable-decay learning-rate schedule instead of cosine"))
 register(combine("bf16", "compile"))
+register(Row(name="sophia", family="optimizers", benefit="training time", overrides=("optim.name=sophia",),
+             description="SophiaG: clipped Newton-like steps from a Gauss-Newton-Bartlett Hessian refreshed every k steps"))
+register(Row(name="muon", family="optimizers", benefit="training time", overrides=("optim.name=muon",),
+             description="Muon (orthogonalized momentum) on hidden matrices, AdamW on the rest"))
+register(Row(name="lion", family="optimizers", benefit="memory", overrides=("optim.name=lion", "optim.lr=3e-4"),
+             description="Lion: sign of interpolated momentum, one state tensor (lr 3e-4, as its authors advise 3-10x "
+                         "below AdamW's)"))
+register(Row(name="adafactor", family="optimizers", benefit="memory", overrides=("optim.name=adafactor",),
+             description="Adafactor: factored second moments"))
+register(Row(name="schedulefree", family="optimizers", benefit="quality at equal budget",
+             overrides=("optim.name=schedulefree_adamw",), description="schedule-free AdamW: no decay phase to plan"))
+register(Row(name="adamw8bit", family="optimizers", benefit="memory", overrides=("optim.name=adamw8bit",),
+             description="AdamW with 8-bit optimizer states (torchao)"))
+register(Row(name="moe", family="architectures", benefit="quality at equal budget", overrides=("model.ffns=E",),
+             description="every FFN a mixture of 8 experts, top-2, about the dense FFN's active parameters"))
+register(Row(name="mamba", family="architectures", benefit="training time", overrides=("model.mixers=M",),
+             description="every sequence mixer a Mamba-2 (SSD) layer instead of attention"))
+register(Row(name="hybrid", family="architectures", benefit="training time", overrides=("model.mixers=MA",),
+             description="Mamba-2 and attention layers alternating"))
