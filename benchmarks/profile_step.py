@@ -1,0 +1,86 @@
+"""Where one training step's GPU time goes: a torch.profiler table of hasten's own step.
+
+    PYTHONPATH=src python benchmarks/profile_step.py --out /tmp/profile gpt2-124m
+
+Builds the run exactly as `hasten train RECIPE` would (byte tokenizer by default, to skip BPE
+training; `model.vocab_size` keeps the recipe's head width), runs warm-up steps (compilation),
+then profiles a few steps and prints the kernels by total GPU time, grouped into rough families
+(matmul, attention, optimizer, cross-entropy, other) with their share of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from hasten.config import load_config
+from hasten.train.build import build_run, compiled_loss
+from hasten.train.loop import train_step
+
+FAMILIES = (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+            ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "mm_")),
+            ("optimizer", ("adam", "foreach", "multi_tensor")),
+            ("cross-entropy", ("cross_entropy", "nll", "log_softmax", "logsumexp")))
+
+
+def family(name: str) -> str:
+    lowered = name.lower()
+    for label, keys in FAMILIES:
+        if any(key in lowered for key in keys):
+            return label
+    return "other (element-wise, norms, copies)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", nargs="?", default="gpt2-124m")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--warmup", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", default="/tmp/hasten-profile")
+    args = parser.parse_args()
+    out = Path(args.out)
+    cfg = load_config(args.recipe, ["data.tokenizer=byte", "model.vocab_size=50304", f"train.out_dir={out}/run",
+                                    "log.tensorboard=false", *args.overrides])
+    run = build_run(cfg)
+    forward_loss = compiled_loss(run)
+    for step in range(args.warmup):
+        train_step(run, forward_loss, step)
+    gpu = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        for step in range(args.warmup, args.warmup + args.steps):
+            train_step(run, forward_loss, step)
+        sync()
+    events = [e for e in prof.key_averages() if (e.device_time_total if gpu else e.self_cpu_time_total) > 0]
+    if not gpu:  # a CPU run only checks the script: rank operators by their own CPU time
+        for e in events:
+            e.device_time_total = e.self_cpu_time_total
+    total = sum(e.device_time_total for e in events)
+    by_family: dict[str, float] = defaultdict(float)
+    for e in events:
+        by_family[family(e.key)] += e.device_time_total
+    rows = sorted(events, key=lambda e: -e.device_time_total)[:30]
+    report = dict(recipe=args.recipe, overrides=args.overrides, steps=args.steps, device=torch.cuda.get_device_name() if gpu else "cpu",
+                  gpu_ms_per_step=total / 1000 / args.steps,
+                  families={k: dict(ms_per_step=v / 1000 / args.steps, share=v / total) for k, v in by_family.items()},
+                  top_kernels=[dict(name=e.key[:120], ms_per_step=e.device_time_total / 1000 / args.steps,
+                                    calls_per_step=e.count / args.steps, share=e.device_time_total / total)
+                               for e in rows])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile_step.json").write_text(json.dumps(report, indent=1))
+    print(f"GPU time per step: {report['gpu_ms_per_step']:.1f} ms")
+    for name, v in sorted(report["families"].items(), key=lambda kv: -kv[1]["ms_per_step"]):
+        print(f"  {name:<40} {v['ms_per_step']:7.2f} ms  {100 * v['share']:5.1f} %")
+    for k in report["top_kernels"]:
+        print(f"  {k['ms_per_step']:7.2f} ms {100 * k['share']:5.1f} % x{k['calls_per_step']:<5.0f} {k['name'][:90]}")
+
+
+if __name__ == "__main__":
+    main()
