@@ -20,8 +20,8 @@ scheduled rate, writing in place where a group holds its rate as a tensor (torch
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -70,3 +70,11 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group["lr"].fill_(value)
         else:
             group["lr"] = value
+
+
+def closure_loss(closure: Callable[[], Any] | None) -> Any:
+    """The torch.optim closure protocol: re-evaluate the loss with gradients on, if a closure is given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from hasten.optim.hooks import closure_loss
+
 
 class Lion(torch.optim.Optimizer):
     """Lion with decoupled weight decay; `step` updates all parameters of a group with foreach ops."""
@@ -30,10 +32,7 @@ class Lion(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:

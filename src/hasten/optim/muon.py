@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hasten.optim.hooks import closure_loss
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic, tuned for slope at zero (Keller Jordan)
 
 
@@ -68,10 +70,7 @@ class MuonNS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             mu = group["momentum"]
             for p in (p for p in group["params"] if p.grad is not None):
@@ -108,10 +107,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for opt in self.optimizers:
             opt.step()
         return loss

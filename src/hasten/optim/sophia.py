@@ -37,6 +37,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hasten.optim.hooks import closure_loss
+
 
 def sampled_label_loss(logits_NV: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of `logits_NV` against labels drawn from softmax(logits_NV).
@@ -94,10 +96,7 @@ class SophiaG(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
