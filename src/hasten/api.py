@@ -59,6 +59,7 @@ def generate_text(path: str | Path, prompt: str, max_new_tokens: int = 200, temp
     return sample(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed)
 
 
-def export(path: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Export a run's newest weights to safetensors + config + tokenizer."""
-    return export_run(path, out_dir)
+def export(path: str | Path, out_dir: str | Path | None = None, *, merge: bool = True, format: str = "hasten") -> Path:
+    """Export a run's newest weights (PEFT adapters merged) to safetensors + config + tokenizer;
+    format="hf" writes a Hugging Face Llama folder."""
+    return export_run(path, out_dir, merge=merge, format=format)

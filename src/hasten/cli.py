@@ -29,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
                            description="Train from a TOML recipe (a file, or a shipped name such as default or "
                                        "gpt2-124m), with section.field=value overrides.")
     train.add_argument("args", nargs="*", metavar="RECIPE | key=value", help="recipe first (optional), then overrides")
+    ft = sub.add_parser("finetune", help="fine-tune a pretrained model (model.from=PATH), LoRA by default",
+                        epilog=_fields_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Like train, starting from model.from=PATH (a Hugging Face Llama folder or a "
+                                    "hasten run/export) with fine-tuning defaults: "
+                                    + " ".join(FINETUNE_DEFAULTS) + " (a recipe or an override wins). "
+                                    "data.source may be JSONL with prompt/response (loss on responses only).")
+    ft.add_argument("args", nargs="*", metavar="RECIPE | key=value", help="recipe first (optional), then overrides")
     gen = sub.add_parser("generate", help="sample text from a run, checkpoint or export folder")
     gen.add_argument("path")
     gen.add_argument("--prompt", default="def ")
@@ -39,7 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     exp = sub.add_parser("export", help="write a run's weights as safetensors + config + tokenizer")
     exp.add_argument("path")
-    exp.add_argument("--out", default=None, help="output folder (default: RUN/export)")
+    exp.add_argument("--out", default=None, help="output folder (default: RUN/export, or RUN/export-hf)")
+    exp.add_argument("--merge", action="store_true", help="merge LoRA/DoRA adapters into the base weights "
+                     "(what a PEFT run's export always does for now)")
+    exp.add_argument("--format", default="hasten", choices=("hasten", "hf"),
+                     help="hasten (any hasten model) or hf (a Llama folder transformers loads)")
     sub.add_parser("recipes", help="list the shipped recipes")
     add_bench_parser(sub)
     return parser
@@ -69,6 +80,28 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+# What `hasten finetune` sets unless the recipe or an override does.
+FINETUNE_DEFAULTS = ("peft.method=lora", "optim.lr=2e-4", "optim.weight_decay=0.0", "optim.warmup_steps=10",
+                     "train.steps=200", "train.batch_size=8", "train.eval_every=50", "checkpoint.every=0",
+                     "log.sample_tokens=0", "train.out_dir=runs/finetune")
+
+
+def _cmd_finetune(ns: argparse.Namespace) -> int:
+    import tomllib
+
+    from hasten.config import KEY_ALIASES, _flatten, _parse_override, recipe_path
+
+    recipe, overrides = _split_recipe(ns.args)
+    given = set(_flatten(tomllib.loads(recipe_path(recipe).read_text()))) if recipe else set()
+    given |= {_parse_override(arg)[0] for arg in overrides}
+    given = {KEY_ALIASES.get(key, key) for key in given}
+    if "model.from_path" not in given:
+        raise ConfigError("hasten finetune needs model.from=PATH (a Hugging Face Llama folder or a hasten run).")
+    defaults = [d for d in FINETUNE_DEFAULTS if d.split("=", 1)[0] not in given]
+    ns.args = ([recipe] if recipe else []) + defaults + overrides
+    return _cmd_train(ns)
+
+
 def _rank_prefix() -> str:
     """'rank R/N: ' in a multi-process launch, so that each rank's error says which rank it is."""
     import os
@@ -92,7 +125,8 @@ def _print_summary(summary: dict, out_dir: str) -> None:
     console = Console()
     table = Table(title=f"run {out_dir}", show_header=False)
     for key in ("steps", "tokens", "wall_time_s", "final_loss", "final_val_loss", "unigram_val_loss",
-                "tokens_per_second", "mfu", "peak_memory_gib", "skipped_steps", "params", "precision", "device"):
+                "tokens_per_second", "mfu", "peak_memory_gib", "skipped_steps", "params", "trainable_params",
+                "precision", "device"):
         if key in summary:
             table.add_row(key, _fmt(summary[key]))
     console.print(table)
@@ -114,7 +148,7 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
 def _cmd_export(ns: argparse.Namespace) -> int:
     from hasten.api import export
 
-    print(export(ns.path, ns.out))
+    print(export(ns.path, ns.out, merge=True, format=ns.format))
     return 0
 
 
@@ -130,7 +164,7 @@ def _cmd_recipes(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
-    handler = {"train": _cmd_train, "generate": _cmd_generate, "export": _cmd_export, "recipes": _cmd_recipes,
+    handler = {"train": _cmd_train, "finetune": _cmd_finetune, "generate": _cmd_generate, "export": _cmd_export, "recipes": _cmd_recipes,
                "bench": run_bench}
     try:
         return handler[ns.command](ns)

@@ -51,6 +51,9 @@ class ModelConfig:
     """Llama-style decoder shape. `preset` fills the shape; fields given explicitly win."""
 
     preset: str = _f("", "named shape to start from (tiny, small, gpt2-124m, 350m, 1b); empty = use the fields below")
+    from_path: str = _f("", "start from pretrained weights (also spelled model.from): a Hugging Face Llama-layout "
+                            "folder, or a hasten run, checkpoint or export; its shape replaces the fields below and "
+                            "its tokenizer replaces data.tokenizer (docs/peft.md)")
     dim: int = _f(256, "model width d_model")
     n_layers: int = _f(4, "number of decoder blocks")
     n_heads: int = _f(4, "attention heads")
@@ -292,6 +295,35 @@ class ParallelConfig:
 
 
 @dataclass(kw_only=True)
+class PeftConfig:
+    """Parameter-efficient fine-tuning: low-rank adapters on the decoder's linears (docs/peft.md)."""
+
+    method: str = _f("none", "none (train every weight), lora, dora (weight-decomposed LoRA), qlora (LoRA on an "
+                             "NF4-quantized base; CUDA only)", choices=("none", "lora", "dora", "qlora"))
+    rank: int = _f(8, "adapter rank r")
+    alpha: float = _f(16.0, "adapter scale numerator: the update is (alpha / rank) * B @ A")
+    dropout: float = _f(0.0, "dropout on the adapter's input")
+    targets: str = _f("all-linear", "linears that get adapters: attention (wq wk wv wo), mlp (w1 w2 w3), "
+                                    "all-linear (both), or a comma list of names such as wq,wv")
+
+    def target_names(self) -> list[str]:
+        groups = {"attention": ["wq", "wk", "wv", "wo"], "mlp": ["w1", "w2", "w3"],
+                  "all-linear": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]}
+        if self.targets in groups:
+            return groups[self.targets]
+        return [name.strip() for name in self.targets.split(",") if name.strip()]
+
+    def __post_init__(self) -> None:
+        _check(self.rank > 0, "peft.rank", self.rank, "it must be > 0")
+        _check(self.alpha > 0, "peft.alpha", self.alpha, "it must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "peft.dropout", self.dropout, "it must be in [0, 1)")
+        known = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}
+        names = self.target_names()
+        _check(bool(names) and set(names) <= known, "peft.targets", self.targets,
+               f"use attention, mlp, all-linear or a comma list of {', '.join(sorted(known))}")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """A whole run. Sections map one to one onto TOML tables."""
 
@@ -303,6 +335,7 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
     def __post_init__(self) -> None:
         _check(self.train.seq_len <= self.model.max_seq_len, "train.seq_len", self.train.seq_len,
@@ -331,7 +364,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "precision": PrecisionConfig,
             "train": TrainConfig, "log": LogConfig, "checkpoint": CheckpointConfig,
-            "parallel": ParallelConfig}
+            "parallel": ParallelConfig, "peft": PeftConfig}
+# Spellings accepted in recipes and overrides for fields whose name is a Python keyword.
+KEY_ALIASES: dict[str, str] = {"model.from": "model.from_path"}
 
 
 def field_help() -> list[tuple[str, str, Any, str]]:
@@ -411,6 +446,7 @@ def build_config(values: dict[str, Any]) -> RunConfig:
 
     A model preset is applied first, so that explicit model fields override it.
     """
+    values = {KEY_ALIASES.get(key, key): value for key, value in values.items()}
     known = set(_all_keys())
     for key in values:
         if key not in known:

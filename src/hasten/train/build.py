@@ -130,14 +130,18 @@ def _rank0_first(fn: Callable[[], Any]) -> Any:
 def _build_lm(config: RunConfig, run_dir: Path, device: torch.device, rank: int, world: int) -> dict[str, Any]:
     """Data and model for hasten's own language-model runs."""
     from hasten.data import prepare_data, unigram_cross_entropy
-    from hasten.models import build_model, resolve_vocab_size
+    from hasten.models import resolve_vocab_size
 
+    from hasten.data.instruct import is_instruct_source
+
+    if is_instruct_source(config.data.source):
+        return _build_instruct(config, run_dir, device, rank, world)
     data = _rank0_first(lambda: prepare_data(config.data))  # one rank tokenizes, the others read its cache
     if rank == 0:
         data.tokenizer.save(run_dir / "tokenizer")
     vocab_size = resolve_vocab_size(config.model, data.tokenizer.vocab_size)
     torch.manual_seed(config.train.seed)
-    model = build_model(config.model, vocab_size, device)
+    model = _lm_model(config, vocab_size, device)
     pin = device.type == "cuda"
     return dict(
         model=model, tokenizer=data.tokenizer, loss_fn=lm_loss, sampled_loss_fn=lm_sampled_loss,
@@ -147,6 +151,43 @@ def _build_lm(config: RunConfig, run_dir: Path, device: torch.device, rank: int,
         info=dict(train_tokens=int(len(data.train)), val_tokens=int(len(data.val)),
                   unigram_val_loss=unigram_cross_entropy(data.train, data.val, data.tokenizer.vocab_size),
                   params=model.num_params(), vocab_size=vocab_size, tokenizer=data.tokenizer.name),
+    )
+
+
+def _lm_model(config: RunConfig, vocab_size: int, device: torch.device) -> nn.Module:
+    """A fresh decoder, or the pretrained one of model.from (docs/peft.md)."""
+    from hasten.models import build_model
+    from hasten.models.hf import load_pretrained
+
+    return load_pretrained(config.model, device) if config.model.from_path else build_model(config.model, vocab_size, device)
+
+
+def _build_instruct(config: RunConfig, run_dir: Path, device: torch.device, rank: int, world: int) -> dict[str, Any]:
+    """Instruction JSONL (prompt/response): loss on response tokens only (hasten.data.instruct)."""
+    from hasten.data import ByteTokenizer, load_tokenizer
+    from hasten.data.instruct import InstructBatches, load_records, split_records
+    from hasten.models import resolve_vocab_size
+
+    name = config.data.tokenizer
+    if name == "bpe":
+        raise ConfigError("Instruction data needs a fixed tokenizer: set model.from (its tokenizer is used), or "
+                          "data.tokenizer=byte or a folder holding tokenizer.json.")
+    tokenizer = ByteTokenizer() if name == "byte" else load_tokenizer(name)
+    if rank == 0:
+        tokenizer.save(run_dir / "tokenizer")
+    train_recs, val_recs = split_records(load_records(config.data.source), config.data.val_fraction)
+    vocab_size = resolve_vocab_size(config.model, tokenizer.vocab_size)
+    torch.manual_seed(config.train.seed)
+    model = _lm_model(config, vocab_size, device)
+    seq, bs, seed = config.train.seq_len, config.train.batch_size, config.train.seed
+    train = InstructBatches(train_recs, tokenizer, seq, bs, seed, rank, world)
+    val = InstructBatches(val_recs, tokenizer, seq, bs, seed + 1, rank, world) if val_recs else None
+    return dict(
+        model=model, tokenizer=tokenizer, loss_fn=lm_loss, sampled_loss_fn=lm_sampled_loss,
+        train_batches=train.batch, val_batches=val.batch if val else None,
+        flops_per_token=model.flops_per_token(seq),
+        info=dict(train_records=len(train_recs), val_records=len(val_recs), params=model.num_params(),
+                  vocab_size=model.vocab_size, tokenizer=tokenizer.name),
     )
 
 
@@ -172,6 +213,10 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
     check_launch(config.parallel, world)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
+    if model is None:
+        from hasten.models.hf import resolve_pretrained
+
+        config = resolve_pretrained(config)  # model.from: its shape and tokenizer, saved in config.toml
     run_dir = prepare_run_dir(config, rank)
     if model is None:
         parts = _build_lm(config, run_dir, device, rank, world)
@@ -184,6 +229,13 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
                      sampled_loss_fn=sampled_loss_fn,
                      tokenizer=None, flops_per_token=None, tokens_per_micro_batch=_items_per_batch(train_batches),
                      info=dict(params=sum(p.numel() for p in model.parameters())))
+    if config.peft.method != "none":  # order: model → (qat.prepare) → peft.apply → precision → parallel
+        from hasten.methods import peft
+
+        parts["model"] = peft.apply(parts["model"], config.peft)
+        trainable, total = peft.param_counts(parts["model"])
+        parts["info"].update(trainable_params=trainable, total_params=total, peft=config.peft.method)
+        parts["flops_per_token"] = None  # 6N over all weights no longer describes an adapter step
     precision = resolve_precision(config.precision, device)
     select_attention_backend(config.train.attention_backend, device)
     parts["model"] = parallelize(parts["model"], config, device, precision)

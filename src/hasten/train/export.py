@@ -41,12 +41,19 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     from hasten.data import load_tokenizer
     from hasten.models import build_model
 
+    from hasten.models.hf import is_hf_folder, load_hf_llama
+
+    if is_hf_folder(path):  # a Hugging Face Llama-layout folder (e.g. written by --format hf)
+        model, model_cfg = load_hf_llama(path, device)
+        return model.eval(), load_tokenizer(path), model_cfg
     kind, root, weights = _find(Path(path))
+    peft_cfg = None
     if kind == "export":
         meta = json.loads((root / EXPORT_CONFIG).read_text())
         model_cfg, vocab_size = ModelConfig(**meta["model"]), meta["vocab_size"]
     else:
-        model_cfg = load_config(root / "config.toml").model
+        run_cfg = load_config(root / "config.toml")
+        model_cfg, peft_cfg = run_cfg.model, run_cfg.peft
         vocab_size = None
     tokenizer = load_tokenizer(root / "tokenizer")
     if vocab_size is None:
@@ -55,16 +62,34 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     model = build_model(model_cfg, vocab_size, torch.device(device))
     if kind == "export":
         load_model(model, str(weights / EXPORT_WEIGHTS), device=str(device))
+    elif peft_cfg is not None and peft_cfg.method != "none":  # a PEFT run: load adapters, then merge them
+        from hasten.methods import peft
+
+        model = peft.apply(model, peft_cfg)
+        load_model_weights(weights, model)
+        peft.merge(model)
     else:
         load_model_weights(weights, model)
     return model.eval(), tokenizer, model_cfg
 
 
-def export_run(path: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Write the newest weights of a run as safetensors + config + tokenizer; returns the folder."""
+def export_run(path: str | Path, out_dir: str | Path | None = None, *, merge: bool = True,
+               format: str = "hasten") -> Path:
+    """Write the newest weights of a run as safetensors + config + tokenizer; returns the folder.
+
+    Adapters of a PEFT run are merged into the base weights (`merge`; unmerged adapter-only
+    exports are not written yet). format="hf" writes a folder transformers' AutoModelForCausalLM loads."""
+    if not merge:
+        raise ConfigError("Exporting unmerged adapters is not supported yet; export with --merge.")
+    if format not in ("hasten", "hf"):
+        raise ConfigError(f"Export format {format!r} is not allowed: choose hasten or hf.")
     model, tokenizer, model_cfg = load_trained(path)
     kind, root, _ = _find(Path(path))
-    out = Path(out_dir) if out_dir else root / "export"
+    out = Path(out_dir) if out_dir else root / ("export-hf" if format == "hf" else "export")
+    if format == "hf":
+        from hasten.models.hf import save_hf_llama
+
+        return save_hf_llama(model, out, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out / EXPORT_WEIGHTS))  # de-duplicates tied embedding/head weights
     meta = dict(format="hasten", model=asdict(model_cfg), vocab_size=model.tok_embeddings.num_embeddings)

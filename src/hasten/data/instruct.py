@@ -1,0 +1,103 @@
+"""Instruction data: JSONL records {"prompt": ..., "response": ...}, trained on the response only.
+
+Each record becomes prompt tokens + response tokens + end-of-text, cut to seq_len + 1 tokens.
+Inputs are all but the last token; targets are the tokens shifted left by one, with -100 (the
+ignore index of cross-entropy) on every prompt position and on padding, so the loss counts
+response tokens only. Batches are padded to seq_len on the right (causal attention: padding
+never influences the real tokens before it).
+
+Batches are stateless like WindowSampler's: batch(step, micro) draws its records from a
+generator seeded by (seed, step, micro), so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hasten.config import ConfigError
+
+IGNORE_INDEX = -100
+
+
+def is_instruct_source(source: str) -> bool:
+    """A .jsonl file whose first record has string `prompt` and `response` fields."""
+    path = Path(source)
+    if path.suffix != ".jsonl" or not path.is_file():
+        return False
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(rec, dict) and "prompt" in rec and "response" in rec
+    return False
+
+
+def load_records(source: str) -> list[tuple[str, str]]:
+    records = []
+    for n, line in enumerate(Path(source).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("response"), str):
+            raise ConfigError(f"{source}:{n}: every record needs string 'prompt' and 'response' fields.")
+        records.append((rec["prompt"], rec["response"]))
+    return records
+
+
+def split_records(records: list[tuple[str, str]], val_fraction: float) -> tuple[list, list]:
+    """Train and validation records, chosen by a hash of the prompt (stable under reordering)."""
+    train, val = [], []
+    for rec in records:
+        (val if zlib.crc32(rec[0].encode("utf-8")) % 10_000 < val_fraction * 10_000 else train).append(rec)
+    return train, val
+
+
+def encode_example(tokenizer, prompt: str, response: str, seq_len: int) -> tuple[list[int], list[int]]:
+    """(inputs, targets) of one record, unpadded, at most seq_len long; targets -100 on the prompt."""
+    p = tokenizer.encode(prompt)
+    r = tokenizer.encode(response) + [tokenizer.eot_id]
+    ids = (p + r)[:seq_len + 1]
+    labels = ([IGNORE_INDEX] * len(p) + r)[:seq_len + 1]
+    return ids[:-1], labels[1:]
+
+
+class InstructBatches:
+    """(inputs, targets) int64 [batch_size, seq_len] batches of instruction records."""
+
+    def __init__(self, records: list[tuple[str, str]], tokenizer, seq_len: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if not records:
+            raise ConfigError("The instruction data holds no training records; add some or lower data.val_fraction.")
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.pad_id = tokenizer.eot_id
+        n = len(records)
+        self.inputs = np.full((n, seq_len), self.pad_id, dtype=np.int64)
+        self.targets = np.full((n, seq_len), IGNORE_INDEX, dtype=np.int64)
+        for i, (prompt, response) in enumerate(records):
+            x, y = encode_example(tokenizer, prompt, response, seq_len)
+            self.inputs[i, :len(x)] = x
+            self.targets[i, :len(y)] = y
+        if not (self.targets != IGNORE_INDEX).any():
+            raise ConfigError("No response token survives truncation to train.seq_len; raise train.seq_len.")
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def indices(self, step: int, micro: int = 0) -> np.ndarray:
+        rng = np.random.Generator(np.random.PCG64([self.seed, step, micro]))
+        total = self.world_size * self.batch_size
+        picks = rng.permutation(len(self))[:total] if total <= len(self) else rng.integers(0, len(self), total)
+        return picks[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.indices(step, micro)
+        return torch.from_numpy(self.inputs[idx]), torch.from_numpy(self.targets[idx])

@@ -1,0 +1,127 @@
+"""Parameter-efficient fine-tuning: LoRA, DoRA and QLoRA adapters through the `peft` library.
+
+    model = apply(model, cfg.peft)      # base frozen, adapters on the target linears trainable
+    merge(model)                        # fold the adapters into the base weights, in place
+
+Adapters go on hasten's linears by name (wq wk wv wo of attention, w1 w2 w3 of SwiGLU), with
+`peft.inject_adapter_in_model`, so the model stays a hasten Decoder (same forward, same
+checkpoints, generation and export) with `peft`'s LoRA layers in place of the targeted nn.Linear.
+Only adapter weights (lora_A, lora_B and, for DoRA, the magnitude vector) require gradients;
+the optimizer sees nothing else.
+
+QLoRA stores the frozen base linears in 4-bit NormalFloat (bitsandbytes `Linear4bit`), which
+runs on CUDA only; on a CPU `apply` refuses with a ConfigError.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hasten.config import ConfigError, PeftConfig
+
+ADAPTER_MARKERS = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding")
+
+
+def lora_config(cfg: PeftConfig):
+    """The `peft.LoraConfig` of a hasten PeftConfig."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_names(),
+                      use_dora=cfg.method == "dora", bias="none")
+
+
+def _require_peft() -> None:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ConfigError("peft.method needs the `peft` package: pip install 'hasten[peft]'.") from None
+
+
+def _quantize_nf4(model: nn.Module, names: list[str], device: torch.device) -> None:
+    """Replace each target nn.Linear by a bitsandbytes NF4 Linear4bit holding the same weights."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError("peft.method=qlora needs bitsandbytes for its NF4 base weights: pip install bitsandbytes.") from None
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if child_name in names and type(child) is nn.Linear:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute, quant_type="nf4", device="cpu")
+                q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    q.bias = nn.Parameter(child.bias.data.to("cpu"), requires_grad=False)
+                setattr(parent, child_name, q.to(device))  # the move to CUDA quantizes
+
+
+def apply(model: nn.Module, cfg: PeftConfig) -> nn.Module:
+    """Freeze `model` and add adapters to its target linears (in place; returns it). method=none is a no-op."""
+    if cfg.method == "none":
+        return model
+    _require_peft()
+    from peft import inject_adapter_in_model
+
+    names = cfg.target_names()
+    found = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = [n for n in names if n not in found]
+    if len(missing) == len(names):
+        raise ConfigError(f"peft.targets={cfg.targets!r} names no linear of this model (it has "
+                          f"{', '.join(sorted(found)) or 'none'}).")
+    device = next(model.parameters()).device
+    if cfg.method == "qlora":
+        if device.type != "cuda":
+            raise ConfigError("peft.method=qlora needs a CUDA GPU (its NF4 base weights run through bitsandbytes); "
+                              "use peft.method=lora on this device.")
+        _quantize_nf4(model, names, device)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model = inject_adapter_in_model(lora_config(cfg), model, adapter_name="default")
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(marker in name for marker in ADAPTER_MARKERS))
+    model.to(device)
+    return model
+
+
+def is_peft(model: nn.Module) -> bool:
+    """Whether the model holds peft adapter layers."""
+    from importlib.util import find_spec
+
+    if find_spec("peft") is None:
+        return False
+    from peft.tuners.lora import LoraLayer
+
+    return any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base linear and put the plain linear back (in place; returns it).
+
+    Uses peft's own merge (LoRA: W + s*B@A; DoRA: m * (W + s*B@A) / ||W + s*B@A||, row-wise)."""
+    from peft.tuners.lora import LoraLayer
+
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, LoraLayer):
+                child.merge(safe_merge=True)
+                base = child.get_base_layer()
+                if type(base) is not nn.Linear:
+                    raise ConfigError("Merging a QLoRA model needs its base in full precision; dequantize first.")
+                base.weight.requires_grad_(True)
+                setattr(parent, child_name, base)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+def param_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, tied weights once."""
+    params = list(model.parameters())  # parameters() yields a shared tensor once
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors (what a small adapter checkpoint holds)."""
+    return {k: v for k, v in model.state_dict().items() if any(m in k for m in ADAPTER_MARKERS)}

@@ -1,0 +1,108 @@
+"""`hasten finetune` end to end: tiny HF Llama -> LoRA on instruction data (CLI) -> merged HF export -> transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from tests.unit.test_peft import _close, make_hf_llama  # noqa: E402
+
+QUICK = ["train.steps=6", "train.seq_len=48", "train.batch_size=4", "train.eval_every=0", "train.eval_batches=1",
+         "log.progress=false", "log.tensorboard=false", "log.plot=false", "optim.lr=1e-2", "optim.warmup_steps=0",
+         "train.threads=1"]
+
+
+def write_instruct(path, n=40):
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"Q: add {i} and {i + 1}?\nA: ", "response": f"{2 * i + 1}"}) + "\n")
+    return path
+
+
+def hasten(*args, env, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "hasten", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    if proc.returncode:
+        raise AssertionError(f"hasten {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {**os.environ, "HASTEN_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+
+
+def test_lora_finetune_cli_merged_hf_export(tmp_path, env):
+    from hasten.models.hf import load_hf_llama
+    from hasten.train.export import load_trained
+
+    hf = tmp_path / "hf"
+    base = make_hf_llama(hf)
+    data = write_instruct(tmp_path / "qa.jsonl")
+    run = tmp_path / "run"
+    hasten("finetune", f"model.from={hf}", f"data.source={data}", f"train.out_dir={run}", *QUICK, env=env)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["completed"] and summary["steps"] == 6 and summary["peft"] == "lora"
+    assert 0 < summary["trainable_params"] < summary["total_params"] / 5
+
+    merged, _, cfg = load_trained(run)  # adapters merged into the base
+    assert cfg.from_path == str(hf) and cfg.dim == 64
+    original, _ = load_hf_llama(hf)
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert _close(original.eval()(ids), base(ids).logits)  # loaded = transformers' own
+        assert not _close(merged(ids), original(ids))  # the adapters learned something
+
+    out = tmp_path / "export-hf"
+    hasten("export", str(run), "--merge", "--format", "hf", "--out", str(out), env=env)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert _close(reloaded(ids).logits, merged(ids))
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_dora_finetune_in_process_and_hasten_export(tmp_path, monkeypatch):
+    from hasten.api import export, train
+    from hasten.config import load_config
+    from hasten.train.export import load_trained
+
+    monkeypatch.setenv("HASTEN_CACHE", str(tmp_path / "cache"))
+    hf = tmp_path / "hf"
+    make_hf_llama(hf, tie=True)
+    data = write_instruct(tmp_path / "qa.jsonl")
+    run = tmp_path / "run"
+    config = load_config("default", [f"model.from={hf}", f"data.source={data}", f"train.out_dir={run}",
+                                     "peft.method=dora", "peft.targets=attention", "peft.rank=4",
+                                     "log.sample_tokens=0", "checkpoint.every=0", *QUICK])
+    summary = train(config)
+    assert summary["completed"] and summary["peft"] == "dora" and summary["trainable_params"] < 5000
+    merged, _, _ = load_trained(run)
+    exported, _, _ = load_trained(export(run))  # hasten format, merged
+    ids = torch.arange(1, 40)[None]
+    with torch.no_grad():
+        assert torch.equal(exported(ids), merged(ids))
+
+
+def test_lora_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    from hasten.api import train
+    from hasten.config import load_config
+
+    monkeypatch.setenv("HASTEN_CACHE", str(tmp_path / "cache"))
+    hf = tmp_path / "hf"
+    make_hf_llama(hf)
+    data = write_instruct(tmp_path / "qa.jsonl")
+    common = [f"model.from={hf}", f"data.source={data}", f"train.out_dir={tmp_path / 'run'}", "peft.method=lora",
+              "log.sample_tokens=0", "checkpoint.every=3", "log.every=1", *QUICK]
+    full = train(load_config("default", common))
+    mid = tmp_path / "run" / "checkpoints" / "step_0000003"
+    assert mid.is_dir()
+    resumed = train(load_config("default", common + [f"train.resume={mid}"]))
+    assert resumed["steps"] == 6 and abs(resumed["final_loss"] - full["final_loss"]) < 1e-5
