@@ -228,3 +228,12 @@ def test_add_parser_builds_the_subcommand() -> None:
     assert (ns.args, ns.rows, ns.budget_steps, ns.fresh) == (["default", "train.seq_len=64"], "wsd", 5, False)
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--budget-steps", "5", "--budget-seconds", "3"])
+
+
+def test_a_token_budget_becomes_steps_of_the_recipes_global_batch() -> None:
+    from hasten.bench.cli import steps_for_tokens
+
+    overrides = ["train.batch_size=4", "train.seq_len=32", "train.grad_accum=2"]
+    assert steps_for_tokens(25_600, None, overrides) == 100  # 4 * 32 * 2 = 256 tokens a step
+    with pytest.raises(ConfigError, match="must be > 0"):
+        steps_for_tokens(0, None, overrides)

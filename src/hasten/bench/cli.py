@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hasten.bench.rows import ROWS, Row, default_row_names, get_row, parse_custom_row
-from hasten.config import ConfigError
+from hasten.config import ConfigError, load_config
 
 DEFAULT_OUT = "runs/bench"
 
@@ -45,10 +45,20 @@ def add_parser(subparsers: Any) -> None:
                         help="optimizer steps per row (default: 250 with the CPU defaults, else the recipe's)")
     budget.add_argument("--budget-seconds", type=float, default=None,
                         help="training seconds per row (train.time_limit_s) instead of a step count")
+    budget.add_argument("--budget-tokens", type=int, default=None,
+                        help="training tokens per row, turned into steps with the recipe's global batch")
     bench.add_argument("--out", default=None, help=f"output folder (default: {DEFAULT_OUT})")
     bench.add_argument("--fresh", action="store_true", help="rerun every row, even those finished before")
     bench.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
                        help="print two report.json files side by side and write compare.md (no training)")
+
+
+def steps_for_tokens(tokens: int, recipe: str | None, overrides: list[str]) -> int:
+    """The step budget that trains about `tokens` tokens with the recipe's global batch (one process)."""
+    if tokens <= 0:
+        raise ConfigError(f"--budget-tokens={tokens} must be > 0.")
+    train = load_config(recipe, overrides).train
+    return max(1, round(tokens / (train.batch_size * train.seq_len * train.grad_accum)))
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -59,7 +69,10 @@ def run(ns: argparse.Namespace) -> int:
     from hasten.bench.runner import BenchSettings, prepare
 
     recipe, overrides = _split_recipe(ns.args)
-    settings = BenchSettings(recipe=recipe, overrides=tuple(overrides), budget_steps=ns.budget_steps,
+    budget_steps = ns.budget_steps
+    if ns.budget_tokens is not None:
+        budget_steps = steps_for_tokens(ns.budget_tokens, recipe, overrides)
+    settings = BenchSettings(recipe=recipe, overrides=tuple(overrides), budget_steps=budget_steps,
                              budget_seconds=ns.budget_seconds, device_type=_device_type(overrides))
     rows = select_rows(ns.rows, ns.row, settings.device_type)
     prepare(settings)
