@@ -32,7 +32,7 @@ def _run(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Compl
 def test_bench_runs_rows_records_failures_and_resumes(tmp_path: Path) -> None:
     env = {**os.environ, "HASTEN_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
     out = tmp_path / "bench"
-    command = [*_bench_command(), *TINY, "--budget-steps", "10", "--rows", "baseline,wsd",
+    command = [*_bench_command(), *TINY, "--budget-steps", "10", "--rows", "baseline,wsd,lora",
                "--row", "broken:optim.lr=-1", "--out", str(out)]
     first = _run(command, env, tmp_path)
 
@@ -44,6 +44,8 @@ def test_bench_runs_rows_records_failures_and_resumes(tmp_path: Path) -> None:
     rows = {r["name"]: r for r in report["rows"]}
     assert [rows[n]["status"] for n in ("baseline", "wsd", "broken")] == ["ok", "ok", "failed"]
     assert "optim.lr" in rows["broken"]["error"]
+    assert rows["lora"]["status"] == "ok"  # LoRA fine-tunes the trained baseline: few trainable weights
+    assert rows["lora"]["trainable_params"] < rows["baseline"]["trainable_params"] / 4
     for name in ("baseline", "wsd"):
         row = rows[name]
         assert row["steps"] == 10 and row["final_val_loss"] > 0 and row["inference_ms"] > 0

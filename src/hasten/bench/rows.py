@@ -94,8 +94,9 @@ def default_row_names(device_type: str) -> list[str]:
     baseline is bf16, so fp32 and fp16 are the informative precision rows there.
     """
     if device_type == "cuda":
-        return ["baseline", "fp32", "fp16", "compile", "wsd", "bf16+compile", "sophia", "muon", "moe", "hybrid"]
-    return ["baseline", "bf16", "compile", "wsd", "sophia", "muon", "moe"]
+        return ["baseline", "fp32", "fp16", "compile", "wsd", "bf16+compile", "sophia", "muon", "moe", "hybrid",
+                "lora"]
+    return ["baseline", "bf16", "compile", "wsd", "sophia", "muon", "moe", "lora"]
 
 
 def parse_custom_row(spec: str) -> Row:
@@ -134,6 +135,8 @@ register(Row(name="schedulefree", family="optimizers", benefit="quality at equal
              overrides=("optim.name=schedulefree_adamw",), description="schedule-free AdamW: no decay phase to plan"))
 register(Row(name="adamw8bit", family="optimizers", benefit="memory", overrides=("optim.name=adamw8bit",),
              description="AdamW with 8-bit optimizer states (torchao)"))
+register(Row(name="lora", family="PEFT", benefit="memory", overrides=("model.from={baseline}", "peft.method=lora"),
+             description="LoRA (rank 8, attention and MLP) fine-tuning the trained baseline for the same budget"))
 register(Row(name="moe", family="architectures", benefit="quality at equal budget", overrides=("model.ffns=E",),
              description="every FFN a mixture of 8 experts, top-2, about the dense FFN's active parameters"))
 register(Row(name="mamba", family="architectures", benefit="training time", overrides=("model.mixers=M",),

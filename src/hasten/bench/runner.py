@@ -103,7 +103,10 @@ def _sets(overrides: tuple[str, ...] | list[str], key: str) -> bool:
 def train_command(settings: BenchSettings, row: Row, row_dir: Path) -> list[str]:
     """The `hasten train` command line of one row; the row's own overrides win over shared ones."""
     recipe = [settings.recipe] if settings.recipe else []
-    return [sys.executable, "-m", "hasten", "train", *recipe, *settings.common_overrides(), *row.overrides,
+    # `{baseline}` in a row's overrides is the baseline row's run folder: rows that start from the
+    # trained baseline (LoRA on a pretrained model) name it so.
+    own = [o.replace("{baseline}", str(row_dir.parent / "baseline")) for o in row.overrides]
+    return [sys.executable, "-m", "hasten", "train", *recipe, *settings.common_overrides(), *own,
             f"train.out_dir={row_dir}"]
 
 

@@ -186,6 +186,6 @@ def build_tokenizer(cfg: DataConfig, train_docs: Sequence[Document], cache_dir: 
     if choice == "bpe":
         return cached_bpe(train_docs, cfg.bpe_vocab_size, cache_dir)
     if Path(choice).expanduser().is_dir():
-        return HFTokenizer.from_folder(Path(choice).expanduser())
+        return load_tokenizer(Path(choice).expanduser())  # a hasten run's tokenizer/ or any tokenizer.json folder
     raise ConfigError(f"data.tokenizer={cfg.tokenizer!r} is not allowed: choose 'byte', 'bpe', "
                       "or a folder holding tokenizer.json.")
