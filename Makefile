@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(BIN)/hasten train
 	$(BIN)/hasten generate runs/default --prompt "def " --tokens 120
 	@echo "run folder: runs/default (loss.png, metrics.jsonl, summary.json, checkpoints/)"
-	@echo "next: '$(BIN)/hasten bench' measures every method side by side (about 6 minutes here) into runs/bench/report.html"
+	@echo "next: '$(BIN)/hasten bench' measures every method side by side (about 7 minutes here) into runs/bench/report.html"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
