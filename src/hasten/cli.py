@@ -87,14 +87,10 @@ FINETUNE_DEFAULTS = ("peft.method=lora", "optim.lr=2e-4", "optim.weight_decay=0.
 
 
 def _cmd_finetune(ns: argparse.Namespace) -> int:
-    import tomllib
-
-    from hasten.config import KEY_ALIASES, _flatten, _parse_override, recipe_path
+    from hasten.config import explicit_keys
 
     recipe, overrides = _split_recipe(ns.args)
-    given = set(_flatten(tomllib.loads(recipe_path(recipe).read_text()))) if recipe else set()
-    given |= {_parse_override(arg)[0] for arg in overrides}
-    given = {KEY_ALIASES.get(key, key) for key in given}
+    given = explicit_keys(recipe, overrides)  # finetune defaults fill only what the user did not set
     if "model.from_path" not in given:
         raise ConfigError("hasten finetune needs model.from=PATH (a Hugging Face Llama folder or a hasten run).")
     defaults = [d for d in FINETUNE_DEFAULTS if d.split("=", 1)[0] not in given]
@@ -164,8 +160,8 @@ def _cmd_recipes(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
-    handler = {"train": _cmd_train, "finetune": _cmd_finetune, "generate": _cmd_generate, "export": _cmd_export, "recipes": _cmd_recipes,
-               "bench": run_bench}
+    handler = {"train": _cmd_train, "finetune": _cmd_finetune, "generate": _cmd_generate, "export": _cmd_export,
+               "recipes": _cmd_recipes, "bench": run_bench}
     try:
         return handler[ns.command](ns)
     except ConfigError as err:

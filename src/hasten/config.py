@@ -511,6 +511,13 @@ def dumps_toml(tree: dict[str, dict[str, Any]]) -> str:
     return "\n\n".join(blocks) + "\n"
 
 
+def explicit_keys(recipe: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> set[str]:
+    """The keys a recipe file (when given) and the overrides set explicitly, aliases resolved."""
+    keys = set(_flatten(tomllib.loads(recipe_path(str(recipe)).read_text()))) if recipe is not None else set()
+    keys |= {_parse_override(arg)[0] for arg in overrides}
+    return {KEY_ALIASES.get(key, key) for key in keys}
+
+
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config as TOML; `load_config(path)` reads it back to an equal config."""
     Path(path).write_text(dumps_toml(config.to_dict()))

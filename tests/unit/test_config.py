@@ -84,3 +84,19 @@ def test_shipped_recipes_are_valid():
 def test_optimizers_that_cannot_shard_yet_are_refused(optim, strategy):
     with pytest.raises(ConfigError, match=f"optim.name='{optim}' is not allowed"):
         load_config("default", [f"optim.name={optim}", f"parallel.strategy={strategy}"])
+
+
+def test_explicit_keys_come_from_the_recipe_file_and_overrides(tmp_path):
+    from hasten.config import explicit_keys
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[optim]\nlr = 1e-4\n")
+    assert explicit_keys(recipe, ["model.from=x", "train.steps=3"]) == {"optim.lr", "model.from_path", "train.steps"}
+    assert explicit_keys(None, []) == set()
+
+
+def test_finetune_without_a_model_is_refused(capsys):
+    from hasten.cli import main
+
+    assert main(["finetune", "train.steps=2"]) == 2
+    assert "hasten finetune needs model.from=PATH" in capsys.readouterr().err
