@@ -104,5 +104,10 @@ def test_lora_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     full = train(load_config("default", common))
     mid = tmp_path / "run" / "checkpoints" / "step_0000003"
     assert mid.is_dir()
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(mid)).read_metadata().state_dict_metadata
+    model_keys = [k for k in saved if k.startswith("model.")]
+    assert model_keys and all("lora_" in k for k in model_keys)  # adapter-only: the frozen base is not saved
     resumed = train(load_config("default", common + [f"train.resume={mid}"]))
     assert resumed["steps"] == 6 and abs(resumed["final_loss"] - full["final_loss"]) < 1e-5

@@ -56,6 +56,7 @@ def shutdown_distributed() -> None:
     """Destroy the process group if hasten started it; a group the caller owns is left alone."""
     global _STARTED_HERE
     if _STARTED_HERE and dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still has collectives in flight
         dist.destroy_process_group()
     _STARTED_HERE = False
 

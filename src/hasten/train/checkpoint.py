@@ -21,8 +21,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from hasten.config import ConfigError
@@ -64,12 +64,19 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _options(model: nn.Module) -> StateDictOptions:
+    """Frozen weights (the base model under PEFT) are not saved: they come back from `model.from`,
+    so a checkpoint holds only what training changes and stays small."""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
+
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
     """Model and optimizer state keyed by parameter name, sharded tensors as DTensors: the form
     in which DCP reshards a checkpoint to another world size or strategy."""
     if isinstance(optimizer, ZeroRedundancyOptimizer):  # ZeRO-1: each rank holds the states it owns
-        return get_model_state_dict(model), zero1_state_dict(model, optimizer)
-    return get_state_dict(model, optimizer)
+        return get_model_state_dict(model, options=_options(model)), zero1_state_dict(model, optimizer)
+    return get_state_dict(model, optimizer, options=_options(model))
 
 
 def _is_rank0() -> bool:
@@ -140,16 +147,19 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise ConfigError(f"Checkpoint {path} does not match this model or optimizer ({lines[-1][:300]}); "
                           "resume with the recipe it was trained with.") from None
     if isinstance(optimizer, ZeroRedundancyOptimizer):
-        set_model_state_dict(model, tensors["model"])
+        set_model_state_dict(model, tensors["model"], options=_options(model))
         load_zero1_state_dict(model, optimizer, tensors["optim"])
     else:
-        set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"])
+        set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"],
+                       options=_options(model))
     set_rng_state(tensors["rng"], device)
     return TrainerState(**json.loads((path / STATE_FILE).read_text()))
 
 
 def load_model_weights(path: Path, model: nn.Module) -> None:
-    """Load only the model's weights from a checkpoint (for generate and export)."""
-    state = {"model": model.state_dict()}
+    """Load the model's weights that a checkpoint holds (for generate and export); an adapter-only
+    checkpoint leaves the frozen base weights, already loaded from `model.from`, as they are."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = {"model": {k: v for k, v in model.state_dict().items() if f"model.{k}" in saved}}
     _quiet(dcp.load)(state, checkpoint_id=str(path))
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["model"], strict=len(state["model"]) == len(model.state_dict()))

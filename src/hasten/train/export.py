@@ -62,9 +62,12 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     model = build_model(model_cfg, vocab_size, torch.device(device))
     if kind == "export":
         load_model(model, str(weights / EXPORT_WEIGHTS), device=str(device))
-    elif peft_cfg is not None and peft_cfg.method != "none":  # a PEFT run: load adapters, then merge them
+    elif peft_cfg is not None and peft_cfg.method != "none":  # a PEFT run: base, its adapters, merged
         from hasten.methods import peft
+        from hasten.models.hf import load_pretrained
 
+        if model_cfg.from_path:  # the checkpoint holds the adapters only; the base comes from model.from
+            model = load_pretrained(model_cfg, device)
         model = peft.apply(model, peft_cfg)
         load_model_weights(weights, model)
         peft.merge(model)
