@@ -122,6 +122,3 @@ def param_counts(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter tensors (what a small adapter checkpoint holds)."""
-    return {k: v for k, v in model.state_dict().items() if any(m in k for m in ADAPTER_MARKERS)}
