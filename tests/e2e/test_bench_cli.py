@@ -61,3 +61,14 @@ def test_bench_runs_rows_records_failures_and_resumes(tmp_path: Path) -> None:
     assert "row baseline: skipped" in second.stdout and "row wsd: skipped" in second.stdout
     assert {n: (out / "rows" / n / "bench_row.json").stat().st_mtime_ns for n in finished} == finished
     assert "row broken: FAILED" in second.stdout  # failed rows are retried, not reused
+
+
+def test_distributed_rows_run_on_two_processes(tmp_path: Path) -> None:
+    env = {**os.environ, "HASTEN_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
+    out = tmp_path / "bench"
+    _run([*_bench_command(), *TINY, "--budget-steps", "4", "--rows", "baseline,zero3", "--nproc-per-node", "2",
+          "--out", str(out)], env, tmp_path)
+    rows = {r["name"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    assert rows["zero3"]["status"] == "ok", rows["zero3"]["error"]
+    summary = json.loads((out / "rows" / "zero3" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and len(summary["memory_per_rank"]) == 2

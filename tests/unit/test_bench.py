@@ -237,3 +237,16 @@ def test_a_token_budget_becomes_steps_of_the_recipes_global_batch() -> None:
     assert steps_for_tokens(25_600, None, overrides) == 100  # 4 * 32 * 2 = 256 tokens a step
     with pytest.raises(ConfigError, match="must be > 0"):
         steps_for_tokens(0, None, overrides)
+
+
+def test_distributed_rows_launch_under_torchrun_and_join_the_defaults_with_several_processes(tmp_path: Path) -> None:
+    from hasten.bench.runner import train_command
+
+    assert "zero3" not in bench_rows.default_row_names("cpu", 1)
+    assert {"ddp", "zero2", "zero3"} <= set(bench_rows.default_row_names("cpu", 2))
+    settings = BenchSettings(budget_steps=4, nproc=2)
+    command = train_command(settings, bench_rows.get_row("zero2+bf16"), tmp_path / "rows" / "zero2+bf16")
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert "parallel.strategy=zero2" in command
+    plain = train_command(settings, bench_rows.get_row("wsd"), tmp_path / "rows" / "wsd")
+    assert plain[1:4] == ["-m", "hasten", "train"]

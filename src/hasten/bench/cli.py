@@ -47,6 +47,9 @@ def add_parser(subparsers: Any) -> None:
                         help="training seconds per row (train.time_limit_s) instead of a step count")
     budget.add_argument("--budget-tokens", type=int, default=None,
                         help="training tokens per row, turned into steps with the recipe's global batch")
+    bench.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                       help="processes of the distributed rows (ddp, zero2, zero3), launched with torchrun; with "
+                            "N > 1 they join the default rows (default: the visible GPUs, 1 on CPU)")
     bench.add_argument("--out", default=None, help=f"output folder (default: {DEFAULT_OUT})")
     bench.add_argument("--fresh", action="store_true", help="rerun every row, even those finished before")
     bench.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
@@ -72,9 +75,11 @@ def run(ns: argparse.Namespace) -> int:
     budget_steps = ns.budget_steps
     if ns.budget_tokens is not None:
         budget_steps = steps_for_tokens(ns.budget_tokens, recipe, overrides)
+    device_type = _device_type(overrides)
     settings = BenchSettings(recipe=recipe, overrides=tuple(overrides), budget_steps=budget_steps,
-                             budget_seconds=ns.budget_seconds, device_type=_device_type(overrides))
-    rows = select_rows(ns.rows, ns.row, settings.device_type)
+                             budget_seconds=ns.budget_seconds, device_type=device_type,
+                             nproc=_nproc(ns.nproc_per_node, device_type))
+    rows = select_rows(ns.rows, ns.row, settings.device_type, settings.nproc)
     prepare(settings)
     out = Path(ns.out or DEFAULT_OUT)
     results = _run_rows(settings, rows, out, ns.fresh)
@@ -103,9 +108,21 @@ def _device_type(overrides: list[str]) -> str:
     return "cuda" if device.startswith("cuda") else "cpu"
 
 
-def select_rows(names: str | None, custom: list[str], device_type: str) -> list[Row]:
+def _nproc(given: int | None, device_type: str) -> int:
+    """Processes for the distributed rows: as given, else every visible GPU (1 on CPU)."""
+    if given is not None:
+        if given < 1:
+            raise ConfigError(f"--nproc-per-node={given} must be >= 1.")
+        return given
+    if device_type == "cuda":
+        import torch
+        return max(1, torch.cuda.device_count())
+    return 1
+
+
+def select_rows(names: str | None, custom: list[str], device_type: str, nproc: int = 1) -> list[Row]:
     """The rows to run: named or default, then custom ones; the baseline first, each name once."""
-    chosen = [n.strip() for n in names.split(",") if n.strip()] if names else default_row_names(device_type)
+    chosen = [n.strip() for n in names.split(",") if n.strip()] if names else default_row_names(device_type, nproc)
     rows = [get_row(n) for n in dict.fromkeys(["baseline", *chosen])]
     rows += [parse_custom_row(spec) for spec in custom]
     seen: set[str] = set()

@@ -26,6 +26,7 @@ class Row:
     benefit: str
     overrides: tuple[str, ...]
     description: str
+    distributed: bool = False  # runs under torchrun on the bench's --nproc-per-node processes
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ ,:") or self.name.startswith("."):
@@ -72,7 +73,7 @@ def combine(*names: str) -> Row:
     return Row(name="+".join(names), family=_join_unique([r.family for r in rows]),
                benefit=_join_unique([r.benefit for r in rows]),
                overrides=tuple(f"{k}={v}" for k, v in values.items()),
-               description="; ".join(r.description for r in rows))
+               description="; ".join(r.description for r in rows), distributed=any(r.distributed for r in rows))
 
 
 def get_row(name: str) -> Row:
@@ -87,16 +88,17 @@ def get_row(name: str) -> Row:
                       "to combine them).")
 
 
-def default_row_names(device_type: str) -> list[str]:
+def default_row_names(device_type: str, nproc: int = 1) -> list[str]:
     """The rows `hasten bench` runs when none are named.
 
     On CPU fp16 autocast is slow and fp32 is already the baseline's precision; on a GPU the
     baseline is bf16, so fp32 and fp16 are the informative precision rows there.
     """
+    several = ["ddp", "zero2", "zero3"] if nproc > 1 else []  # the distributed rows need several processes
     if device_type == "cuda":
         return ["baseline", "fp32", "fp16", "compile", "wsd", "bf16+compile", "sophia", "muon", "moe", "hybrid",
-                "lora"]
-    return ["baseline", "bf16", "compile", "wsd", "sophia", "muon", "moe", "lora"]
+                "lora", *several]
+    return ["baseline", "bf16", "compile", "wsd", "sophia", "muon", "moe", "lora", *several]
 
 
 def parse_custom_row(spec: str) -> Row:
@@ -137,6 +139,13 @@ register(Row(name="adamw8bit", family="optimizers", benefit="memory", overrides=
              description="AdamW with 8-bit optimizer states (torchao)"))
 register(Row(name="lora", family="PEFT", benefit="memory", overrides=("model.from={baseline}", "peft.method=lora"),
              description="LoRA (rank 8, attention and MLP) fine-tuning the trained baseline for the same budget"))
+register(Row(name="ddp", family="distributed", benefit="training time", overrides=("parallel.strategy=ddp",),
+             description="DistributedDataParallel over the bench's processes (global batch grows with them)",
+             distributed=True))
+register(Row(name="zero2", family="distributed", benefit="memory", overrides=("parallel.strategy=zero2",),
+             description="FSDP2 sharding gradients and optimizer states (ZeRO-2)", distributed=True))
+register(Row(name="zero3", family="distributed", benefit="memory", overrides=("parallel.strategy=zero3",),
+             description="FSDP2 sharding parameters too (ZeRO-3)", distributed=True))
 register(Row(name="moe", family="architectures", benefit="quality at equal budget", overrides=("model.ffns=E",),
              description="every FFN a mixture of 8 experts, top-2, about the dense FFN's active parameters"))
 register(Row(name="mamba", family="architectures", benefit="training time", overrides=("model.mixers=M",),

@@ -53,6 +53,7 @@ class BenchSettings:
     budget_steps: int | None = None
     budget_seconds: float | None = None
     device_type: str = "cpu"
+    nproc: int = 1  # processes of the distributed rows (torchrun --nproc-per-node)
     inference_batch: int = 4
     inference_repeats: int = 20
 
@@ -106,8 +107,11 @@ def train_command(settings: BenchSettings, row: Row, row_dir: Path) -> list[str]
     # `{baseline}` in a row's overrides is the baseline row's run folder: rows that start from the
     # trained baseline (LoRA on a pretrained model) name it so.
     own = [o.replace("{baseline}", str(row_dir.parent / "baseline")) for o in row.overrides]
-    return [sys.executable, "-m", "hasten", "train", *recipe, *settings.common_overrides(), *own,
-            f"train.out_dir={row_dir}"]
+    launch = [sys.executable, "-m", "hasten"]
+    if row.distributed:  # torchrun, never a launcher of hasten's own; --standalone picks a free port
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  f"--nproc-per-node={settings.nproc}", "-m", "hasten"]
+    return [*launch, "train", *recipe, *settings.common_overrides(), *own, f"train.out_dir={row_dir}"]
 
 
 def prepare(settings: BenchSettings) -> None:
