@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from hasten.config import load_config
@@ -20,3 +24,18 @@ def tiny_config(tmp_path, monkeypatch):
         return load_config("default", [*TINY, f"train.out_dir={tmp_path / out}", *overrides])
 
     return make
+
+
+def run_hasten(*args: str, env: dict[str, str], timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """The real `hasten` command in a subprocess; a failure shows its stderr."""
+    proc = subprocess.run([sys.executable, "-m", "hasten", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    if check and proc.returncode:
+        raise AssertionError(f"hasten {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture
+def env(tmp_path):
+    """The environment of CLI subprocesses: token cache inside the test's folder, unbuffered output."""
+    return {**os.environ, "HASTEN_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}

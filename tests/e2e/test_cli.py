@@ -1,7 +1,6 @@
 """The `hasten` command end to end, in subprocesses, on tiny real runs."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,19 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY
-
-
-def hasten(*args, env, timeout=300, check=True):
-    proc = subprocess.run([sys.executable, "-m", "hasten", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
-    if check and proc.returncode:
-        raise AssertionError(f"hasten {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return proc
-
-
-@pytest.fixture
-def env(tmp_path):
-    return {**os.environ, "HASTEN_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+from tests.conftest import run_hasten as hasten
 
 
 def test_train_generate_export_round_trip(tmp_path, env):

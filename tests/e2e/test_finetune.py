@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,6 +10,7 @@ import torch
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from tests.conftest import run_hasten as hasten  # noqa: E402
 from tests.unit.test_peft import _close, make_hf_llama  # noqa: E402
 
 QUICK = ["train.steps=6", "train.seq_len=48", "train.batch_size=4", "train.eval_every=0", "train.eval_batches=1",
@@ -25,19 +23,6 @@ def write_instruct(path, n=40):
         for i in range(n):
             f.write(json.dumps({"prompt": f"Q: add {i} and {i + 1}?\nA: ", "response": f"{2 * i + 1}"}) + "\n")
     return path
-
-
-def hasten(*args, env, timeout=300):
-    proc = subprocess.run([sys.executable, "-m", "hasten", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
-    if proc.returncode:
-        raise AssertionError(f"hasten {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return proc
-
-
-@pytest.fixture
-def env(tmp_path):
-    return {**os.environ, "HASTEN_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
 
 
 def test_lora_finetune_cli_merged_hf_export(tmp_path, env):
