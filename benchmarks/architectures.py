@@ -162,6 +162,9 @@ def _markdown(result: dict) -> str:
              "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['seq']} | {r['batch']} | {r['attention_ms']:.2f} | {r['mamba_ms']:.2f} | {r['speedup']:.2f} |"
               for r in result["mixers"]]
+    if "layers_from" in result:
+        lines += ["", f"(Mixer and MoE-layer timings from commit {result['layers_from']['commit'][:7]}, "
+                  f"{result['layers_from']['date']}.)"]
     lines += ["", f"## Whole models, {result['seconds']} s of training each", "",
               "| model | params | tokens/s | MFU | val loss | steps | peak GiB |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["models"]:
@@ -185,25 +188,41 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device (CPU ok): checks the script")
     parser.add_argument("--skip-models", action="store_true", help="only the layer benchmarks (a) and (c)")
+    parser.add_argument("--models", default="dense,moe,mamba,hybrid", help="which models (b) trains, in order")
+    parser.add_argument("--skip-layers", action="store_true",
+                        help="only the models (b); (a), (c) and the models not named in --models are read "
+                             "from --out's architectures.json")
     args = parser.parse_args()
     if args.smoke:
         args.seconds, args.warmup, args.iters = min(args.seconds, 10), 1, 3
     import torch
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     result = dict(**_environment(), smoke=args.smoke, seconds=args.seconds)
-    result["mixers"] = bench_mixers(args, device)
-    result["grouped"] = bench_grouped(args, device)
-    result["models"] = [] if args.skip_models else [bench_model(args, n) for n in ("dense", "moe", "mamba", "hybrid")]
+    if args.skip_layers:  # keep (a) and (c) of an earlier run of this script, with the commit they came from
+        earlier = json.loads((out / "architectures.json").read_text())
+        result.update(mixers=earlier["mixers"], grouped=earlier["grouped"],
+                      layers_from=dict(commit=earlier["commit"], date=earlier["date"]))
+    else:
+        result["mixers"] = bench_mixers(args, device)
+        result["grouped"] = bench_grouped(args, device)
+    names = [] if args.skip_models else args.models.split(",")
+    result["models"] = []
+    if args.skip_layers and (out / "architectures.json").is_file():  # models of an earlier run not run again now
+        result["models"] = [r for r in json.loads((out / "architectures.json").read_text()).get("models", [])
+                            if r["name"] not in names]
+    for name in names:
+        result["models"].append(bench_model(args, name))
+        (out / "architectures.partial.json").write_text(json.dumps(result, indent=1))  # kept if a later one dies
     models = {r["name"]: r for r in result["models"]}
     result["summary"] = dict(
         mamba_vs_attention_speedup={str(r["seq"]): r["speedup"] for r in result["mixers"]},
         grouped_vs_loop_speedup=result["grouped"]["speedup"],
         moe_tokens_per_second_ratio=(models["moe"]["tokens_per_second"] / models["dense"]["tokens_per_second"]
-                                     if models else math.nan),
+                                     if {"moe", "dense"} <= models.keys() else math.nan),
         moe_val_loss_delta_at_equal_time=(models["moe"]["val_loss"] - models["dense"]["val_loss"]
-                                          if models else math.nan))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+                                          if {"moe", "dense"} <= models.keys() else math.nan))
     (out / "architectures.json").write_text(json.dumps(result, indent=1))
     (out / "architectures.md").write_text(_markdown(result))
     print(json.dumps(result["summary"], indent=1))

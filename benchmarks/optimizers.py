@@ -74,6 +74,8 @@ def run_one(name: str, lr: float, args: argparse.Namespace) -> dict[str, Any]:
                      "checkpoint.every=0", "checkpoint.at_end=false", "log.sample_tokens=0", "log.progress=false",
                      "log.plot=false", "log.tensorboard=false", f"data.cache_dir={args.workdir}/cache",
                      f"train.out_dir={out}", *EXTRA.get(name, [])]
+        overrides += [f"train.batch_size={args.batch_size}"] if args.batch_size else []
+        overrides += [f"train.eval_batches={args.eval_batches}"] if args.eval_batches else []
         hasten.train(load_config(args.recipe if not args.smoke else "default", overrides))
     summary = json.loads((out / "summary.json").read_text())
     records = read_log(out / "metrics.jsonl")
@@ -140,6 +142,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps, the same for every run")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--lr-mults", default="0.5,1,2", help="the sweep: multiples of each grid centre")
+    parser.add_argument("--adamw-lr-mults", default="", help="AdamW's own sweep (the target), if wider")
+    parser.add_argument("--batch-size", type=int, default=0, help="sequences per step (0: the recipe's)")
+    parser.add_argument("--eval-batches", type=int, default=0, help="batches per evaluation (0: the recipe's)")
+    parser.add_argument("--deadline-s", type=float, default=0, help="start no run after this many seconds")
     parser.add_argument("--optimizers", default="", help="comma-separated subset (adamw is always run)")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run into /tmp, to test the script")
     args = parser.parse_args()
@@ -153,27 +159,43 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = [n for n in optimizer_names() if not args.optimizers or n == "adamw" or n in args.optimizers.split(",")]
+    names.sort(key=lambda n: n != "adamw")  # the reference first
     skipped = {n: r for n in names if (r := optimizer_spec(n).unavailable(device))}
     mults = [float(m) for m in args.lr_mults.split(",")]
     grid = {n: [LR_CENTRE.get(n, LR_CENTRE["adamw"]) * m for m in mults] for n in names if n not in skipped}
-    runs, best = [], {}
+    if "adamw" in grid and args.adamw_lr_mults:
+        grid["adamw"] = [LR_CENTRE["adamw"] * float(m) for m in args.adamw_lr_mults.split(",")]
+    runs, best, failed = [], {}, {}
     start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for name, rates in grid.items():
-        tried = [run_one(name, lr, args) for lr in rates]
+        tried = []
+        for lr in rates:
+            if args.deadline_s and time.perf_counter() - start > args.deadline_s:
+                failed[f"{name}_lr{lr:.3g}"] = f"not run: the {args.deadline_s:.0f} s deadline had passed"
+                continue
+            try:
+                tried.append(run_one(name, lr, args))
+            except Exception as err:  # one optimizer's failure is recorded; the others still run
+                failed[f"{name}_lr{lr:.3g}"] = f"{type(err).__name__}: {err}"
+                print(f"{name} lr {lr:.3g} failed: {failed[f'{name}_lr{lr:.3g}']}", flush=True)
         runs += tried
         finite = [r for r in tried if math.isfinite(r["final_val_loss"])]
         if finite:
             best[name] = min(finite, key=lambda r: r["final_val_loss"])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    plot(best, out / "optimizers.png")
-    result = dict(suite="optimizers", smoke=args.smoke, device=torch.cuda.get_device_name() if device.type == "cuda"
-                  else platform.processor() or "cpu", torch=torch.__version__, commit=_commit(),
-                  recipe="default (tiny smoke overrides)" if args.smoke else args.recipe, steps=args.steps,
-                  eval_every=args.eval_every, lr_grid=grid, extra_overrides=EXTRA, skipped=skipped,
-                  summary=summarize(best, grid), runs=runs, bench_seconds=time.perf_counter() - start)
-    (out / "optimizers.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result["summary"], indent=1))
+        if "adamw" not in best:
+            raise SystemExit("AdamW, the reference, did not finish: nothing to compare against.")
+        # written after every optimizer, so a run stopped by a time limit keeps what it measured
+        result = dict(suite="optimizers", smoke=args.smoke, device=torch.cuda.get_device_name()
+                      if device.type == "cuda" else platform.processor() or "cpu", torch=torch.__version__,
+                      commit=_commit(), recipe="default (tiny smoke overrides)" if args.smoke else args.recipe,
+                      steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every, lr_grid=grid,
+                      extra_overrides=EXTRA, skipped=skipped, failed=failed, summary=summarize(best, grid),
+                      runs=runs, bench_seconds=time.perf_counter() - start)
+        (out / "optimizers.json").write_text(json.dumps(result, indent=1))
+        plot(best, out / "optimizers.png")
+        print(json.dumps(result["summary"], indent=1), flush=True)
     print(f"wrote {out / 'optimizers.json'} and {out / 'optimizers.png'}")
 
 

@@ -1,18 +1,29 @@
-"""Fine-tuning methods compared on one pretrained-shaped model and one instruction set: full
-fine-tuning, LoRA, DoRA and QLoRA, each through `hasten.train` with the same steps, batch,
-sequence length and schedule. Reported per method: trainable parameters, tokens/s, peak memory,
-final training and validation loss (response tokens only), and the wall time.
+"""LoRA / QLoRA fine-tuning throughput and memory on one GPU: hasten vs Hugging Face Trainer + peft.
 
-The base model is a Hugging Face Llama folder (`--model PATH`); without one, a randomly
-initialized Llama of the TinyLlama-1.1B shape is written first (throughput and memory are then
-representative, losses are not meaningful). The data is an instruction JSONL (`--data PATH`,
-prompt/response records); without one, synthetic arithmetic questions are generated.
+The model is a Llama of the TinyLlama-1.1B shape (22 layers, d 2048, 32 heads / 4 KV heads, FFN
+5632, vocabulary 32000), randomly initialized and saved once as a Hugging Face folder with bf16
+weights and a 32000-token BPE trained on the embedded corpus. Both sides fine-tune it from that
+folder on the same token stream (the embedded corpus, windows of 2048 tokens, batch 8), with the
+same adapters (LoRA r16, alpha 32, dropout 0, on every linear of every block: q k v o gate up
+down), AdamW (fused) at 2e-4 and bf16:
 
-On the H200 (QLoRA needs bitsandbytes installed):
+  hasten:lora   `hasten.train` with model.from=FOLDER peft.method=lora (compile on, frozen base in bf16)
+  hf:lora       `transformers.Trainer` on LlamaForCausalLM loaded in bf16 + `peft.get_peft_model`,
+                bf16=True, optim=adamw_torch_fused (the usual HF + peft recipe; no gradient
+                checkpointing on either side)
+  hasten:qlora  the base linears in NF4 (bitsandbytes), adapters as above
+  hf:qlora      BitsAndBytesConfig(load_in_4bit, nf4, bf16 compute) + prepare_model_for_kbit_training
+                (without its gradient checkpointing, as on hasten's side)
 
-    PYTHONPATH=src python benchmarks/peft.py --out benchmarks/results --steps 200
+Each side runs in its own subprocess (memory peaks and compile caches stay apart). Throughput is
+timed after warm-up steps (compilation excluded), between two synchronizations; peak memory is
+`torch.cuda.max_memory_allocated` of the side's process. Each side checks its loss is finite and
+falling. Writes peft.json (summary.tokens_per_second_ratio_vs_hf, summary.peak_memory_ratio_vs_hf,
+and the QLoRA ratios when both QLoRA sides ran) and peft.md:
 
-Smoke test on CPU (a tiny model; full, lora, dora; results under /tmp are not measurements):
+    PYTHONPATH=src python benchmarks/peft.py --out benchmarks/results
+
+Smoke test on CPU (a tiny Llama, fp32, LoRA sides only; not a measurement):
 
     PYTHONPATH=src python benchmarks/peft.py --smoke
 """
@@ -21,140 +32,261 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import random
+import math
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 # This file is named like the `peft` package: keep its folder off the import path so `import peft` finds the library.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = {"full": "none", "lora": "lora", "dora": "dora", "qlora": "qlora"}
 SHAPE_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                num_key_value_heads=4, max_position_embeddings=2048)
+                num_key_value_heads=4, max_position_embeddings=2048, vocab_size=32000)
 SHAPE_SMOKE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=128)
+                   num_key_value_heads=2, max_position_embeddings=128, vocab_size=512)
+HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SIDES = ["hasten:lora", "hf:lora", "hasten:qlora", "hf:qlora"]
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return ""
+def _data_overrides(args: argparse.Namespace) -> list[str]:
+    return ["data.source=stdlib", f"data.max_documents={args.max_documents}", f"data.cache_dir={args.workdir}/cache"]
 
 
-def synthetic_data(path: Path, n: int, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    with path.open("w") as f:
-        for _ in range(n):
-            a, b = rng.randint(0, 999), rng.randint(0, 999)
-            f.write(json.dumps({"prompt": f"Question: what is {a} + {b}?\nAnswer: ", "response": str(a + b)}) + "\n")
-    return path
-
-
-def random_llama(folder: Path, shape: dict[str, int], data: Path, vocab: int) -> Path:
-    """A random LlamaForCausalLM + a byte-level BPE tokenizer trained on the data, in `folder`."""
-    import tokenizers
+def make_model(args: argparse.Namespace) -> Path:
+    """The random Llama folder (bf16 safetensors + a BPE trained on the corpus), written once."""
     import torch
     import transformers
-    from tokenizers import decoders, models, pre_tokenizers, trainers
 
+    from hasten.config import load_config
+    from hasten.data.sources import load_documents, split_documents
+    from hasten.data.tokenizer import train_bpe
+
+    folder = Path(args.workdir) / "base"
     if (folder / "config.json").is_file():
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train([str(data)], trainer)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    shape = SHAPE_SMOKE if args.smoke else SHAPE_1B
+    data_cfg = load_config("default", _data_overrides(args)).data
+    train_docs, _ = split_documents(load_documents(data_cfg), data_cfg.val_fraction)
+    tokenizer = train_bpe(train_docs, shape["vocab_size"])
+    tmp = folder.with_name("base.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(tmp)
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=max(vocab, tok.get_vocab_size()), tie_word_embeddings=False, **shape)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    cfg = transformers.LlamaConfig(tie_word_embeddings=False, eos_token_id=tokenizer.eot_id,
+                                   **{**shape, "vocab_size": tokenizer.vocab_size})
+    model = transformers.LlamaForCausalLM(cfg).to(torch.float32 if args.smoke else torch.bfloat16)
+    model.save_pretrained(tmp)
+    tmp.rename(folder)
     return folder
 
 
-def run_one(method: str, model: Path, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _check_loss(losses: list[float]) -> None:
+    third = max(1, len(losses) // 3)
+    if not losses or not all(math.isfinite(x) for x in losses) or not sum(losses[-third:]) < sum(losses[:third]):
+        raise SystemExit(f"loss is not finite and falling: {losses[:3]} ... {losses[-3:]}")
+
+
+def run_hasten(method: str, model: Path, args: argparse.Namespace) -> dict:
     import hasten
     from hasten.config import load_config
+    from hasten.train.log import read_log
 
-    out = Path(args.workdir) / method
-    overrides = [f"model.from={model}", f"data.source={data}", f"peft.method={METHODS[method]}",
-                 f"peft.rank={args.rank}", f"peft.alpha={2 * args.rank}", f"train.steps={args.steps}",
-                 f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}",
-                 f"train.eval_every={args.steps}", "train.eval_batches=4", "log.every=10",
-                 f"optim.lr={args.full_lr if method == 'full' else args.lr}", "optim.weight_decay=0.0",
-                 "optim.warmup_steps=10", "checkpoint.every=0", "checkpoint.at_end=false", "log.sample_tokens=0",
-                 "log.progress=false", "log.plot=false", "log.tensorboard=false", f"train.out_dir={out}"]
-    if args.smoke:
-        overrides += ["precision.dtype=fp32", "train.threads=2"]
-    start = time.perf_counter()
-    try:
-        summary = hasten.train(load_config("default", overrides))
-    except Exception as err:  # e.g. qlora without CUDA or bitsandbytes: recorded, not fatal
-        return dict(method=method, error=f"{type(err).__name__}: {err}")
-    keys = ("trainable_params", "total_params", "params", "tokens_per_second", "peak_memory_gib", "final_loss",
-            "final_val_loss", "wall_time_s", "device", "precision")
-    row = {k: summary.get(k) for k in keys}
-    row.update(method=method, wall_with_setup_s=time.perf_counter() - start)
-    return row
+    out = Path(args.workdir) / f"hasten_{method}"
+    steps = args.warmup + args.steps
+    overrides = [f"model.from={model}", *_data_overrides(args), f"peft.method={method}", f"peft.rank={args.rank}",
+                 f"peft.alpha={2 * args.rank}", "peft.dropout=0.0", "peft.targets=all-linear",
+                 f"train.steps={steps}", f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}",
+                 "train.eval_every=0", "train.eval_batches=1", f"log.every={args.log_every}", f"optim.lr={args.lr}",
+                 "optim.weight_decay=0.0", f"optim.warmup_steps={args.warmup}", "checkpoint.every=0",
+                 "checkpoint.at_end=false", "log.sample_tokens=0", "log.progress=false", "log.plot=false",
+                 "log.tensorboard=false", f"train.out_dir={out}"]
+    overrides += ["precision.dtype=fp32", "train.compile=false", "train.threads=2"] if args.smoke else \
+        ["precision.dtype=bf16", "train.compile=true"]
+    summary = hasten.train(load_config("default", overrides))
+    losses = [r["loss"] for r in read_log(out / "metrics.jsonl") if r["event"] == "train"]
+    _check_loss(losses)
+    return dict(side=f"hasten:{method}", tokens_per_second=summary["tokens_per_second"],
+                peak_memory_gib=summary["peak_memory_gib"], trainable_params=summary["trainable_params"],
+                total_params=summary["total_params"], first_loss=losses[0], final_loss=losses[-1],
+                step_ms=1000 * args.batch_size * args.seq_len / summary["tokens_per_second"])
 
 
-def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = [f"# PEFT benchmark ({meta['device']}, {meta['steps']} steps, batch {meta['batch_size']} x "
-             f"{meta['seq_len']}, rank {meta['rank']})", "",
-             "| method | trainable params | tokens/s | peak GiB | final loss | final val loss |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
+def run_hf(method: str, model_dir: Path, args: argparse.Namespace) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from hasten.config import load_config
+    from hasten.data import prepare_data
+
+    cuda = torch.cuda.is_available()
+    data = prepare_data(load_config("default", [*_data_overrides(args), f"data.tokenizer={model_dir}"]).data)
+    tokens = torch.from_numpy(data.train.astype("int64"))
+    steps, seq, batch = args.warmup + args.steps, args.seq_len, args.batch_size
+
+    class Windows(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return steps * batch
+
+        def __getitem__(self, i: int) -> dict:
+            g = torch.Generator().manual_seed(i)
+            s = int(torch.randint(0, len(tokens) - seq - 1, (1,), generator=g))
+            ids = tokens[s: s + seq + 1]  # labels shift inside the model: seq predicted tokens, as on hasten's side
+            return {"input_ids": ids, "labels": ids}
+
+    marks: dict[str, float] = {}
+    losses: list[float] = []
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kw):
+            if state.global_step == args.warmup:
+                sync()
+                marks["start"] = time.perf_counter()
+
+        def on_log(self, targs, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+        def on_train_end(self, targs, state, control, **kw):
+            sync()
+            marks["end"] = time.perf_counter()
+
+    kwargs: dict = dict(dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation="sdpa")
+    if method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.bfloat16)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model = LlamaForCausalLM.from_pretrained(model_dir, **kwargs)
+    if cuda:
+        model = model.cuda() if method != "qlora" else model
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                             target_modules=HF_TARGETS, bias="none", task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    targs = TrainingArguments(output_dir=f"{args.workdir}/hf_{method}", per_device_train_batch_size=batch,
+                              max_steps=steps, learning_rate=args.lr, weight_decay=0.0, warmup_steps=args.warmup,
+                              bf16=cuda, optim="adamw_torch_fused" if cuda else "adamw_torch",
+                              logging_steps=args.log_every, save_strategy="no", report_to=[],
+                              dataloader_num_workers=4 if cuda else 0, max_grad_norm=1.0, disable_tqdm=True,
+                              use_cpu=not cuda)
+    Trainer(model=model, args=targs, train_dataset=Windows(), callbacks=[Clock()]).train()
+    _check_loss(losses)
+    step_ms = 1000 * (marks["end"] - marks["start"]) / args.steps
+    return dict(side=f"hf:{method}", tokens_per_second=batch * seq / (step_ms / 1000), step_ms=step_ms,
+                peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                trainable_params=trainable, total_params=total, first_loss=losses[0], final_loss=losses[-1])
+
+
+def _environment() -> dict:
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    cuda = torch.cuda.is_available()
+    return dict(date=time.strftime("%Y-%m-%d"), commit=commit, torch=torch.__version__,
+                device=torch.cuda.get_device_name(0) if cuda else "cpu")
+
+
+def summarize(rows: list[dict]) -> dict:
+    by = {r["side"]: r for r in rows if "error" not in r}
+    summary: dict = {}
+    for method, suffix in (("lora", ""), ("qlora", "_qlora")):
+        h, f = by.get(f"hasten:{method}"), by.get(f"hf:{method}")
+        if h and f:
+            summary[f"tokens_per_second_ratio_vs_hf{suffix}"] = h["tokens_per_second"] / f["tokens_per_second"]
+            if h["peak_memory_gib"] and f["peak_memory_gib"]:
+                summary[f"peak_memory_ratio_vs_hf{suffix}"] = h["peak_memory_gib"] / f["peak_memory_gib"]
+    return summary
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# LoRA / QLoRA fine-tuning: hasten vs HF Trainer + peft ({result['device']}, torch {result['torch']})",
+             "", f"Llama {result['shape']['num_hidden_layers']} layers, d {result['shape']['hidden_size']}, random init,"
+             f" {'fp32' if result['smoke'] else 'bf16'} weights; LoRA r{result['rank']} alpha {2 * result['rank']} on all linears; batch "
+             f"{result['batch_size']} x seq {result['seq_len']}; {result['steps']} timed steps after "
+             f"{result['warmup']} warm-up steps.", "",
+             "| side | tokens/s | peak GiB | step ms | trainable / total params | loss first -> last |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['method']} | not run: {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['side']} | not run: {r['error'].strip().splitlines()[-1][:120]} | | | | |")
             continue
-        lines.append(f"| {r['method']} | {r['trainable_params'] or r['params']:,} | {r['tokens_per_second']:,.0f} | "
-                     f"{r['peak_memory_gib'] or 0:.2f} | {r['final_loss']:.4f} | {r['final_val_loss']:.4f} |")
+        mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+        lines.append(f"| {r['side']} | {r['tokens_per_second']:,.0f} | {mem} | {r['step_ms']:.0f} | "
+                     f"{r['trainable_params']:,} / {r['total_params']:,} | {r['first_loss']:.3f} -> "
+                     f"{r['final_loss']:.3f} |")
+    lines.append("")
+    lines += [f"- {key}: **{value:.3f}**" for key, value in result["summary"].items()]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="", help="HF Llama folder (default: a random 1.1B-shaped Llama)")
-    parser.add_argument("--data", default="", help="instruction JSONL (default: synthetic arithmetic)")
-    parser.add_argument("--methods", default="full,lora,dora,qlora")
-    parser.add_argument("--steps", type=int, default=200)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sides", default=",".join(SIDES), help="side:method, comma-separated")
+    parser.add_argument("--only", help="run this one side in this process (used internally)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=10, help="warm-up steps (compilation happens here)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-4, help="adapter learning rate")
-    parser.add_argument("--full-lr", type=float, default=2e-5, help="full fine-tuning learning rate")
-    parser.add_argument("--out", default="", help="folder for peft.json and peft.md (default: the work folder)")
+    parser.add_argument("--log-every", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=2e-4, help="adapter learning rate (both sides)")
+    parser.add_argument("--max-documents", type=int, default=4000, help="corpus files used (enough windows)")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds allowed to one side")
     parser.add_argument("--workdir", default="/tmp/hasten-bench-peft")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, few steps, CPU-friendly; not a measurement")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--smoke", action="store_true", help="tiny fp32 model on the CPU; checks the script only")
     args = parser.parse_args()
     if args.smoke:
-        args.steps, args.batch_size, args.seq_len, args.rank = 6, 4, 48, 4
-        args.lr = args.full_lr = 1e-2
-        if args.methods == "full,lora,dora,qlora":
-            args.methods = "full,lora,dora"
-        args.workdir = "/tmp/hasten-bench-peft-smoke"
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    data = Path(args.data) if args.data else synthetic_data(work / "arith.jsonl", 400 if args.smoke else 20000)
-    model = Path(args.model) if args.model else random_llama(
-        work / "base", SHAPE_SMOKE if args.smoke else SHAPE_1B, data, 300 if args.smoke else 8192)
-    rows = [run_one(m.strip(), model, data, args) for m in args.methods.split(",") if m.strip()]
-    device = next((r["device"] for r in rows if "device" in r), "n/a")
-    meta = dict(commit=_commit(), host=platform.node(), device=device, steps=args.steps, batch_size=args.batch_size,
-                seq_len=args.seq_len, rank=args.rank, model=str(model), data=str(data), smoke=args.smoke)
-    out = Path(args.out) if args.out else work
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "peft.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    (out / "peft.md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+        args.steps, args.warmup, args.batch_size, args.seq_len, args.rank, args.log_every = 6, 3, 2, 64, 4, 1
+        args.lr = 1e-2
+        args.max_documents, args.workdir = 60, "/tmp/hasten-bench-peft-smoke"
+        args.out = args.out if "--out" in sys.argv else f"{args.workdir}/out"
+        if "--sides" not in sys.argv:
+            args.sides = "hasten:lora,hf:lora"
+    if args.only:  # the sides' subprocesses get the parent's arguments, smoke settings applied again
+        side, method = args.only.split(":")
+        model = Path(args.workdir) / "base"
+        print("RESULT " + json.dumps((run_hasten if side == "hasten" else run_hf)(method, model, args)), flush=True)
+        return
+    model = make_model(args)
+    rows: list[dict] = []
+    for item in args.sides.split(","):
+        cmd = [sys.executable, __file__, "--only", item, *sys.argv[1:]]
+        cmd = [c for i, c in enumerate(cmd) if not (c == "--sides" or (i and cmd[i - 1] == "--sides"))]
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                                  env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            error = None if found and not proc.returncode else (proc.stdout[-1500:] + proc.stderr[-3000:])
+        except subprocess.TimeoutExpired:
+            found, error = [], f"timed out after {args.timeout} s"
+        if error:
+            print(f"{item} failed:\n{error}", flush=True)
+            rows.append(dict(side=item, error=error))
+        else:
+            rows.append(dict(json.loads(found[-1][len("RESULT "):]), wall_s=time.perf_counter() - start))
+            print(json.dumps(rows[-1]), flush=True)
+        result = dict(suite="peft", **_environment(), smoke=args.smoke, shape=SHAPE_SMOKE if args.smoke else SHAPE_1B,
+                      rank=args.rank, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
+                      warmup=args.warmup, rows=rows, summary=summarize(rows))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "peft.json").write_text(json.dumps(result, indent=1))
+        (out / "peft.md").write_text(markdown(result))
+    print(markdown(result))
 
 
 if __name__ == "__main__":

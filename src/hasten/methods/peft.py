@@ -84,6 +84,21 @@ def apply(model: nn.Module, cfg: PeftConfig) -> nn.Module:
     return model
 
 
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen floating-point weights in `dtype` (bf16/fp16 runs); returns the bytes saved.
+
+    Frozen weights need no fp32 master copy: nothing updates them, and autocast would cast them to
+    the compute dtype at every forward anyway. Halving them halves the base's memory and removes
+    those casts; the adapters stay fp32 (the optimizer updates them), and autocast runs their
+    matmuls in `dtype`."""
+    saved = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            saved += param.numel() * (param.element_size() - torch.empty((), dtype=dtype).element_size())
+            param.data = param.data.to(dtype)
+    return saved
+
+
 def is_peft(model: nn.Module) -> bool:
     """Whether the model holds peft adapter layers."""
     from importlib.util import find_spec

@@ -237,6 +237,8 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
         parts["info"].update(trainable_params=trainable, total_params=total, peft=config.peft.method)
         parts["flops_per_token"] = None  # 6N over all weights no longer describes an adapter step
     precision = resolve_precision(config.precision, device)
+    if config.peft.method != "none" and precision.name != "fp32" and config.parallel.strategy == "none":
+        peft.cast_frozen(parts["model"], precision.dtype)  # FSDP2's mixed-precision policy does this when sharded
     select_attention_backend(config.train.attention_backend, device)
     parts["model"] = parallelize(parts["model"], config, device, precision)
     optimizer = build_optimizer(parts["model"], config.optim, device)
