@@ -229,8 +229,6 @@ class TrainConfig:
     compile: bool = _f(False, "compile the forward pass and loss as one graph with torch.compile")
     compile_mode: str = _f("default", "torch.compile mode", choices=("default", "reduce-overhead", "max-autotune",
                                                                     "max-autotune-no-cudagraphs"))
-    chunked_loss: bool = _f(True, "compute the output head and cross-entropy in chunks of tokens, never holding "
-                                  "the full logits (less memory, same result; hasten's decoder only)")
     attention_backend: str = _f("auto", "scaled-dot-product attention kernel on GPU (auto = PyTorch's choice)",
                                 choices=("auto", "flash", "cudnn", "efficient", "math"))
     out_dir: str = _f("runs/default", "run folder: config, logs, checkpoints, plots, exported weights")

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hasten.config import FFN_LETTERS, MIXER_LETTERS, ConfigError, ModelConfig
@@ -28,7 +27,6 @@ from hasten.models.attention import Attention
 from hasten.models.layers import RMSNorm, SwiGLU, rope_tables
 from hasten.models.mamba2 import Mamba2
 from hasten.models.moe import MoE
-from hasten.models.ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 
 # Linears that write into the residual stream. Their init is scaled by 1/sqrt(2*n_layers) so the
 # variance of the stream does not grow with depth (GPT-2); a new mixer adds its own name here.
@@ -147,10 +145,7 @@ class Decoder(nn.Module):
         self.rope_cos.copy_(cos_Td)
         self.rope_sin.copy_(sin_Td)
 
-    def forward(self, idx_BT: torch.Tensor, cache: DecodeCache | None = None,
-                targets_BT: torch.Tensor | None = None) -> torch.Tensor:
-        """logits_BTV (in autocast's dtype), or with `targets_BT` the mean next-token cross-entropy,
-        computed by `linear_cross_entropy` in chunks of tokens without the full logits tensor."""
+    def forward(self, idx_BT: torch.Tensor, cache: DecodeCache | None = None) -> torch.Tensor:
         start = cache.pos if cache is not None else 0
         end = start + idx_BT.shape[1]
         if end > self.config.max_seq_len:
@@ -161,12 +156,7 @@ class Decoder(nn.Module):
             h_BTD = block(h_BTD, rope, cache.layers[i] if cache is not None else None)
         if cache is not None:
             cache.pos = end
-        if targets_BT is not None and type(self.output) is nn.Linear:  # a plain head (not an adapter or quantized)
-            return linear_cross_entropy(self.norm(h_BTD).flatten(0, 1), self.output.weight, targets_BT.flatten())
-        logits_BTV = self.output(self.norm(h_BTD))
-        if targets_BT is None:
-            return logits_BTV
-        return F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=IGNORE_INDEX)
+        return self.output(self.norm(h_BTD))  # logits_BTV, in autocast's dtype; the loss is the caller's
 
     def new_cache(self) -> DecodeCache:
         """An empty generation cache; `generate` uses one when the model offers this method."""

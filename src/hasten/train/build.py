@@ -29,9 +29,8 @@ BatchFn = Callable[[int, int], Batch]  # (step, micro) -> batch on the CPU
 LossFn = Callable[[nn.Module, Batch], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def lm_loss(model: nn.Module, batch: Batch, chunked: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Next-token cross-entropy of a language model that maps ids_BT to logits_BTV; with `chunked`,
-    of hasten's Decoder called with targets, which never holds the full logits.
+def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Next-token cross-entropy of a language model that maps ids_BT to logits_BTV.
 
     When layers recorded auxiliary losses in this (training) forward, e.g. MoE load balancing and
     router z-loss, their weighted sum is added, and the cross-entropy and each term are returned
@@ -39,11 +38,8 @@ def lm_loss(model: nn.Module, batch: Batch, chunked: bool = False) -> torch.Tens
     from hasten.models.moe import auxiliary_losses
 
     inputs, targets = batch
-    if chunked:  # hasten's decoder: head + cross-entropy in chunks of tokens (hasten.models.ops.cross_entropy)
-        ce = model(inputs, targets_BT=targets)
-    else:
-        logits = model(inputs)
-        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+    logits = model(inputs)
+    ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
     aux, terms = auxiliary_losses(model)
     if aux is None:
         return ce
@@ -148,8 +144,7 @@ def _build_lm(config: RunConfig, run_dir: Path, device: torch.device, rank: int,
     model = _lm_model(config, vocab_size, device)
     pin = device.type == "cuda"
     return dict(
-        model=model, tokenizer=data.tokenizer, sampled_loss_fn=lm_sampled_loss,
-        loss_fn=functools.partial(lm_loss, chunked=config.train.chunked_loss),
+        model=model, tokenizer=data.tokenizer, loss_fn=lm_loss, sampled_loss_fn=lm_sampled_loss,
         train_batches=_token_batches(data.train, config, config.train.seed, rank, world, pin),
         val_batches=_token_batches(data.val, config, config.train.seed + 1, rank, world, pin),
         flops_per_token=model.flops_per_token(config.train.seq_len),
@@ -188,8 +183,7 @@ def _build_instruct(config: RunConfig, run_dir: Path, device: torch.device, rank
     train = InstructBatches(train_recs, tokenizer, seq, bs, seed, rank, world)
     val = InstructBatches(val_recs, tokenizer, seq, bs, seed + 1, rank, world) if val_recs else None
     return dict(
-        model=model, tokenizer=tokenizer, sampled_loss_fn=lm_sampled_loss,
-        loss_fn=functools.partial(lm_loss, chunked=config.train.chunked_loss),
+        model=model, tokenizer=tokenizer, loss_fn=lm_loss, sampled_loss_fn=lm_sampled_loss,
         train_batches=train.batch, val_batches=val.batch if val else None,
         flops_per_token=model.flops_per_token(seq),
         info=dict(train_records=len(train_recs), val_records=len(val_recs), params=model.num_params(),
