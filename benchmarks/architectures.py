@@ -148,7 +148,7 @@ def bench_model(args, name: str) -> dict:
 
 def _environment() -> dict:
     import torch
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return dict(date=time.strftime("%Y-%m-%d"), commit=commit or os.environ.get("HASTEN_COMMIT", "unknown"),
                 device=device, torch=torch.__version__, cuda=torch.version.cuda)

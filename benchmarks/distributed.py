@@ -152,7 +152,7 @@ def _summary(rows: list[dict], largest: list[dict], nproc: int) -> dict:
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True, text=True,
                               cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         return ""

@@ -56,7 +56,7 @@ SMOKE = ["model.preset=tiny", "data.tokenizer=byte", "data.max_documents=60", "t
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         return ""
 
