@@ -1,0 +1,119 @@
+"""Each strategy on a real 2-rank gloo group trains like one process on the same global batch.
+
+The sampler draws the global batch of a step from (seed, step, micro) and gives rank r rows
+[r·B, (r+1)·B): one process with batch 2·B sees the same windows, in the same order. The model is
+initialized from the same seed on every rank. So the losses of the two runs must agree up to the
+order of floating-point sums (all-reduce / reduce-scatter add the two halves in another order
+than one process does): over 5 steps that is far below 1e-4 relative in fp32, and any real bug
+(a missing gradient average, a skipped sync, a rank reading the wrong windows) moves the loss by
+more than 1e-2.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import hasten
+from hasten.parallel import zero_memory_bytes
+from hasten.train.log import read_log
+from tests.conftest import TINY
+from tests.dist.launch import spawn, train_ranks
+
+B = 2  # sequences per rank and micro-batch
+COMMON = [*TINY, "data.max_documents=40", "train.seq_len=32", "train.steps=5", "train.grad_accum=2",
+          "log.every=1", "train.eval_every=5", "train.threads=1", "checkpoint.every=0"]
+LOSS_RTOL = 1e-4
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_log(run_dir / "metrics.jsonl") if r["event"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HASTEN_CACHE", str(root / "cache"))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def single(cache):
+    """One process, batch 2·B: the reference every strategy is held to."""
+    out = cache / "single"
+    hasten.train(hasten.load_config("default", [*COMMON, f"train.batch_size={2 * B}", f"train.out_dir={out}"]))
+    return out
+
+
+CASES = {
+    "ddp": ["parallel.strategy=ddp"],
+    "zero1": ["parallel.strategy=zero1"],
+    "zero2": ["parallel.strategy=zero2"],
+    "zero3": ["parallel.strategy=zero3"],
+    "zero3-offload": ["parallel.strategy=zero3", "parallel.cpu_offload=true"],
+    "zero3-ac-full": ["parallel.strategy=zero3", "parallel.activation_checkpointing=full"],
+    "ddp-ac-selective": ["parallel.strategy=ddp", "parallel.activation_checkpointing=selective"],
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_ranks_match_one_process(cache, single, case):
+    out = cache / case
+    spawn(train_ranks, [*COMMON, f"train.batch_size={B}", f"train.out_dir={out}", *CASES[case]])
+    ref, got = losses(single), losses(out)
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    assert got == pytest.approx(ref, rel=LOSS_RTOL)
+    assert ref[5] < ref[1]  # it trained
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch_tokens"] == 2 * B * 2 * 32
+    assert (out / "checkpoints" / "step_0000005" / "trainer_state.json").exists()
+
+
+def _measured_vs_zero(summary: dict, strategy: str) -> tuple[list[dict], dict]:
+    # hasten keeps fp32 weights and gradients and two fp32 Adam moments: 4 + 4 + 8 bytes per parameter.
+    expected = zero_memory_bytes(summary["params"], strategy, 2, param_bytes=4, grad_bytes=4, optimizer_bytes=8)
+    return summary["memory_per_rank"], expected
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero3"])
+def test_memory_per_rank_follows_the_zero_accounting(cache, strategy):
+    """Measured bytes on each rank against `zero_memory_bytes` (runs the cases above reuse)."""
+    summary_path = cache / strategy / "summary.json"
+    if not summary_path.exists():
+        pytest.skip("needs the strategy's training test to have run first")
+    ranks, expected = _measured_vs_zero(json.loads(summary_path.read_text()), strategy)
+    for rank in ranks:
+        assert rank["param_bytes"] == pytest.approx(expected["param_bytes"], rel=1e-9)
+        assert rank["grad_bytes"] == pytest.approx(expected["grad_bytes"], rel=1e-9)
+    # Adam's `step` counters (a few bytes per tensor) come on top; ZeRO-1 splits by whole tensors,
+    # so its halves are near, not equal, and only their sum is exact.
+    states = [rank["optimizer_state_bytes"] for rank in ranks]
+    if strategy == "zero1":
+        assert sum(states) == pytest.approx(2 * expected["optimizer_state_bytes"], rel=0.01)
+        assert max(states) < 0.8 * 2 * expected["optimizer_state_bytes"]
+    else:
+        assert states == pytest.approx([expected["optimizer_state_bytes"]] * 2, rel=0.01)
+
+
+def test_zero2_shards_gradients_and_states(cache):
+    """FSDP2 keeps zero2's parameters sharded at rest too (whole only between forward and backward)."""
+    summary_path = cache / "zero2" / "summary.json"
+    if not summary_path.exists():
+        pytest.skip("needs the zero2 training test to have run first")
+    ranks, expected = _measured_vs_zero(json.loads(summary_path.read_text()), "zero2")
+    for rank in ranks:
+        assert rank["grad_bytes"] == pytest.approx(expected["grad_bytes"], rel=1e-9)
+        assert rank["optimizer_state_bytes"] == pytest.approx(expected["optimizer_state_bytes"], rel=0.01)
+
+
+def test_zero_accounting_is_16_bytes_per_parameter_divided_as_the_paper_says():
+    n = 1_000_000
+    assert zero_memory_bytes(n, "ddp", 4)["total_bytes"] == 16 * n
+    assert zero_memory_bytes(n, "zero3", 4)["total_bytes"] == 16 * n / 4
+    assert zero_memory_bytes(n, "zero1", 4)["total_bytes"] == (2 + 2 + 12 / 4) * n
+    assert zero_memory_bytes(n, "zero2", 4)["total_bytes"] == (2 + (2 + 12) / 4) * n
+    assert zero_memory_bytes(n, "none", 1) == zero_memory_bytes(n, "ddp", 1)
+    with pytest.raises(ValueError, match="strategy"):
+        zero_memory_bytes(n, "zero4", 2)
