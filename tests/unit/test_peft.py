@@ -1,4 +1,4 @@
-"""PEFT: HF Llama loading (logit parity with transformers), LoRA/DoRA adapters, merge, HF export, instruct data."""
+"""PEFT: HF Llama/Qwen2 loading (logit parity with transformers), LoRA/DoRA adapters, merge, HF export, instruct data."""
 
 from __future__ import annotations
 
@@ -10,26 +10,28 @@ import torch
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from hasten.config import ConfigError, PeftConfig, load_config  # noqa: E402
+from hasten.config import ConfigError, ModelConfig, PeftConfig, load_config, save_config  # noqa: E402
 from hasten.methods import peft  # noqa: E402
-from hasten.models.hf import load_hf_llama, save_hf_llama  # noqa: E402
+from hasten.models.hf import hf_model_config, load_hf_llama, save_hf_llama  # noqa: E402
 
 TEXT = ("def add(a, b):\n    return a + b\n" "The quick brown fox jumps over the lazy dog.\n") * 20
 
 
-def make_hf_llama(folder, *, tie: bool = False, vocab: int = 300, seed: int = 0, **extra):
-    """A tiny random LlamaForCausalLM and a byte-level BPE tokenizer (tokenizer.json) in `folder`."""
+def make_hf_llama(folder, *, tie: bool = False, vocab: int = 300, seed: int = 0, arch: str = "Llama", **extra):
+    """A tiny random {arch}ForCausalLM (Llama, or Qwen2 with q/k/v biases) and a byte-level BPE tokenizer
+    (tokenizer.json) in `folder`."""
     import tokenizers
     from tokenizers import models, pre_tokenizers, decoders, trainers
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128,
-                                   rope_theta=5000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie, **extra)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # HF's init is tiny; larger weights make the parity check meaningful
-        for p in model.parameters():
-            if p.dim() == 2:
+    cfg = getattr(transformers, f"{arch}Config")(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=vocab, max_position_embeddings=128, rope_theta=5000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+        **extra)
+    model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
+    with torch.no_grad():  # HF's init is tiny (biases zero); larger weights make the parity check meaningful
+        for name, p in model.named_parameters():
+            if p.dim() == 2 or name.endswith(".bias"):
                 p.normal_(0, 0.1)
     model.save_pretrained(folder)
     tok = tokenizers.Tokenizer(models.BPE())
@@ -75,12 +77,89 @@ def test_sharded_checkpoint_loads(tmp_path):
         assert _close(ours.eval()(ids), ref(ids).logits)
 
 
-def test_biased_qwen2_is_refused(tmp_path):
+def test_hf_qwen2_logits_match_transformers(tmp_path):
+    ref = make_hf_llama(tmp_path, arch="Qwen2", tie=True)
+    ours, cfg = load_hf_llama(tmp_path)
+    assert cfg.qkv_bias and cfg.tie_embeddings and cfg.rope_theta == 5000.0
+    attn = ours.layers[0].mixer
+    assert all(lin.bias is not None and lin.bias.abs().sum() > 0 for lin in (attn.wq, attn.wk, attn.wv))
+    assert attn.wo.bias is None
+    ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert _close(ours.eval()(ids), ref(ids).logits)
+
+
+def test_qwen2_lora_merge_export_round_trips_through_transformers(tmp_path):
+    make_hf_llama(tmp_path / "src", arch="Qwen2")
+    model, _ = load_hf_llama(tmp_path / "src")
+    model = peft.apply(model, PeftConfig(method="lora", rank=4, alpha=8, targets="all-linear"))
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)  # biases stay frozen
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    model = peft.merge(model).eval()
+    save_hf_llama(model, tmp_path / "out")
+    meta = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert meta["model_type"] == "qwen2" and "attention_bias" not in meta
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(reloaded).__name__ == "Qwen2ForCausalLM"
+    again, cfg = load_hf_llama(tmp_path / "out")
+    assert cfg.qkv_bias
+    with torch.no_grad():
+        assert _close(reloaded(ids).logits, model(ids))
+        assert torch.equal(again.eval()(ids), model(ids))
+
+
+@pytest.mark.parametrize("extra, match", [
+    (dict(model_type="llama", attention_bias=True), "o_proj"),
+    (dict(model_type="llama", mlp_bias=True), "MLP"),
+    (dict(model_type="qwen2", mlp_bias=True), "MLP"),
+    (dict(model_type="llama", rope_parameters=dict(rope_type="llama3", rope_theta=5e5, factor=8.0)), "rope_scaling"),
+    (dict(model_type="gemma"), "not supported"),
+])
+def test_unsupported_hf_configs_are_refused(tmp_path, extra, match):
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128, vocab_size=300, **extra)))
+    with pytest.raises(ConfigError, match=match):
+        load_hf_llama(tmp_path)
+
+
+def test_qwen2_sliding_window_caps_the_sequence(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(
         model_type="qwen2", hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
-        vocab_size=300)))
-    with pytest.raises(ConfigError, match="biases"):
+        vocab_size=300, max_position_embeddings=4096, use_sliding_window=True, sliding_window=64)))
+    assert hf_model_config(tmp_path)[0].max_seq_len == 64  # within the window, windowed = full attention
+
+
+def test_hf_checkpoint_with_a_bias_hasten_lacks_is_refused(tmp_path):
+    make_hf_llama(tmp_path, arch="Qwen2")
+    meta = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**meta, "model_type": "llama"}))
+    with pytest.raises(ConfigError, match="no place"):
         load_hf_llama(tmp_path)
+
+
+def test_qkv_bias_round_trips_and_skips_weight_decay(tmp_path):
+    from hasten.models import build_model
+    from hasten.optim.builder import param_groups
+
+    cfg = load_config("default", ["model.preset=tiny", "model.qkv_bias=true"])
+    save_config(cfg, tmp_path / "config.toml")
+    assert load_config(tmp_path / "config.toml").model.qkv_bias
+    assert ModelConfig(**json.loads(json.dumps(cfg.to_dict()["model"]))).qkv_bias
+    assert not load_config("default").model.qkv_bias
+    model = build_model(cfg.model, 256)
+    plain = build_model(load_config("default", ["model.preset=tiny"]).model, 256)
+    biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+    assert len(biases) == 3 * cfg.model.n_layers and all(p.abs().sum() == 0 for p in biases)
+    assert model.num_params() - plain.num_params() == sum(p.numel() for p in biases)
+    assert model.flops_per_token(64) - plain.flops_per_token(64) == 6 * sum(p.numel() for p in biases)
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(any(p is b for b in no_decay["params"]) for p in biases)
+    assert not any(p.ndim < 2 for p in decay["params"])
 
 
 def test_peft_config_targets_and_alias():

@@ -55,7 +55,7 @@ def _out_std(c: ModelConfig) -> float:
 
 # Layer factories by pattern letter (config.MIXER_LETTERS / FFN_LETTERS): config -> () -> module.
 MIXERS: dict[str, Callable[[ModelConfig], Callable[[], nn.Module]]] = {
-    "A": lambda c: partial(Attention, c.dim, c.n_heads, c.n_kv_heads or c.n_heads, c.dropout),
+    "A": lambda c: partial(Attention, c.dim, c.n_heads, c.n_kv_heads or c.n_heads, c.dropout, c.qkv_bias),
     "M": lambda c: partial(Mamba2, c.dim, d_state=c.ssm_state, head_dim=c.ssm_head_dim, expand=c.ssm_expand,
                            n_groups=c.ssm_groups, chunk_size=c.ssm_chunk, d_conv=c.ssm_conv, norm_eps=c.norm_eps),
 }

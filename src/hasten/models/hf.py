@@ -3,14 +3,16 @@
     model, model_cfg = load_hf_llama("path/to/hf-folder")      # config.json + *.safetensors
     save_hf_llama(model, "out/", tokenizer)                    # a folder transformers loads
 
-Llama, Mistral (without a sliding window shorter than the model) and Qwen2-style configs without
-biases map one to one: transformers' LlamaForCausalLM applies rotate-half RoPE to its own
-weights, exactly like hasten's `apply_rope`, so q/k projections are copied as they are (the
-q/k permutation of the conversion scripts concerns Meta's original checkpoints only).
+Llama, Mistral and Qwen2 configs map one to one (a sliding window shorter than the model caps
+max_seq_len, where windowed and full attention agree; Qwen2's q/k/v biases set model.qkv_bias):
+transformers applies rotate-half RoPE to its own weights, exactly like hasten's `apply_rope`, so
+q/k projections are copied as they are (the q/k permutation of the conversion scripts concerns
+Meta's original checkpoints only). A model with qkv_bias is written back as Qwen2ForCausalLM,
+since Llama's attention_bias would add an o_proj bias too.
 
 Name map (HF -> hasten):
     model.embed_tokens                       -> tok_embeddings
-    model.layers.i.self_attn.{q,k,v,o}_proj  -> layers.i.mixer.{wq,wk,wv,wo}
+    model.layers.i.self_attn.{q,k,v,o}_proj  -> layers.i.mixer.{wq,wk,wv,wo}   (weight, and q/k/v bias)
     model.layers.i.mlp.{gate,up,down}_proj   -> layers.i.ffn.{w1,w3,w2}
     model.layers.i.input_layernorm           -> layers.i.mixer_norm
     model.layers.i.post_attention_layernorm  -> layers.i.ffn_norm
@@ -65,16 +67,18 @@ def hf_model_config(folder: str | Path, max_seq_len: int | None = None) -> tuple
         raise ConfigError(f"{folder}: model_type {kind!r} is not supported; hasten loads {', '.join(SUPPORTED_TYPES)} "
                           "(Llama layout) checkpoints.")
     dim, heads = c["hidden_size"], c["num_attention_heads"]
-    biased = c.get("attention_bias", kind == "qwen2") or c.get("mlp_bias", False)
-    if biased:
-        raise ConfigError(f"{folder}: this {kind} model has biases on its attention/MLP projections, which "
-                          "hasten's decoder does not have; only bias-free Llama-layout models load.")
+    if c.get("mlp_bias"):
+        raise ConfigError(f"{folder}: this {kind} model has biases on its MLP projections (mlp_bias), which "
+                          "hasten's decoder does not have.")
+    if c.get("attention_bias") and kind != "qwen2":
+        raise ConfigError(f"{folder}: attention_bias puts a bias on o_proj as well as q/k/v, and hasten's decoder "
+                          "has biases on q/k/v only (Qwen2 layout).")
     if c.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{folder}: hidden_act={c.get('hidden_act')!r} is not supported (SwiGLU with silu only).")
     if c.get("head_dim") not in (None, dim // heads):
         raise ConfigError(f"{folder}: head_dim={c['head_dim']} differs from hidden_size/num_attention_heads; "
                           "hasten's attention needs them equal.")
-    scaling = c.get("rope_scaling")
+    scaling = c.get("rope_scaling") or c.get("rope_parameters")  # transformers 5 writes rope_parameters
     if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
         raise ConfigError(f"{folder}: rope_scaling {scaling} is not supported yet (plain RoPE only).")
     positions = c.get("max_position_embeddings", 4096)
@@ -88,7 +92,8 @@ def hf_model_config(folder: str | Path, max_seq_len: int | None = None) -> tuple
                       n_kv_heads=c.get("num_key_value_heads") or heads, ffn_dim=c["intermediate_size"],
                       vocab_size=vocab, max_seq_len=seq, rope_theta=float(rope_theta),
                       norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-                      tie_embeddings=bool(c.get("tie_word_embeddings", False)), dropout=0.0)
+                      tie_embeddings=bool(c.get("tie_word_embeddings", False)), dropout=0.0,
+                      qkv_bias=kind == "qwen2")  # transformers' Qwen2 always has them, whatever the config says
     return cfg, vocab
 
 
@@ -142,10 +147,13 @@ def load_hf_llama(folder: str | Path, device: str | torch.device = "cpu", dtype:
         state.pop("output.weight", None)
     own = model.state_dict()
     expected = {k for k in own if not (cfg.tie_embeddings and k == "output.weight")}
-    missing = sorted(expected - set(state))
+    missing, extra = sorted(expected - set(state)), sorted(set(state) - set(own))
     if missing:
         raise ConfigError(f"{folder}: the checkpoint lacks {', '.join(missing[:4])}"
                           f"{' ...' if len(missing) > 4 else ''}; is it a complete Llama-layout model?")
+    if extra:
+        raise ConfigError(f"{folder}: the checkpoint holds {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}, "
+                          "which hasten's decoder built from config.json has no place for (a bias it lacks?).")
     for key, tensor in state.items():
         if tuple(own[key].shape) != tuple(tensor.shape):
             raise ConfigError(f"{folder}: {key} has shape {tuple(tensor.shape)}, expected {tuple(own[key].shape)} "
@@ -157,7 +165,8 @@ def load_hf_llama(folder: str | Path, device: str | torch.device = "cpu", dtype:
 
 
 def hf_config_dict(model_cfg: ModelConfig, vocab_size: int, eos_id: int | None = None) -> dict[str, Any]:
-    """The config.json of an HF LlamaForCausalLM equal to a dense, all-attention hasten Decoder."""
+    """The config.json of an HF LlamaForCausalLM (Qwen2ForCausalLM with qkv_bias) equal to a dense,
+    all-attention hasten Decoder."""
     if set(model_cfg.layer_mixers()) != {"A"} or set(model_cfg.layer_ffns()) != {"D"}:
         raise ConfigError("The Hugging Face Llama format holds attention + dense SwiGLU layers only; this model has "
                           "Mamba-2 or MoE layers: export it with --format hasten.")
@@ -172,13 +181,17 @@ def hf_config_dict(model_cfg: ModelConfig, vocab_size: int, eos_id: int | None =
         rms_norm_eps=model_cfg.norm_eps, tie_word_embeddings=model_cfg.tie_embeddings, hidden_act="silu",
         attention_bias=False, mlp_bias=False, attention_dropout=0.0, torch_dtype="float32", dtype="float32",
     )
+    if model_cfg.qkv_bias:  # Qwen2: biases on q/k/v only (Llama's attention_bias would add one on o_proj)
+        del out["attention_bias"], out["mlp_bias"]
+        out.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False,
+                   sliding_window=None, max_window_layers=model_cfg.n_layers)
     if eos_id is not None:
         out.update(eos_token_id=eos_id, bos_token_id=eos_id)
     return out
 
 
 def save_hf_llama(model: torch.nn.Module, out_dir: str | Path, tokenizer: Any = None) -> Path:
-    """Write `model` (a plain hasten Decoder, adapters merged) as an HF Llama folder."""
+    """Write `model` (a plain hasten Decoder, adapters merged) as an HF Llama (or, with qkv_bias, Qwen2) folder."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
