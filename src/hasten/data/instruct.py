@@ -3,8 +3,16 @@
 Each record becomes prompt tokens + response tokens + end-of-text, cut to seq_len + 1 tokens.
 Inputs are all but the last token; targets are the tokens shifted left by one, with -100 (the
 ignore index of cross-entropy) on every prompt position and on padding, so the loss counts
-response tokens only. Batches are padded to seq_len on the right (causal attention: padding
-never influences the real tokens before it).
+response tokens only.
+
+Two layouts of a batch:
+- padded (`InstructBatches`): one record per row, padded to seq_len on the right (causal
+  attention: padding never influences the real tokens before it). Batches are (inputs, targets).
+- packed (`PackedInstructBatches`, `data.pack`): records follow each other in a row until the
+  next one does not fit, so rows hold few padding tokens. Batches are (inputs, targets,
+  positions): positions restart at 0 at each record, and the decoder derives from them both the
+  rotary positions and an attention mask that keeps every token inside its own record, so a
+  packed record is computed exactly as it would be alone (tested).
 
 Batches are stateless like WindowSampler's: batch(step, micro) draws its records from a
 generator seeded by (seed, step, micro), so a resumed run sees the same batches.
@@ -101,3 +109,62 @@ class InstructBatches:
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.indices(step, micro)
         return torch.from_numpy(self.inputs[idx]), torch.from_numpy(self.targets[idx])
+
+
+class PackedInstructBatches:
+    """(inputs, targets, positions) int64 [batch_size, seq_len] batches, several records per row.
+
+    For (step, micro), the records of a seeded permutation fill the world's rows in turn (next
+    fit: a record that does not fit closes the row); this rank takes its rows. A record longer
+    than seq_len is cut, as in the padded layout."""
+
+    def __init__(self, records: list[tuple[str, str]], tokenizer, seq_len: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if not records:
+            raise ConfigError("The instruction data holds no training records; add some or lower data.val_fraction.")
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.pad_id = tokenizer.eot_id
+        encoded = [encode_example(tokenizer, prompt, response, seq_len) for prompt, response in records]
+        self.lengths = np.array([len(x) for x, _ in encoded], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        self.inputs = np.array([t for x, _ in encoded for t in x], dtype=np.int64)
+        self.targets = np.array([t for _, y in encoded for t in y], dtype=np.int64)
+        if not (self.targets != IGNORE_INDEX).any():
+            raise ConfigError("No response token survives truncation to train.seq_len; raise train.seq_len.")
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def rows(self, step: int, micro: int = 0) -> list[list[int]]:
+        """Record indices of every row of the world's batch at (step, micro)."""
+        rng = np.random.Generator(np.random.PCG64([self.seed, step, micro]))
+        rows, row, used = [], [], 0
+        total = self.world_size * self.batch_size
+        while len(rows) < total:
+            for i in rng.permutation(len(self)).tolist():  # another permutation if the records run out
+                if used + self.lengths[i] > self.seq_len:
+                    rows.append(row)
+                    row, used = [], 0
+                    if len(rows) == total:
+                        break
+                row.append(i)
+                used += self.lengths[i]
+        return rows
+
+    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shape = (self.batch_size, self.seq_len)
+        inputs = np.full(shape, self.pad_id, dtype=np.int64)
+        targets = np.full(shape, IGNORE_INDEX, dtype=np.int64)
+        positions = np.zeros(shape, dtype=np.int64)
+        mine = self.rows(step, micro)[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        for r, row in enumerate(mine):
+            at = 0
+            for i in row:
+                a, n = self.offsets[i], self.lengths[i]
+                inputs[r, at:at + n] = self.inputs[a:a + n]
+                targets[r, at:at + n] = self.targets[a:a + n]
+                positions[r, at:at + n] = np.arange(n)
+                at += n
+            positions[r, at:] = np.arange(self.seq_len - at)  # padding: one more segment, all targets ignored
+        return torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(positions)

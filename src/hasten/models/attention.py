@@ -33,9 +33,10 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
     def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: dict | None = None) -> torch.Tensor:
-        """`rope` holds the tables of these T positions. With a `cache` dict (generation), keys and
-        values of earlier calls are reused and this call's are appended."""
+                cache: dict | None = None, mask_B1TT: torch.Tensor | None = None) -> torch.Tensor:
+        """`rope` holds the tables of these T positions (per row for packed sequences). With a
+        `cache` dict (generation), keys and values of earlier calls are reused and this call's are
+        appended. `mask_B1TT` (True = may attend) replaces the causal mask: packed sequences."""
         B, T, _ = x_BTD.shape
         H, K, d = self.n_heads, self.n_kv_heads, self.head_dim
         q_BHTd = self.wq(x_BTD).view(B, T, H, d).transpose(1, 2)
@@ -43,7 +44,7 @@ class Attention(nn.Module):
         v_BKTd = self.wv(x_BTD).view(B, T, K, d).transpose(1, 2)
         cos_Td, sin_Td = rope
         q_BHTd, k_BKTd = apply_rope(q_BHTd, cos_Td, sin_Td), apply_rope(k_BKTd, cos_Td, sin_Td)
-        mask = None
+        mask = mask_B1TT
         if cache is not None:
             if "k" in cache:
                 k_BKTd, v_BKTd = torch.cat([cache["k"], k_BKTd], dim=2), torch.cat([cache["v"], v_BKTd], dim=2)

@@ -100,8 +100,10 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(dropout)  # on each residual branch (identity in eval or at p=0)
 
     def forward(self, h_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: dict | None = None) -> torch.Tensor:
+                cache: dict | None = None, mask_B1TT: torch.Tensor | None = None) -> torch.Tensor:
         extra = {} if cache is None else {"cache": cache}  # mixers without a cache never see the argument
+        if mask_B1TT is not None:  # packed sequences (attention mixers only: Decoder.forward checks)
+            extra["mask_B1TT"] = mask_B1TT
         h_BTD = h_BTD + self.dropout(self.mixer(self.mixer_norm(h_BTD), rope=rope, **extra))
         return h_BTD + self.dropout(self.ffn(self.ffn_norm(h_BTD)))
 
@@ -145,18 +147,35 @@ class Decoder(nn.Module):
         self.rope_cos.copy_(cos_Td)
         self.rope_sin.copy_(sin_Td)
 
-    def forward(self, idx_BT: torch.Tensor, cache: DecodeCache | None = None) -> torch.Tensor:
+    def forward(self, idx_BT: torch.Tensor, cache: DecodeCache | None = None,
+                positions_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """logits_BTV of the ids. `positions_BT` marks packed sequences: each row holds several
+        sequences, each starting at position 0; rotary positions follow them, and attention stays
+        inside each sequence (causal within it), so every sequence is computed as if alone."""
         start = cache.pos if cache is not None else 0
         end = start + idx_BT.shape[1]
         if end > self.config.max_seq_len:
             raise ValueError(f"sequence of {end} tokens is longer than model.max_seq_len={self.config.max_seq_len}")
-        rope = (self.rope_cos[start:end], self.rope_sin[start:end])
+        rope, mask_B1TT = (self.rope_cos[start:end], self.rope_sin[start:end]), None
+        if positions_BT is not None:
+            if cache is not None or not self.supports_packing():
+                raise ValueError("packed sequences need attention in every layer and no generation cache")
+            rope = (self.rope_cos[positions_BT][:, None], self.rope_sin[positions_BT][:, None])  # B,1,T,d
+            segment_BT = (positions_BT == 0).cumsum(dim=1)
+            T = idx_BT.shape[1]
+            causal_TT = torch.ones(T, T, dtype=torch.bool, device=idx_BT.device).tril()
+            mask_B1TT = ((segment_BT[:, :, None] == segment_BT[:, None, :]) & causal_TT)[:, None]
         h_BTD = self.tok_embeddings(idx_BT)
         for i, block in enumerate(self.layers):
-            h_BTD = block(h_BTD, rope, cache.layers[i] if cache is not None else None)
+            h_BTD = block(h_BTD, rope, cache.layers[i] if cache is not None else None, mask_B1TT)
         if cache is not None:
             cache.pos = end
         return self.output(self.norm(h_BTD))  # logits_BTV, in autocast's dtype; the loss is the caller's
+
+    def supports_packing(self) -> bool:
+        """Whether packed sequences can be separated: attention takes a mask; a Mamba-2 scan would
+        carry its state from one sequence into the next."""
+        return all(isinstance(block.mixer, Attention) for block in self.layers)
 
     def new_cache(self) -> DecodeCache:
         """An empty generation cache; `generate` uses one when the model offers this method."""

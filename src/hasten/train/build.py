@@ -37,8 +37,8 @@ def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor | tuple[torch.Tensor
     alongside for logging. Evaluation forwards record none, so validation loss is plain CE."""
     from hasten.models.moe import auxiliary_losses
 
-    inputs, targets = batch
-    logits = model(inputs)
+    inputs, targets, *packed = batch  # packed instruction data adds positions (hasten.data.instruct)
+    logits = model(inputs, positions_BT=packed[0]) if packed else model(inputs)
     ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
     aux, terms = auxiliary_losses(model)
     if aux is None:
@@ -51,7 +51,7 @@ def lm_sampled_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     gradient gives SophiaG's Gauss-Newton-Bartlett Hessian estimate (the true targets are unused)."""
     from hasten.optim import sampled_label_loss
 
-    logits = model(batch[0])
+    logits = model(batch[0], positions_BT=batch[2]) if len(batch) > 2 else model(batch[0])
     return sampled_label_loss(logits.view(-1, logits.size(-1)))
 
 
@@ -165,7 +165,7 @@ def _lm_model(config: RunConfig, vocab_size: int, device: torch.device) -> nn.Mo
 def _build_instruct(config: RunConfig, run_dir: Path, device: torch.device, rank: int, world: int) -> dict[str, Any]:
     """Instruction JSONL (prompt/response): loss on response tokens only (hasten.data.instruct)."""
     from hasten.data import ByteTokenizer, load_tokenizer
-    from hasten.data.instruct import InstructBatches, load_records, split_records
+    from hasten.data.instruct import InstructBatches, PackedInstructBatches, load_records, split_records
     from hasten.models import resolve_vocab_size
 
     name = config.data.tokenizer
@@ -180,8 +180,14 @@ def _build_instruct(config: RunConfig, run_dir: Path, device: torch.device, rank
     torch.manual_seed(config.train.seed)
     model = _lm_model(config, vocab_size, device)
     seq, bs, seed = config.train.seq_len, config.train.batch_size, config.train.seed
-    train = InstructBatches(train_recs, tokenizer, seq, bs, seed, rank, world)
-    val = InstructBatches(val_recs, tokenizer, seq, bs, seed + 1, rank, world) if val_recs else None
+    batches = InstructBatches
+    if config.data.pack:
+        if not model.supports_packing():
+            raise ConfigError("data.pack=true needs attention in every layer (a Mamba-2 scan would carry state "
+                              "from one record into the next); set data.pack=false.")
+        batches = PackedInstructBatches
+    train = batches(train_recs, tokenizer, seq, bs, seed, rank, world)
+    val = batches(val_recs, tokenizer, seq, bs, seed + 1, rank, world) if val_recs else None
     return dict(
         model=model, tokenizer=tokenizer, loss_fn=lm_loss, sampled_loss_fn=lm_sampled_loss,
         train_batches=train.batch, val_batches=val.batch if val else None,
