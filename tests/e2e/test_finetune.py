@@ -96,3 +96,59 @@ def test_lora_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert model_keys and all("lora_" in k for k in model_keys)  # adapter-only: the frozen base is not saved
     resumed = train(load_config("default", common + [f"train.resume={mid}"]))
     assert resumed["steps"] == 6 and abs(resumed["final_loss"] - full["final_loss"]) < 1e-5
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_messages_records_train_on_the_assistant_reply_through_the_chat_template(tmp_path, monkeypatch):
+    from hasten.api import train
+    from hasten.config import ConfigError, load_config
+    from hasten.data.instruct import ChatTemplate, load_records
+    from hasten.train.log import read_log
+
+    monkeypatch.setenv("HASTEN_CACHE", str(tmp_path / "cache"))
+    hf = tmp_path / "hf"
+    make_hf_llama(hf)
+    data = tmp_path / "chat.jsonl"
+    with data.open("w") as f:
+        for i in range(40):
+            f.write(json.dumps({"messages": [{"role": "system", "content": "You add."},
+                                             {"role": "user", "content": f"{i} + {i + 1}?"},
+                                             {"role": "assistant", "content": f"{2 * i + 1}"}]}) + "\n")
+    with pytest.raises(ConfigError, match="has none"):  # the fixture's tokenizer has no template yet
+        load_records(str(data), hf)
+    config_path = hf / "tokenizer_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "chat_template": CHAT_TEMPLATE}))
+    prompt, response = load_records(str(data), hf)[3]
+    assert prompt == "<|system|>You add.\n<|user|>3 + 4?\n<|assistant|>" and response == "7\n"
+    with pytest.raises(ValueError, match="last message must be the assistant's"):
+        ChatTemplate(hf)([{"role": "user", "content": "hi"}])
+    run = tmp_path / "run"
+    summary = train(load_config("default", [f"model.from={hf}", f"data.source={data}", f"train.out_dir={run}",
+                                            "peft.method=lora", "log.sample_tokens=0", "checkpoint.every=0",
+                                            "log.every=1", *QUICK]))
+    losses = [r["loss"] for r in read_log(run / "metrics.jsonl") if r["event"] == "train"]
+    assert summary["completed"] and losses[-1] < losses[0]
+
+
+def test_lora_with_activation_checkpointing_and_compile_trains_like_plain_lora(tmp_path, monkeypatch):
+    from hasten.api import train
+    from hasten.config import load_config
+    from hasten.train.log import read_log
+
+    monkeypatch.setenv("HASTEN_CACHE", str(tmp_path / "cache"))
+    hf = tmp_path / "hf"
+    make_hf_llama(hf)
+    data = write_instruct(tmp_path / "qa.jsonl")
+
+    def losses(name, *extra):
+        train(load_config("default", [f"model.from={hf}", f"data.source={data}", f"train.out_dir={tmp_path / name}",
+                                      "peft.method=lora", "log.sample_tokens=0", "checkpoint.every=0", "log.every=1",
+                                      *QUICK, *extra]))
+        return [r["loss"] for r in read_log(tmp_path / name / "metrics.jsonl") if r["event"] == "train"]
+
+    plain = losses("plain")
+    assert losses("ac", "parallel.activation_checkpointing=full") == pytest.approx(plain, rel=1e-5)
+    assert losses("compiled", "train.compile=true") == pytest.approx(plain, rel=1e-3)  # fused kernels: other sums

@@ -1,4 +1,5 @@
-"""Instruction data: JSONL records {"prompt": ..., "response": ...}, trained on the response only.
+"""Instruction data: JSONL records {"prompt": ..., "response": ...} or {"messages": [{"role": ...,
+"content": ...}, ...]} (rendered with the tokenizer's chat template), trained on the response only.
 
 Each record becomes prompt tokens + response tokens + end-of-text, cut to seq_len + 1 tokens.
 Inputs are all but the last token; targets are the tokens shifted left by one, with -100 (the
@@ -33,7 +34,7 @@ IGNORE_INDEX = -100
 
 
 def is_instruct_source(source: str) -> bool:
-    """A .jsonl file whose first record has string `prompt` and `response` fields."""
+    """A .jsonl file whose first record has `prompt` and `response` fields, or `messages`."""
     path = Path(source)
     if path.suffix != ".jsonl" or not path.is_file():
         return False
@@ -44,18 +45,62 @@ def is_instruct_source(source: str) -> bool:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     return False
-                return isinstance(rec, dict) and "prompt" in rec and "response" in rec
+                return isinstance(rec, dict) and ("prompt" in rec and "response" in rec or "messages" in rec)
     return False
 
 
-def load_records(source: str) -> list[tuple[str, str]]:
-    records = []
+class ChatTemplate:
+    """Turns a conversation into (prompt, response) with a tokenizer folder's chat template.
+
+    The template is the folder's own (`chat_template` in tokenizer_config.json), rendered by
+    transformers' `apply_chat_template`. The response is the last message, which must be the
+    assistant's: prompt = the conversation before it, with the template's generation prompt;
+    response = what the whole conversation renders to beyond that prompt (the assistant's text and
+    the template's end-of-turn marks). Earlier assistant turns are context, not trained on."""
+
+    def __init__(self, folder: str | Path) -> None:
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ConfigError("Records with 'messages' are rendered with the tokenizer's chat template through "
+                              "`transformers`: pip install 'hasten[peft]'.") from None
+        self.tok = AutoTokenizer.from_pretrained(str(folder))
+        if not getattr(self.tok, "chat_template", None):
+            raise ConfigError(f"Records with 'messages' need a chat template, and the tokenizer in {folder} has none "
+                              "(chat_template in tokenizer_config.json); write prompt/response records instead.")
+
+    def __call__(self, messages: list[dict[str, str]]) -> tuple[str, str]:
+        if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+            raise ValueError("the last message must be the assistant's (the response trained on)")
+        prompt = self.tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        whole = self.tok.apply_chat_template(messages, tokenize=False)
+        if not whole.startswith(prompt):
+            raise ValueError("the chat template renders the conversation without its prompt as a prefix")
+        return prompt, whole[len(prompt):]
+
+
+def load_records(source: str, tokenizer_folder: str | Path | None = None) -> list[tuple[str, str]]:
+    """(prompt, response) pairs of a JSONL file: prompt/response records as they are, `messages`
+    records through the chat template of `tokenizer_folder` (ChatTemplate)."""
+    records, chat = [], None
     for n, line in enumerate(Path(source).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         rec = json.loads(line)
+        if isinstance(rec.get("messages"), list):
+            if chat is None:
+                if tokenizer_folder is None:
+                    raise ConfigError(f"{source}:{n}: records with 'messages' need the chat template of a tokenizer "
+                                      "folder: set model.from (or data.tokenizer) to a folder with one.")
+                chat = ChatTemplate(tokenizer_folder)
+            try:
+                records.append(chat(rec["messages"]))
+            except ValueError as err:
+                raise ConfigError(f"{source}:{n}: {err}.") from None
+            continue
         if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("response"), str):
-            raise ConfigError(f"{source}:{n}: every record needs string 'prompt' and 'response' fields.")
+            raise ConfigError(f"{source}:{n}: every record needs string 'prompt' and 'response' fields, or a "
+                              "'messages' list.")
         records.append((rec["prompt"], rec["response"]))
     return records
 

@@ -175,7 +175,8 @@ def _build_instruct(config: RunConfig, run_dir: Path, device: torch.device, rank
     tokenizer = ByteTokenizer() if name == "byte" else load_tokenizer(name)
     if rank == 0:
         tokenizer.save(run_dir / "tokenizer")
-    train_recs, val_recs = split_records(load_records(config.data.source), config.data.val_fraction)
+    folder = name if name not in ("byte", "bpe") else None  # a tokenizer folder: its chat template, if any
+    train_recs, val_recs = split_records(load_records(config.data.source, folder), config.data.val_fraction)
     vocab_size = resolve_vocab_size(config.model, tokenizer.vocab_size)
     torch.manual_seed(config.train.seed)
     model = _lm_model(config, vocab_size, device)
