@@ -85,8 +85,8 @@ def build_muon(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torc
     if not matrices:
         raise ConfigError("optim.name=muon found no hidden 2-D weight matrices in the model; use optim.name=adamw.")
     muon_group = {"params": matrices, "weight_decay": cfg.weight_decay, "lr_scale": cfg.muon_lr_scale}
-    muon = muon_class()([muon_group], lr=cfg.lr * cfg.muon_lr_scale, momentum=cfg.muon_momentum, nesterov=True,
-                        ns_steps=cfg.muon_ns_steps, adjust_lr_fn=cfg.muon_adjust_lr)
+    muon = muon_class(matrices)([muon_group], lr=cfg.lr * cfg.muon_lr_scale, momentum=cfg.muon_momentum,
+                                nesterov=True, ns_steps=cfg.muon_ns_steps, adjust_lr_fn=cfg.muon_adjust_lr)
     rest = param_groups(model, cfg.weight_decay, exclude={id(p) for p in matrices})
     if not rest:
         return CombinedOptimizer([muon])

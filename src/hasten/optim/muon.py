@@ -14,12 +14,17 @@ one `CombinedOptimizer`, so the loop, checkpoints and `optimizer_state_bytes` se
 `torch.optim.Muon` (PyTorch 2.9+) does the Muon part where it exists; `MuonNS`, written here,
 is the same update for older PyTorch and the reference the parity test compares against.
 
-FSDP2 (ZeRO-3): Newton-Schulz needs the whole matrix, not a row shard. With sharded (DTensor)
-parameters the update must gather each matrix's momentum (`full_tensor()`), orthogonalize it,
-and keep the local shard of the result (`distribute_tensor(O, mesh, placements)`); ranks can
-split the matrices among them so each orthogonalizes a few (as Moonlight's distributed Muon does).
-Neither `torch.optim.Muon` nor `MuonNS` does this yet: `hasten.parallel` must reject Muon with
-sharded parameters until it does (DDP and ZeRO-1/2, which keep whole parameters, are fine).
+Sharded parameters (FSDP2, `parallel.strategy=zero2|zero3`): each rank holds a row shard of
+every matrix as a DTensor (Shard(0)), but Newton-Schulz needs the whole matrix. `MuonNS` then
+gathers each matrix's Nesterov update (`full_tensor()`: one all-gather per matrix and step),
+orthogonalizes it, and keeps its own rows of the result; momentum buffers stay sharded like the
+parameters, so the optimizer state is still divided by the world size. Given the same gradients
+the step is the unsharded one, bit for bit. `build_muon` picks `MuonNS` whenever a parameter is a
+DTensor: `torch.optim.Muon` has no such gather (on DTensors its 2-rank steps fail here).
+Cost: every rank orthogonalizes every matrix, so the Newton-Schulz compute is repeated on each
+rank rather than divided, and each rank holds one whole matrix (and its bf16 iterates) at a time.
+Splitting the matrices among the ranks (as Moonlight's distributed Muon does) would divide that
+compute; it is not done here.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from hasten.optim.hooks import closure_loss
 
@@ -57,13 +63,37 @@ def adjusted_lr(lr: float, shape: torch.Size, mode: str) -> float:
     return lr * (math.sqrt(max(1.0, rows / cols)) if mode == "original" else 0.2 * math.sqrt(max(rows, cols)))
 
 
+def orthogonalize(update: torch.Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                  eps: float = 1e-7) -> torch.Tensor:
+    """`newton_schulz(update)`; for a DTensor, of the whole matrix, returned in `update`'s layout.
+
+    Every rank gathers the same matrix and orthogonalizes it, then keeps its own part
+    (`src_data_rank=None`: no scatter, each rank slices its local copy by DTensor's chunking, which
+    is FSDP2's, uneven and empty shards included).
+    """
+    if not isinstance(update, DTensor):
+        return newton_schulz(update, steps, coefficients, eps)
+    mesh, device = update.device_mesh, update.device
+    # CPU offload on GPUs (shards on the CPU, NCCL mesh): gather and orthogonalize on the mesh's
+    # device. The tests run on CPU meshes only, where this does nothing.
+    if device.type != mesh.device_type:
+        update = update.to(mesh.device_type)
+    whole = newton_schulz(update.full_tensor(), steps, coefficients, eps)
+    return distribute_tensor(whole, mesh, update.placements, src_data_rank=None).to(device)
+
+
 class MuonNS(torch.optim.Optimizer):
-    """Muon on 2-D parameters, written plainly: the fallback where `torch.optim.Muon` is missing."""
+    """Muon on 2-D parameters, written plainly: the fallback where `torch.optim.Muon` is missing,
+    and the Muon for sharded (DTensor) parameters, whose momentum stays sharded like them."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = 5, adjust_lr_fn: str = "original", eps: float = 1e-7) -> None:
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str = "original") -> None:
+        # torch.optim.Muon's group keys: a checkpoint of either loads into the other (DCP loads the
+        # groups too), e.g. one written sharded, with MuonNS, resumed in one process, with Muon.
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                                      ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, eps=eps))
+                                      ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
+                                      adjust_lr_fn=adjust_lr_fn))
         for group in self.param_groups:
             if any(p.ndim != 2 for p in group["params"]):
                 raise ValueError("Muon updates 2-D matrices only; give other parameters to AdamW.")
@@ -77,7 +107,7 @@ class MuonNS(torch.optim.Optimizer):
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 buf.lerp_(p.grad, 1 - mu)
                 update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-                ortho = newton_schulz(update, group["ns_steps"], eps=group["eps"])
+                ortho = orthogonalize(update, group["ns_steps"], tuple(group["ns_coefficients"]), group["eps"])
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(ortho, alpha=-adjusted_lr(group["lr"], p.shape, group["adjust_lr_fn"]))
         return loss
@@ -143,6 +173,9 @@ def muon_params(model: nn.Module) -> list[nn.Parameter]:
     return chosen
 
 
-def muon_class() -> type[torch.optim.Optimizer]:
-    """`torch.optim.Muon` where this PyTorch has it, else `MuonNS`."""
+def muon_class(params: Iterable[torch.Tensor] = ()) -> type[torch.optim.Optimizer]:
+    """`torch.optim.Muon` where this PyTorch has it, else `MuonNS`; `MuonNS` for sharded (DTensor)
+    `params` in any case, since only it orthogonalizes whole matrices of sharded parameters."""
+    if any(isinstance(p, DTensor) for p in params):
+        return MuonNS
     return getattr(torch.optim, "Muon", MuonNS)
