@@ -347,9 +347,6 @@ class RunConfig:
         # (Hessian refresh, train/eval weights) or their split into two optimizers (Muon + AdamW).
         _check(not (self.parallel.strategy == "zero1" and self.optim.name in ("sophia", "schedulefree_adamw", "muon")),
                "optim.name", self.optim.name, "it does not work with parallel.strategy=zero1 yet; use ddp, zero2 or zero3")
-        # Newton-Schulz orthogonalizes whole matrices; FSDP2 holds only a shard of each per rank.
-        _check(not (self.optim.name == "muon" and self.parallel.strategy in ("zero2", "zero3")),
-               "optim.name", self.optim.name, "Muon does not support sharded parameters (zero2, zero3) yet; use ddp")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

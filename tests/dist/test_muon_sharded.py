@@ -30,7 +30,7 @@ from hasten.config import OptimConfig
 from hasten.optim import CombinedOptimizer, MuonNS, build_optimizer, muon_params
 from hasten.parallel import shard
 from hasten.train.checkpoint import TrainerState, list_checkpoints, load_checkpoint, save_checkpoint
-from tests.dist.launch import spawn
+from tests.dist.launch import spawn, train_ranks
 from tests.dist.test_strategies import B, COMMON, losses
 
 CPU = torch.device("cpu")
@@ -157,24 +157,15 @@ def single(cache):
     return out
 
 
-@pytest.mark.skip(reason="enabled when the zero2/3 muon check in config.py is lifted")
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
 def test_config_accepts_muon_with_sharded_parameters(strategy):
     config = hasten.load_config("default", ["optim.name=muon", f"parallel.strategy={strategy}"])
     assert config.parallel.strategy == strategy
 
 
-def _train_ranks(overrides: list[str], strategy: str) -> None:
-    config = hasten.load_config("default", overrides)
-    # config.py still refuses muon with zero2/zero3: set the strategy after validation until that
-    # check is lifted, then pass it in the overrides.
-    config.parallel.strategy = strategy
-    hasten.train(config)
-
-
 def test_two_rank_zero3_muon_trains_like_one_process_and_resumes_there(cache, single):
     out = cache / "zero3"
-    spawn(_train_ranks, [*MUON, f"train.batch_size={B}", f"train.out_dir={out}"], "zero3")
+    spawn(train_ranks, [*MUON, f"train.batch_size={B}", f"train.out_dir={out}", "parallel.strategy=zero3"])
     ref, got = losses(single), losses(out)
     assert sorted(got) == [1, 2, 3, 4] and ref[4] < ref[1]
     assert got == pytest.approx(ref, rel=LOSS_RTOL)
@@ -189,8 +180,8 @@ def test_two_rank_zero3_muon_trains_like_one_process_and_resumes_there(cache, si
 
 def test_one_process_muon_checkpoint_resumes_on_two_ranks_with_zero2(cache, single):
     out = cache / "zero2"
-    spawn(_train_ranks, [*MUON, f"train.batch_size={B}", f"train.out_dir={out}",
-                         f"train.resume={list_checkpoints(single)[0]}"], "zero2")
+    spawn(train_ranks, [*MUON, f"train.batch_size={B}", f"train.out_dir={out}",
+                        f"train.resume={list_checkpoints(single)[0]}", "parallel.strategy=zero2"])
     ref, got = losses(single), losses(out)
     assert sorted(got) == [3, 4]
     assert got == pytest.approx({s: ref[s] for s in (3, 4)}, rel=LOSS_RTOL)
