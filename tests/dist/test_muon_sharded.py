@@ -31,7 +31,7 @@ from hasten.optim import CombinedOptimizer, MuonNS, build_optimizer, muon_params
 from hasten.parallel import shard
 from hasten.train.checkpoint import TrainerState, list_checkpoints, load_checkpoint, save_checkpoint
 from tests.dist.launch import spawn, train_ranks
-from tests.dist.test_strategies import B, COMMON, losses
+from tests.dist.test_strategies import B, COMMON, cache, losses  # noqa: F401 (cache: fixture)
 
 CPU = torch.device("cpu")
 # Over 2 ranks: even rows, uneven rows (4 + 3), a tall matrix, and one row (rank 1's shard is empty).
@@ -140,14 +140,6 @@ def test_fsdp2_muon_matches_one_process_and_resumes(tmp_path):
 # --- the training path ----------------------------------------------------------------------------
 
 MUON = [*COMMON, "optim.name=muon", "train.steps=4", "checkpoint.every=2", "checkpoint.keep=2"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("muon")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HASTEN_CACHE", str(root / "cache"))
-        yield root
 
 
 @pytest.fixture(scope="module")

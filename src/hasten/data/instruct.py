@@ -122,8 +122,8 @@ def encode_example(tokenizer, prompt: str, response: str, seq_len: int) -> tuple
     return ids[:-1], labels[1:]
 
 
-class InstructBatches:
-    """(inputs, targets) int64 [batch_size, seq_len] batches of instruction records."""
+class _RecordBatches:
+    """What both layouts share: the encoded records and the run's batch geometry."""
 
     def __init__(self, records: list[tuple[str, str]], tokenizer, seq_len: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1) -> None:
@@ -132,18 +132,25 @@ class InstructBatches:
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.pad_id = tokenizer.eot_id
-        n = len(records)
-        self.inputs = np.full((n, seq_len), self.pad_id, dtype=np.int64)
-        self.targets = np.full((n, seq_len), IGNORE_INDEX, dtype=np.int64)
-        for i, (prompt, response) in enumerate(records):
-            x, y = encode_example(tokenizer, prompt, response, seq_len)
-            self.inputs[i, :len(x)] = x
-            self.targets[i, :len(y)] = y
-        if not (self.targets != IGNORE_INDEX).any():
+        self.encoded = [encode_example(tokenizer, prompt, response, seq_len) for prompt, response in records]
+        if all(y.count(IGNORE_INDEX) == len(y) for _, y in self.encoded):
             raise ConfigError("No response token survives truncation to train.seq_len; raise train.seq_len.")
 
     def __len__(self) -> int:
-        return len(self.inputs)
+        return len(self.encoded)
+
+
+class InstructBatches(_RecordBatches):
+    """(inputs, targets) int64 [batch_size, seq_len] batches of instruction records, one per row."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        n = len(self.encoded)
+        self.inputs = np.full((n, self.seq_len), self.pad_id, dtype=np.int64)
+        self.targets = np.full((n, self.seq_len), IGNORE_INDEX, dtype=np.int64)
+        for i, (x, y) in enumerate(self.encoded):
+            self.inputs[i, :len(x)] = x
+            self.targets[i, :len(y)] = y
 
     def indices(self, step: int, micro: int = 0) -> np.ndarray:
         rng = np.random.Generator(np.random.PCG64([self.seed, step, micro]))
@@ -156,30 +163,19 @@ class InstructBatches:
         return torch.from_numpy(self.inputs[idx]), torch.from_numpy(self.targets[idx])
 
 
-class PackedInstructBatches:
+class PackedInstructBatches(_RecordBatches):
     """(inputs, targets, positions) int64 [batch_size, seq_len] batches, several records per row.
 
     For (step, micro), the records of a seeded permutation fill the world's rows in turn (next
     fit: a record that does not fit closes the row); this rank takes its rows. A record longer
     than seq_len is cut, as in the padded layout."""
 
-    def __init__(self, records: list[tuple[str, str]], tokenizer, seq_len: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1) -> None:
-        if not records:
-            raise ConfigError("The instruction data holds no training records; add some or lower data.val_fraction.")
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.pad_id = tokenizer.eot_id
-        encoded = [encode_example(tokenizer, prompt, response, seq_len) for prompt, response in records]
-        self.lengths = np.array([len(x) for x, _ in encoded], dtype=np.int64)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lengths = np.array([len(x) for x, _ in self.encoded], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
-        self.inputs = np.array([t for x, _ in encoded for t in x], dtype=np.int64)
-        self.targets = np.array([t for _, y in encoded for t in y], dtype=np.int64)
-        if not (self.targets != IGNORE_INDEX).any():
-            raise ConfigError("No response token survives truncation to train.seq_len; raise train.seq_len.")
-
-    def __len__(self) -> int:
-        return len(self.lengths)
+        self.inputs = np.array([t for x, _ in self.encoded for t in x], dtype=np.int64)
+        self.targets = np.array([t for _, y in self.encoded for t in y], dtype=np.int64)
 
     def rows(self, step: int, micro: int = 0) -> list[list[int]]:
         """Record indices of every row of the world's batch at (step, micro)."""
