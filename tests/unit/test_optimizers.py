@@ -213,6 +213,29 @@ def test_newton_schulz_brings_singular_values_near_one():
         assert singular.min() > 0.5 and singular.max() < 1.3
 
 
+def test_batched_newton_schulz_is_the_per_matrix_one():
+    g = torch.Generator().manual_seed(0)
+    for shape in ((6, 16, 24), (5, 24, 16)):  # wide and tall matrices
+        batch = torch.randn(*shape, generator=g)
+        torch.testing.assert_close(newton_schulz(batch), torch.stack([newton_schulz(m) for m in batch]),
+                                   rtol=1e-2, atol=1e-2)  # bf16 iterates; batched products may round apart
+
+
+def test_muon_step_of_mixed_shapes_follows_the_equations():
+    """MuonNS batches matrices by shape; each must move as Muon's update of that matrix alone."""
+    g = torch.Generator().manual_seed(1)
+    params = [nn.Parameter(torch.randn(*shape, generator=g)) for shape in ((8, 12), (12, 8), (8, 12), (8, 12))]
+    start = [p.detach().clone() for p in params]
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    for p, grad in zip(params, grads):
+        p.grad = grad.clone()
+    MuonNS(params, lr=0.02, weight_decay=0.1, momentum=0.9).step()
+    for p, w, grad in zip(params, start, grads):
+        update = grad.lerp(grad * 0.1, 0.9)  # Nesterov: buf = 0.1 g after one step; update = lerp(g, buf, mu)
+        want = w * (1 - 0.02 * 0.1) - 0.02 * max(1.0, p.shape[0] / p.shape[1]) ** 0.5 * newton_schulz(update).float()
+        torch.testing.assert_close(p.detach(), want, rtol=1e-2, atol=2e-3)
+
+
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="this PyTorch has no torch.optim.Muon")
 @pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
 def test_muon_fallback_matches_torch_muon(adjust):

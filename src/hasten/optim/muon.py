@@ -44,16 +44,17 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic, tuned for slope at zero 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                   eps: float = 1e-7) -> torch.Tensor:
-    """Approximately orthogonalize the 2-D `G` (singular values pushed into ~[0.7, 1.2]), in bf16."""
+    """Approximately orthogonalize the matrix `G` (singular values pushed into ~[0.7, 1.2]), in
+    bf16; `G` may hold a batch of matrices of one shape (..., rows, cols), done at once."""
     a, b, c = coefficients
     X = G.bfloat16()
-    wide = G.size(0) <= G.size(1)
-    X = X if wide else X.T  # iterate on the side whose Gram matrix is smaller
-    X = X / X.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    wide = G.size(-2) <= G.size(-1)
+    X = X if wide else X.mT  # iterate on the side whose Gram matrix is smaller
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
-        gram = X @ X.T
+        gram = X @ X.mT
         X = a * X + (b * gram + c * gram @ gram) @ X
-    return X if wide else X.T
+    return X if wide else X.mT
 
 
 def adjusted_lr(lr: float, shape: torch.Size, mode: str) -> float:
@@ -102,15 +103,30 @@ class MuonNS(torch.optim.Optimizer):
     def step(self, closure: Any = None) -> Any:
         loss = closure_loss(closure)
         for group in self.param_groups:
-            mu = group["momentum"]
+            mu, ns = group["momentum"], (group["ns_steps"], tuple(group["ns_coefficients"]), group["eps"])
+            by_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for p in (p for p in group["params"] if p.grad is not None):
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 buf.lerp_(p.grad, 1 - mu)
                 update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-                ortho = orthogonalize(update, group["ns_steps"], tuple(group["ns_coefficients"]), group["eps"])
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(ortho, alpha=-adjusted_lr(group["lr"], p.shape, group["adjust_lr_fn"]))
+                if isinstance(p, DTensor):  # gathered one matrix at a time (orthogonalize)
+                    self._apply(group, [p], [orthogonalize(update, *ns)])
+                else:
+                    by_shape.setdefault((tuple(p.shape), p.device), []).append((p, update))
+            # Matrices of one shape go through Newton-Schulz together, as one batch of matmuls:
+            # a decoder has a handful of shapes, so a step runs a few batched products instead of
+            # five rounds of three small ones per matrix.
+            for items in by_shape.values():
+                params, updates = zip(*items)
+                self._apply(group, list(params), list(newton_schulz(torch.stack(updates), *ns).unbind()))
         return loss
+
+    @staticmethod
+    def _apply(group: dict[str, Any], params: list[torch.Tensor], orthos: list[torch.Tensor]) -> None:
+        """Decoupled weight decay, then the scaled orthogonalized step (one shape per call)."""
+        for p, ortho in zip(params, orthos):
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(ortho, alpha=-adjusted_lr(group["lr"], p.shape, group["adjust_lr_fn"]))
 
 
 class CombinedOptimizer(torch.optim.Optimizer):
