@@ -1,7 +1,7 @@
 """Optimizers, parameter groups and learning-rate schedules.
 
 `optim.name` selects one of the registered optimizers (`optimizer_names()`); SophiaG and Lion are
-written here, Muon uses `torch.optim.Muon` where present. docs/optimizers.md compares them.
+written here, and Muon's step (MuonNS, batched by matrix shape). docs/optimizers.md compares them.
 """
 
 from hasten.optim.builder import build_optimizer, optimizer_state_bytes, param_groups

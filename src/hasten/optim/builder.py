@@ -19,7 +19,7 @@ from torch import nn
 from hasten.config import ConfigError, OptimConfig
 from hasten.optim.hooks import set_train_mode
 from hasten.optim.lion import Lion
-from hasten.optim.muon import CombinedOptimizer, muon_class, muon_params
+from hasten.optim.muon import CombinedOptimizer, MuonNS, muon_params
 from hasten.optim.registry import optimizer_spec, register_optimizer
 from hasten.optim.sophia import SophiaG
 
@@ -85,8 +85,8 @@ def build_muon(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torc
     if not matrices:
         raise ConfigError("optim.name=muon found no hidden 2-D weight matrices in the model; use optim.name=adamw.")
     muon_group = {"params": matrices, "weight_decay": cfg.weight_decay, "lr_scale": cfg.muon_lr_scale}
-    muon = muon_class(matrices)([muon_group], lr=cfg.lr * cfg.muon_lr_scale, momentum=cfg.muon_momentum,
-                                nesterov=True, ns_steps=cfg.muon_ns_steps, adjust_lr_fn=cfg.muon_adjust_lr)
+    muon = MuonNS([muon_group], lr=cfg.lr * cfg.muon_lr_scale, momentum=cfg.muon_momentum, nesterov=True,
+                  ns_steps=cfg.muon_ns_steps, adjust_lr_fn=cfg.muon_adjust_lr)
     rest = param_groups(model, cfg.weight_decay, exclude={id(p) for p in matrices})
     if not rest:
         return CombinedOptimizer([muon])
