@@ -289,10 +289,16 @@ class ParallelConfig:
                        choices=("none", "ddp", "zero1", "zero2", "zero3"))
     cpu_offload: bool = _f(False, "keep sharded parameters, gradients and optimizer states in CPU memory (zero2, zero3)")
     activation_checkpointing: str = _f("none", "recompute block activations in the backward pass: full (every "
-                                               "block) or selective (every other block)",
-                                       choices=("none", "full", "selective"))
+                                               "block), selective (every other block), or budget (torch.compile "
+                                               "picks what to recompute to fit parallel.activation_memory_budget)",
+                                       choices=("none", "full", "selective", "budget"))
+    activation_memory_budget: float = _f(0.5, "activation_checkpointing=budget: activation memory kept, as a "
+                                              "fraction of what torch.compile saves by default (1.0 = its default, "
+                                              "0.0 = recompute all it can)")
 
     def __post_init__(self) -> None:
+        _check(0.0 <= self.activation_memory_budget <= 1.0, "parallel.activation_memory_budget",
+               self.activation_memory_budget, "a fraction between 0.0 and 1.0")
         _check(not self.cpu_offload or self.strategy in ("zero2", "zero3"), "parallel.cpu_offload", self.cpu_offload,
                f"CPU offload needs parallel.strategy=zero2 or zero3, not {self.strategy}")
 
@@ -345,6 +351,9 @@ class RunConfig:
                f"it must be <= model.max_seq_len={self.model.max_seq_len}")
         # ZeroRedundancyOptimizer wraps the optimizer and hides the hooks these optimizers need
         # (Hessian refresh, train/eval weights) or their split into two optimizers (Muon + AdamW).
+        _check(self.parallel.activation_checkpointing != "budget" or self.train.compile,
+               "parallel.activation_checkpointing", self.parallel.activation_checkpointing,
+               "budget needs train.compile=true (the torch.compile partitioner does the recomputing)")
         _check(not (self.parallel.strategy == "zero1" and self.optim.name in ("sophia", "schedulefree_adamw", "muon")),
                "optim.name", self.optim.name, "it does not work with parallel.strategy=zero1 yet; use ddp, zero2 or zero3")
 

@@ -133,7 +133,7 @@ def test_messages_records_train_on_the_assistant_reply_through_the_chat_template
     assert summary["completed"] and losses[-1] < losses[0]
 
 
-def test_lora_with_activation_checkpointing_and_compile_trains_like_plain_lora(tmp_path, monkeypatch):
+def test_lora_with_activation_checkpointing_compile_and_memory_budget_trains_like_plain_lora(tmp_path, monkeypatch):
     from hasten.api import train
     from hasten.config import load_config
     from hasten.train.log import read_log
@@ -152,3 +152,6 @@ def test_lora_with_activation_checkpointing_and_compile_trains_like_plain_lora(t
     plain = losses("plain")
     assert losses("ac", "parallel.activation_checkpointing=full") == pytest.approx(plain, rel=1e-5)
     assert losses("compiled", "train.compile=true") == pytest.approx(plain, rel=1e-3)  # fused kernels: other sums
+    budget = losses("budget", "train.compile=true", "parallel.activation_checkpointing=budget",
+                    "parallel.activation_memory_budget=0.3")
+    assert budget == pytest.approx(plain, rel=1e-3)

@@ -177,3 +177,45 @@ def test_time_limit_stops_with_a_checkpoint_and_a_final_eval(tiny_config, tmp_pa
     assert summary["wall_time_s"] >= 1.5 and summary["first_step_s"] > 0
     assert math.isfinite(summary["final_val_loss"])
     assert list_checkpoints(tmp_path / "timed")[-1].name == f"step_{summary['steps']:07d}"
+
+
+def test_memory_budget_mode_is_checked_and_reaches_the_compiler():
+    """`budget` needs compile; its fraction reaches torch.compile's partitioner, which then keeps fewer
+    activations for the backward (counted from the partitioned forward graph's saved outputs)."""
+    import torch._functorch.config as functorch_config
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from hasten.config import ConfigError, load_config
+    from hasten.parallel import set_memory_budget
+
+    with pytest.raises(ConfigError, match="budget needs train.compile=true"):
+        load_config("default", ["parallel.activation_checkpointing=budget"])
+    with pytest.raises(ConfigError, match="parallel.activation_memory_budget"):
+        load_config("default", ["parallel.activation_memory_budget=1.5"])
+
+    def saved_bytes(budget: float) -> int:
+        set_memory_budget(budget)
+        torch._dynamo.reset()
+        found = {}
+
+        def forward_compiler(gm, _):
+            outs = next(iter(gm.graph.find_nodes(op="output"))).args[0]
+            found["bytes"] = sum(n.meta["val"].numel() * n.meta["val"].element_size() for n in outs
+                                 if isinstance(getattr(n, "meta", {}).get("val"), torch.Tensor))
+            return gm.forward
+
+        backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: gm.forward,
+                               partition_fn=min_cut_rematerialization_partition)
+        w1, w2 = torch.randn(64, 256, requires_grad=True), torch.randn(256, 64, requires_grad=True)
+        f = torch.compile(lambda x: ((torch.nn.functional.silu(x @ w1) * (x @ w1).sigmoid()) @ w2).square().sum(),
+                          backend=backend)
+        f(torch.randn(512, 64)).backward()
+        return found["bytes"]
+
+    try:
+        assert saved_bytes(0.1) < saved_bytes(1.0)
+        assert functorch_config.activation_memory_budget == 1.0
+    finally:
+        set_memory_budget(1.0)
+        torch._dynamo.reset()

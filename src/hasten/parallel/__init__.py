@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from hasten.config import ConfigError, ParallelConfig
-from hasten.parallel.ac import apply_activation_checkpointing, checkpoint_block
+from hasten.parallel.ac import apply_activation_checkpointing, checkpoint_block, set_memory_budget
 from hasten.parallel.ddp import local_optimizer, replicate_model, shard_optimizer_states
 from hasten.parallel.env import init_distributed, rank_and_world, rank_device, shutdown_distributed
 from hasten.parallel.fsdp import clip_grad_norm_, is_sharded, local, shard_model
@@ -31,7 +31,7 @@ STRATEGIES = ("none", "ddp", "zero1", "zero2", "zero3")
 
 __all__ = ["STRATEGIES", "apply_activation_checkpointing", "apply_parallelism", "checkpoint_block", "clip_grad_norm_",
            "gradient_sync", "init_distributed", "is_sharded", "memory_bytes", "rank_and_world", "rank_device",
-           "shard", "shutdown_distributed", "unwrap", "wrap_optimizer", "zero_memory_bytes"]
+           "set_memory_budget", "shard", "shutdown_distributed", "unwrap", "wrap_optimizer", "zero_memory_bytes"]
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
@@ -59,7 +59,7 @@ def apply_parallelism(model: nn.Module, cfg: ParallelConfig, device: torch.devic
     compilation) compiles each block on its own. Returns the model to train (DDP wraps it).
     """
     blocks = blocks_of(model)
-    if cfg.activation_checkpointing != "none" and not blocks:
+    if cfg.activation_checkpointing in ("full", "selective") and not blocks:
         raise ConfigError("parallel.activation_checkpointing needs a model whose blocks are in a `layers` "
                           "nn.ModuleList; set it to none for this model.")
     # 1. Checkpointing first: it replaces each block's forward, so the compiled code below contains

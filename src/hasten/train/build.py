@@ -263,8 +263,11 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
 def parallelize(model: nn.Module, config: RunConfig, device: torch.device, precision: Precision) -> nn.Module:
     """Activation checkpointing → compile → sharding per block then root (hasten.parallel says why
     at each step). Without a strategy, compilation stays whole-graph, in `compiled_loss`."""
-    from hasten.parallel import apply_parallelism
+    from hasten.parallel import apply_parallelism, set_memory_budget
 
+    # The partitioner's budget is process-wide: set for every run, so one run's never leaks into the next.
+    budget = config.parallel.activation_checkpointing == "budget"
+    set_memory_budget(config.parallel.activation_memory_budget if budget else 1.0)
     distributed = config.parallel.strategy != "none"
     if distributed and precision.name == "fp16" and config.parallel.strategy in ("zero2", "zero3"):
         raise ConfigError("precision.dtype=fp16 is not supported with sharded gradients (zero2, zero3); "
