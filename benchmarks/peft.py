@@ -105,6 +105,7 @@ def run_hasten(method: str, model: Path, args: argparse.Namespace) -> dict:
                  "log.tensorboard=false", f"train.out_dir={out}"]
     overrides += ["precision.dtype=fp32", "train.compile=false", "train.threads=2"] if args.smoke else \
         ["precision.dtype=bf16", "train.compile=true"]
+    overrides += args.hasten_overrides.split()
     summary = hasten.train(load_config("default", overrides))
     losses = [r["loss"] for r in read_log(out / "metrics.jsonl") if r["event"] == "train"]
     _check_loss(losses)
@@ -242,6 +243,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--log-every", type=int, default=5)
     parser.add_argument("--lr", type=float, default=2e-4, help="adapter learning rate (both sides)")
+    parser.add_argument("--hasten-overrides", default="", help="extra key=value overrides of hasten's sides, "
+                        "space-separated (e.g. 'parallel.activation_checkpointing=budget')")
     parser.add_argument("--max-documents", type=int, default=4000, help="corpus files used (enough windows)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds allowed to one side")
     parser.add_argument("--workdir", default="/tmp/hasten-bench-peft")
