@@ -31,10 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("args", nargs="*", metavar="RECIPE | key=value", help="recipe first (optional), then overrides")
     ft = sub.add_parser("finetune", help="fine-tune a pretrained model (model.from=PATH), LoRA by default",
                         epilog=_fields_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
-                        description="Like train, starting from model.from=PATH (a Hugging Face Llama folder or a "
-                                    "hasten run/export) with fine-tuning defaults: "
+                        description="Like train, starting from model.from=PATH (a Hugging Face Llama, Mistral or "
+                                    "Qwen2 folder, or a hasten run/export) with fine-tuning defaults: "
                                     + " ".join(FINETUNE_DEFAULTS) + " (a recipe or an override wins). "
-                                    "data.source may be JSONL with prompt/response (loss on responses only).")
+                                    "data.source may be JSONL with prompt/response records or chat 'messages' (loss on "
+                                    "responses only; records packed per data.pack).")
     ft.add_argument("args", nargs="*", metavar="RECIPE | key=value", help="recipe first (optional), then overrides")
     gen = sub.add_parser("generate", help="sample text from a run, checkpoint or export folder")
     gen.add_argument("path")

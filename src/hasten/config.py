@@ -51,8 +51,8 @@ class ModelConfig:
     """Llama-style decoder shape. `preset` fills the shape; fields given explicitly win."""
 
     preset: str = _f("", "named shape to start from (tiny, small, gpt2-124m, 350m, 1b); empty = use the fields below")
-    from_path: str = _f("", "start from pretrained weights (also spelled model.from): a Hugging Face Llama-layout "
-                            "folder, or a hasten run, checkpoint or export; its shape replaces the fields below and "
+    from_path: str = _f("", "start from pretrained weights (also spelled model.from): a Hugging Face Llama, "
+                            "Mistral or Qwen2 folder, or a hasten run, checkpoint or export; its shape replaces the fields below and "
                             "its tokenizer replaces data.tokenizer (docs/peft.md)")
     dim: int = _f(256, "model width d_model")
     n_layers: int = _f(4, "number of decoder blocks")
