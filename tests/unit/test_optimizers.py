@@ -221,8 +221,10 @@ def test_batched_newton_schulz_is_the_per_matrix_one():
                                    rtol=1e-2, atol=1e-2)  # bf16 iterates; batched products may round apart
 
 
-def test_muon_step_of_mixed_shapes_follows_the_equations():
+@pytest.mark.parametrize("batch_elements", [2**27, 100])  # one batch per shape; one matrix per batch
+def test_muon_step_of_mixed_shapes_follows_the_equations(batch_elements, monkeypatch):
     """MuonNS batches matrices by shape; each must move as Muon's update of that matrix alone."""
+    monkeypatch.setattr("hasten.optim.muon.BATCH_ELEMENTS", batch_elements)
     g = torch.Generator().manual_seed(1)
     params = [nn.Parameter(torch.randn(*shape, generator=g)) for shape in ((8, 12), (12, 8), (8, 12), (8, 12))]
     start = [p.detach().clone() for p in params]

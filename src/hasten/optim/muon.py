@@ -44,6 +44,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from hasten.optim.hooks import closure_loss
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic, tuned for slope at zero (Keller Jordan)
+BATCH_ELEMENTS = 2**27  # numbers per batched Newton-Schulz: 512 MiB of fp32 updates, a quarter of that per bf16 iterate
 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
@@ -119,10 +120,13 @@ class MuonNS(torch.optim.Optimizer):
                     by_shape.setdefault((tuple(p.shape), p.device), []).append((p, update))
             # Matrices of one shape go through Newton-Schulz together, as one batch of matmuls:
             # a decoder has a handful of shapes, so a step runs a few batched products instead of
-            # five rounds of three small ones per matrix.
+            # five rounds of three small ones per matrix. Batches stop at BATCH_ELEMENTS numbers,
+            # which bounds the stacked copy and its iterates on large models.
             for items in by_shape.values():
-                params, updates = zip(*items)
-                self._apply(group, list(params), list(newton_schulz(torch.stack(updates), *ns).unbind()))
+                size = max(1, BATCH_ELEMENTS // items[0][0].numel())
+                for start in range(0, len(items), size):
+                    params, updates = zip(*items[start:start + size])
+                    self._apply(group, list(params), list(newton_schulz(torch.stack(updates), *ns).unbind()))
         return loss
 
     @staticmethod
