@@ -139,6 +139,17 @@ register(Row(name="adamw8bit", family="optimizers", benefit="memory", overrides=
              description="AdamW with 8-bit optimizer states (torchao)"))
 register(Row(name="lora", family="PEFT", benefit="memory", overrides=("model.from={baseline}", "peft.method=lora"),
              description="LoRA (rank 8, attention and MLP) fine-tuning the trained baseline for the same budget"))
+register(Row(name="dora", family="PEFT", benefit="memory", overrides=("model.from={baseline}", "peft.method=dora"),
+             description="DoRA (LoRA plus a learned per-row magnitude) fine-tuning the trained baseline"))
+register(Row(name="qlora", family="PEFT", benefit="memory", overrides=("model.from={baseline}", "peft.method=qlora"),
+             description="LoRA on the trained baseline held in 4-bit NF4 (bitsandbytes; CUDA only)"))
+register(Row(name="ac", family="activation checkpointing", benefit="memory",
+             overrides=("parallel.activation_checkpointing=full",),
+             description="every block recomputes its activations in the backward pass"))
+register(Row(name="ac-budget", family="activation checkpointing", benefit="memory",
+             overrides=("train.compile=true", "parallel.activation_checkpointing=budget",
+                        "parallel.activation_memory_budget=0.5"),
+             description="compiled, the compiler recomputing the cheapest values to keep half its activations"))
 register(Row(name="ddp", family="distributed", benefit="training time", overrides=("parallel.strategy=ddp",),
              description="DistributedDataParallel over the bench's processes (global batch grows with them)",
              distributed=True))
