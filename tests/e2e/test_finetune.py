@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -155,3 +156,26 @@ def test_lora_with_activation_checkpointing_compile_and_memory_budget_trains_lik
     budget = losses("budget", "train.compile=true", "parallel.activation_checkpointing=budget",
                     "parallel.activation_memory_budget=0.3")
     assert budget == pytest.approx(plain, rel=1e-3)
+
+
+def test_a_qlora_checkpoint_merges_into_the_full_precision_base(tmp_path, monkeypatch):
+    """QLoRA trains on CUDA only, but its checkpoint holds adapters named as LoRA's: export merges them
+    into model.from's full-precision weights on any device. A LoRA run relabelled qlora stands in."""
+    from hasten.api import train
+    from hasten.config import load_config, save_config
+    from hasten.train.export import load_trained
+
+    monkeypatch.setenv("HASTEN_CACHE", str(tmp_path / "cache"))
+    hf = tmp_path / "hf"
+    make_hf_llama(hf)
+    data = write_instruct(tmp_path / "qa.jsonl")
+    run = tmp_path / "run"
+    train(load_config("default", [f"model.from={hf}", f"data.source={data}", f"train.out_dir={run}",
+                                  "peft.method=lora", "log.sample_tokens=0", *QUICK]))
+    lora_merged = load_trained(run)[0]
+    config = load_config(run / "config.toml")
+    save_config(dataclasses.replace(config, peft=dataclasses.replace(config.peft, method="qlora")), run / "config.toml")
+    qlora_merged = load_trained(run)[0]
+    ids = torch.arange(1, 40)[None]
+    with torch.no_grad():
+        assert torch.equal(qlora_merged(ids), lora_merged(ids))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,8 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
 
         if model_cfg.from_path:  # the checkpoint holds the adapters only; the base comes from model.from
             model = load_pretrained(model_cfg, device)
+        if peft_cfg.method == "qlora":  # adapters trained on the NF4 base merge into the full-precision one,
+            peft_cfg = replace(peft_cfg, method="lora")  # as QLoRA merges usually do (any device)
         model = peft.apply(model, peft_cfg)
         load_model_weights(weights, model)
         peft.merge(model)
