@@ -49,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("path")
     exp.add_argument("--out", default=None, help="output folder (default: RUN/export, or RUN/export-hf)")
     exp.add_argument("--merge", action="store_true", help="merge LoRA/DoRA adapters into the base weights "
-                     "(what a PEFT run's export always does for now)")
+                     "(the default for a PEFT run)")
+    exp.add_argument("--adapter-only", action="store_true", help="a PEFT run from a Hugging Face model.from: write "
+                     "its adapters alone in peft's format (with --format hf), for PeftModel.from_pretrained")
     exp.add_argument("--format", default="hasten", choices=("hasten", "hf"),
                      help="hasten (any hasten model) or hf (a Llama folder transformers loads)")
     sub.add_parser("recipes", help="list the shipped recipes")
@@ -145,7 +147,9 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
 def _cmd_export(ns: argparse.Namespace) -> int:
     from hasten.api import export
 
-    print(export(ns.path, ns.out, merge=True, format=ns.format))
+    if ns.adapter_only and ns.merge:
+        raise ConfigError("--merge and --adapter-only exclude each other: choose merged weights or the adapters.")
+    print(export(ns.path, ns.out, merge=not ns.adapter_only, format=ns.format))
     return 0
 
 

@@ -179,3 +179,34 @@ def test_a_qlora_checkpoint_merges_into_the_full_precision_base(tmp_path, monkey
     ids = torch.arange(1, 40)[None]
     with torch.no_grad():
         assert torch.equal(qlora_merged(ids), lora_merged(ids))
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_adapter_only_export_loads_with_peft_on_the_transformers_model(tmp_path, monkeypatch, method):
+    """`hasten export RUN --format hf --adapter-only`: peft's PeftModel.from_pretrained on the HF base
+    gives the logits of hasten's merged model."""
+    from peft import PeftModel
+
+    from hasten.api import export, train
+    from hasten.config import ConfigError, load_config
+    from hasten.train.export import load_trained
+
+    monkeypatch.setenv("HASTEN_CACHE", str(tmp_path / "cache"))
+    hf = tmp_path / "hf"
+    make_hf_llama(hf)
+    data = write_instruct(tmp_path / "qa.jsonl")
+    run = tmp_path / "run"
+    train(load_config("default", [f"model.from={hf}", f"data.source={data}", f"train.out_dir={run}",
+                                  f"peft.method={method}", "log.sample_tokens=0", *QUICK]))
+    adapter = export(run, tmp_path / "adapter", merge=False, format="hf")
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="peft's format"):
+        export(run, tmp_path / "no", merge=False, format="hasten")
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
+    ids = torch.arange(1, 40)[None]
+    with torch.no_grad():
+        before = base(ids).logits
+        theirs = PeftModel.from_pretrained(base, adapter).eval()  # wraps `base` in place
+        want = load_trained(run)[0](ids)
+        assert not _close(before, want)  # the adapters changed the model
+        assert _close(theirs(ids).logits, want)

@@ -263,3 +263,35 @@ def load_pretrained(model_cfg: ModelConfig, device: str | torch.device = "cpu") 
     from hasten.train.export import load_trained
 
     return load_trained(path, device)[0].train()
+
+
+def save_hf_adapter(model: torch.nn.Module, out_dir: str | Path, peft_cfg: Any, base: str) -> Path:
+    """Write the LoRA/DoRA adapters of `model` (a hasten Decoder with peft adapters, unmerged) in
+    peft's own format: adapter_config.json + adapter_model.safetensors, with Hugging Face module
+    names, so that `peft.PeftModel.from_pretrained(hf_model_of(base), out_dir)` applies them."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    inverse_layer = {v: k for k, v in _LAYER_MAP.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if "lora_" not in name:
+            continue
+        # layers.3.mixer.wq.lora_A.default.weight -> base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight
+        head, _, adapter = name.partition(".lora_")
+        _, index, module = head.split(".", 2)
+        kind = adapter.split(".")[0]  # A, B or magnitude_vector
+        leaf = "lora_magnitude_vector" if kind == "magnitude_vector" else f"lora_{kind}.weight"
+        tensors[f"base_model.model.model.layers.{index}.{inverse_layer[module]}.{leaf}"] = \
+            tensor.detach().to("cpu", torch.float32).contiguous().clone()
+    if not tensors:
+        raise ConfigError("This model holds no LoRA/DoRA adapters to export; export it merged instead.")
+    targets = sorted({key.split(".")[-2 if key.endswith("vector") else -3] for key in tensors})  # q_proj, ...
+    LoraConfig(r=peft_cfg.rank, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout, target_modules=targets,
+               use_dora=peft_cfg.method == "dora", bias="none", task_type="CAUSAL_LM",
+               base_model_name_or_path=base).save_pretrained(str(out))
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
+

@@ -36,8 +36,10 @@ def _find(path: Path) -> tuple[str, Path, Path]:
     raise ConfigError(f"{path} is not a hasten run folder with a checkpoint, a checkpoint folder, or an export folder.")
 
 
-def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, ModelConfig]:
-    """(model in eval mode, tokenizer, model config) from a run folder, checkpoint or export."""
+def load_trained(path: str | Path, device: str | torch.device = "cpu", merge: bool = True
+                 ) -> tuple[nn.Module, Any, ModelConfig]:
+    """(model in eval mode, tokenizer, model config) from a run folder, checkpoint or export. A PEFT
+    run's adapters are merged into the base, unless `merge` is False."""
     from hasten.data import load_tokenizer
     from hasten.models import build_model
 
@@ -72,7 +74,8 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
             peft_cfg = replace(peft_cfg, method="lora")  # as QLoRA merges usually do (any device)
         model = peft.apply(model, peft_cfg)
         load_model_weights(weights, model)
-        peft.merge(model)
+        if merge:
+            peft.merge(model)
     else:
         load_model_weights(weights, model)
     return model.eval(), tokenizer, model_cfg
@@ -82,12 +85,13 @@ def export_run(path: str | Path, out_dir: str | Path | None = None, *, merge: bo
                format: str = "hasten") -> Path:
     """Write the newest weights of a run as safetensors + config + tokenizer; returns the folder.
 
-    Adapters of a PEFT run are merged into the base weights (`merge`; unmerged adapter-only
-    exports are not written yet). format="hf" writes a folder transformers' AutoModelForCausalLM loads."""
-    if not merge:
-        raise ConfigError("Exporting unmerged adapters is not supported yet; export with --merge.")
+    Adapters of a PEFT run are merged into the base weights (`merge`). format="hf" writes a folder
+    transformers' AutoModelForCausalLM loads; with merge=False (PEFT runs from a Hugging Face
+    model.from only) it writes the adapters alone, in peft's format, for `PeftModel.from_pretrained`."""
     if format not in ("hasten", "hf"):
         raise ConfigError(f"Export format {format!r} is not allowed: choose hasten or hf.")
+    if not merge:
+        return _export_adapter(path, out_dir, format)
     model, tokenizer, model_cfg = load_trained(path)
     kind, root, _ = _find(Path(path))
     out = Path(out_dir) if out_dir else root / ("export-hf" if format == "hf" else "export")
@@ -103,3 +107,22 @@ def export_run(path: str | Path, out_dir: str | Path | None = None, *, merge: bo
         shutil.rmtree(out / "tokenizer", ignore_errors=True)
         tokenizer.save(out / "tokenizer")
     return out
+
+
+def _export_adapter(path: str | Path, out_dir: str | Path | None, format: str) -> Path:
+    """The adapters of a PEFT run, unmerged, in peft's format (base: the run's Hugging Face model.from)."""
+    from hasten.models.hf import is_hf_folder, save_hf_adapter
+
+    kind, root, _ = _find(Path(path))
+    config = load_config(root / "config.toml") if kind != "export" else None
+    if config is None or config.peft.method == "none":
+        raise ConfigError(f"{path} is not a PEFT run: only adapters can be exported unmerged; export it merged.")
+    if format != "hf" or not is_hf_folder(config.model.from_path):
+        raise ConfigError("Unmerged adapters are written in peft's format (--format hf) for a run whose model.from "
+                          "is a Hugging Face folder; export merged otherwise.")
+    model, tokenizer, _ = load_trained(path, merge=False)
+    out = save_hf_adapter(model, Path(out_dir) if out_dir else root / "adapter-hf", config.peft,
+                          str(Path(config.model.from_path).resolve()))
+    tokenizer.save(out)
+    return out
+
