@@ -158,20 +158,27 @@ def test_lora_with_activation_checkpointing_compile_and_memory_budget_trains_lik
     assert budget == pytest.approx(plain, rel=1e-3)
 
 
+def _finetuned(tmp_path, monkeypatch, method: str):
+    """(HF base folder, run folder) of a short in-process fine-tune of a tiny HF Llama."""
+    from hasten.api import train
+    from hasten.config import load_config
+
+    monkeypatch.setenv("HASTEN_CACHE", str(tmp_path / "cache"))
+    hf, run = tmp_path / "hf", tmp_path / "run"
+    make_hf_llama(hf)
+    data = write_instruct(tmp_path / "qa.jsonl")
+    train(load_config("default", [f"model.from={hf}", f"data.source={data}", f"train.out_dir={run}",
+                                  f"peft.method={method}", "log.sample_tokens=0", *QUICK]))
+    return hf, run
+
+
 def test_a_qlora_checkpoint_merges_into_the_full_precision_base(tmp_path, monkeypatch):
     """QLoRA trains on CUDA only, but its checkpoint holds adapters named as LoRA's: export merges them
     into model.from's full-precision weights on any device. A LoRA run relabelled qlora stands in."""
-    from hasten.api import train
     from hasten.config import load_config, save_config
     from hasten.train.export import load_trained
 
-    monkeypatch.setenv("HASTEN_CACHE", str(tmp_path / "cache"))
-    hf = tmp_path / "hf"
-    make_hf_llama(hf)
-    data = write_instruct(tmp_path / "qa.jsonl")
-    run = tmp_path / "run"
-    train(load_config("default", [f"model.from={hf}", f"data.source={data}", f"train.out_dir={run}",
-                                  "peft.method=lora", "log.sample_tokens=0", *QUICK]))
+    _, run = _finetuned(tmp_path, monkeypatch, "lora")
     lora_merged = load_trained(run)[0]
     config = load_config(run / "config.toml")
     save_config(dataclasses.replace(config, peft=dataclasses.replace(config.peft, method="qlora")), run / "config.toml")
@@ -187,17 +194,11 @@ def test_adapter_only_export_loads_with_peft_on_the_transformers_model(tmp_path,
     gives the logits of hasten's merged model."""
     from peft import PeftModel
 
-    from hasten.api import export, train
-    from hasten.config import ConfigError, load_config
+    from hasten.api import export
+    from hasten.config import ConfigError
     from hasten.train.export import load_trained
 
-    monkeypatch.setenv("HASTEN_CACHE", str(tmp_path / "cache"))
-    hf = tmp_path / "hf"
-    make_hf_llama(hf)
-    data = write_instruct(tmp_path / "qa.jsonl")
-    run = tmp_path / "run"
-    train(load_config("default", [f"model.from={hf}", f"data.source={data}", f"train.out_dir={run}",
-                                  f"peft.method={method}", "log.sample_tokens=0", *QUICK]))
+    hf, run = _finetuned(tmp_path, monkeypatch, method)
     adapter = export(run, tmp_path / "adapter", merge=False, format="hf")
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     with pytest.raises(ConfigError, match="peft's format"):
