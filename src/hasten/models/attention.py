@@ -53,11 +53,15 @@ class Attention(nn.Module):
             if past:  # query i sees keys up to past + i
                 mask = torch.ones(T, past + T, dtype=torch.bool, device=x_BTD.device).tril(past)
 
+        # Shared kv heads: SDPA's flash kernel takes them as they are (enable_gqa), but with an explicit
+        # mask (packed sequences, cached generation) only the math kernel would, materializing the
+        # whole score matrix; repeating k and v lets the memory-efficient kernel run instead.
         gqa = K < H
-        if gqa and not SDPA_HAS_GQA:  # materialize the shared heads: kv head j serves queries j*H/K ..
+        native = gqa and SDPA_HAS_GQA and mask is None
+        if gqa and not native:  # materialize the shared heads: kv head j serves queries j*H/K ..
             k_BKTd = k_BKTd.repeat_interleave(H // K, dim=1)
             v_BKTd = v_BKTd.repeat_interleave(H // K, dim=1)
-        extra = {"enable_gqa": True} if gqa and SDPA_HAS_GQA else {}
+        extra = {"enable_gqa": True} if native else {}
         y_BHTd = F.scaled_dot_product_attention(
             q_BHTd, k_BKTd, v_BKTd, attn_mask=mask, is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0, **extra)
