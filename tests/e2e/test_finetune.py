@@ -26,7 +26,8 @@ def write_instruct(path, n=40):
     return path
 
 
-def test_lora_finetune_cli_merged_hf_export(tmp_path, env):
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_finetune_cli_merged_hf_export(tmp_path, env, method):
     from hasten.models.hf import load_hf_llama
     from hasten.train.export import load_trained
 
@@ -34,9 +35,10 @@ def test_lora_finetune_cli_merged_hf_export(tmp_path, env):
     base = make_hf_llama(hf)
     data = write_instruct(tmp_path / "qa.jsonl")
     run = tmp_path / "run"
-    hasten("finetune", f"model.from={hf}", f"data.source={data}", f"train.out_dir={run}", *QUICK, env=env)
+    hasten("finetune", f"model.from={hf}", f"data.source={data}", f"train.out_dir={run}", f"peft.method={method}",
+           *QUICK, env=env)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["completed"] and summary["steps"] == 6 and summary["peft"] == "lora"
+    assert summary["completed"] and summary["steps"] == 6 and summary["peft"] == method
     assert 0 < summary["trainable_params"] < summary["total_params"] / 5
 
     merged, _, cfg = load_trained(run)  # adapters merged into the base
