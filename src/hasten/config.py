@@ -144,8 +144,9 @@ class DataConfig:
     tokenizer: str = _f("bpe", "'byte', 'bpe' (trained on the train split with `tokenizers`, cached), or a folder holding tokenizer.json")
     bpe_vocab_size: int = _f(4096, "vocabulary size of a trained BPE tokenizer")
     cache_dir: str = _f("", "token cache folder; empty = $HASTEN_CACHE or ~/.cache/hasten")
-    pack: bool = _f(True, "instruction data: pack several records into each row, attention and positions "
-                          "restarting at each record (false: one record per row, padded)")
+    pack: str = _f("auto", "instruction data: on = several records per row, attention and positions restarting "
+                           "at each record; off = one record per row, padded; auto = on when every layer is "
+                           "attention (a Mamba-2 scan cannot be split by record)", choices=("auto", "on", "off"))
 
     def __post_init__(self) -> None:
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "it must be in (0, 1)")

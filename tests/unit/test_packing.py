@@ -86,3 +86,23 @@ def test_packing_refuses_mamba_layers():
     model = build_model(ModelConfig(preset="tiny", n_layers=2, mixers="MA", max_seq_len=SEQ), 260)
     with pytest.raises(ValueError, match="packed sequences need attention in every layer"):
         model(torch.zeros(1, 8, dtype=torch.long), positions_BT=torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_pack_auto_pads_for_mamba_layers_and_on_refuses(tmp_path, monkeypatch):
+    import json
+
+    import hasten
+    from hasten.config import ConfigError
+
+    monkeypatch.setenv("HASTEN_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in _records()))
+    common = ["model.preset=tiny", "model.n_layers=2", "model.mixers=MA", "model.ssm_state=16", "model.ssm_head_dim=16",
+              "model.ssm_chunk=16", f"model.max_seq_len={SEQ}", f"train.seq_len={SEQ}", "data.tokenizer=byte",
+              f"data.source={data}", "train.steps=2", "train.batch_size=2", "train.eval_every=0",
+              "log.progress=false", "log.plot=false", "log.tensorboard=false", "log.sample_tokens=0",
+              "checkpoint.every=0", "checkpoint.at_end=false"]
+    summary = hasten.train(hasten.load_config("default", [*common, f"train.out_dir={tmp_path / 'auto'}"]))
+    assert summary["completed"]
+    with pytest.raises(ConfigError, match="data.pack=on needs attention in every layer"):
+        hasten.train(hasten.load_config("default", [*common, "data.pack=on", f"train.out_dir={tmp_path / 'on'}"]))

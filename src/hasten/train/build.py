@@ -181,12 +181,12 @@ def _build_instruct(config: RunConfig, run_dir: Path, device: torch.device, rank
     torch.manual_seed(config.train.seed)
     model = _lm_model(config, vocab_size, device)
     seq, bs, seed = config.train.seq_len, config.train.batch_size, config.train.seed
-    batches = InstructBatches
-    if config.data.pack:
-        if not model.supports_packing():
-            raise ConfigError("data.pack=true needs attention in every layer (a Mamba-2 scan would carry state "
-                              "from one record into the next); set data.pack=false.")
-        batches = PackedInstructBatches
+    packable = model.supports_packing()
+    if config.data.pack == "on" and not packable:
+        raise ConfigError("data.pack=on needs attention in every layer (a Mamba-2 scan would carry state from one "
+                          "record into the next); set data.pack=off or auto.")
+    batches = PackedInstructBatches if config.data.pack == "on" or config.data.pack == "auto" and packable \
+        else InstructBatches
     train = batches(train_recs, tokenizer, seq, bs, seed, rank, world)
     val = batches(val_recs, tokenizer, seq, bs, seed + 1, rank, world) if val_recs else None
     return dict(
