@@ -35,11 +35,6 @@ def _segsum(a: torch.Tensor) -> torch.Tensor:
     return sums.masked_fill(~lower, -math.inf)
 
 
-def _heads(bc_BTGN: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Give each head its group's B or C: (B, T, G, N) -> (B, T, H, N)."""
-    return bc_BTGN.repeat_interleave(n_heads // bc_BTGN.shape[2], dim=2)
-
-
 def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              chunk_size: int, initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD. x (B,T,H,P), dt (B,T,H), A (H), B and C (B,T,G,N), initial_state (B,H,P,N).
@@ -50,27 +45,30 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     inputs' (or autocast's) dtype.
     """
     Bsz, T, H, P = x.shape
-    N = B.shape[-1]
-    Q = chunk_size
+    G, N = B.shape[2], B.shape[-1]
+    R, Q = H // G, chunk_size  # heads per group share their group's B and C
     pad = (-T) % Q
     if pad:
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
     c = x.shape[1] // Q
-    B_, C_ = _heads(B, H), _heads(C, H)
     xdt = x * dt[..., None].to(x.dtype)  # discretized input
     x_bcqhp = xdt.reshape(Bsz, c, Q, H, P)
-    B_bcqhn, C_bcqhn = B_.reshape(Bsz, c, Q, H, N), C_.reshape(Bsz, c, Q, H, N)
+    B_bcqgn, C_bcqgn = B.reshape(Bsz, c, Q, G, N), C.reshape(Bsz, c, Q, G, N)
     a_bhcq = (dt.float() * A.float()).reshape(Bsz, c, Q, H).permute(0, 3, 1, 2)
     a_cum = a_bhcq.cumsum(dim=-1)
+    # B and C are never copied out to every head: products with them run per group, and the
+    # per-head decays multiply x, the scores or the outputs instead.
 
     # 1. inside each chunk: y_i = sum_{j<=i} C_i·B_j exp(a_{j+1..i}) x_j   (a masked "attention")
-    decay_bhcqq = torch.exp(_segsum(a_bhcq)).to(x.dtype)
-    scores = torch.einsum("bcihn,bcjhn->bhcij", C_bcqhn, B_bcqhn) * decay_bhcqq
+    cb_bgcij = torch.einsum("bcign,bcjgn->bgcij", C_bcqgn, B_bcqgn)  # once per group, not per head
+    decay_bgrcij = torch.exp(_segsum(a_bhcq)).to(x.dtype).view(Bsz, G, R, c, Q, Q)
+    scores = (decay_bgrcij * cb_bgcij[:, :, None]).view(Bsz, H, c, Q, Q)
     y_diag = torch.einsum("bhcij,bcjhp->bcihp", scores, x_bcqhp)
 
     # 2. each chunk's own contribution to the state at its end
-    to_end_bhcq = torch.exp(a_cum[..., -1:] - a_cum).to(x.dtype)
-    states = torch.einsum("bcjhn,bcjhp->bchpn", B_bcqhn * to_end_bhcq.permute(0, 2, 3, 1)[..., None], x_bcqhp)
+    to_end_bcqh = torch.exp(a_cum[..., -1:] - a_cum).to(x.dtype).permute(0, 2, 3, 1)
+    x_end = (x_bcqhp * to_end_bcqh[..., None]).view(Bsz, c, Q, G, R, P)
+    states = torch.einsum("bcjgn,bcjgrp->bcgrpn", B_bcqgn, x_end).reshape(Bsz, c, H, P, N)
 
     # 3. pass states between chunks: state entering chunk z = sum_{c<z} decay(c -> z) * states_c
     if initial_state is None:
@@ -81,9 +79,9 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     entering, final_state = states[:, :-1], states[:, -1]
 
     # 4. what the entering state adds to each position of its chunk
-    from_start_bhcq = torch.exp(a_cum).to(x.dtype)
-    y_off = torch.einsum("bcihn,bchpn->bcihp", C_bcqhn * from_start_bhcq.permute(0, 2, 3, 1)[..., None],
-                         entering.to(x.dtype))
+    from_start_bcqh = torch.exp(a_cum).to(x.dtype).permute(0, 2, 3, 1)
+    y_off = torch.einsum("bcign,bcgrpn->bcigrp", C_bcqgn, entering.to(x.dtype).view(Bsz, c, G, R, P, N))
+    y_off = y_off.reshape(Bsz, c, Q, H, P) * from_start_bcqh[..., None]
     y = (y_diag + y_off).reshape(Bsz, c * Q, H, P)[:, :T]
     return y, final_state.float()
 
