@@ -96,7 +96,7 @@ def run_hasten(method: str, model: Path, args: argparse.Namespace) -> dict:
 
     out = Path(args.workdir) / f"hasten_{method}"
     steps = args.warmup + args.steps
-    overrides = [f"model.from={model}", f"model.max_seq_len={args.seq_len}", *_data_overrides(args), f"peft.method={method}", f"peft.rank={args.rank}",
+    overrides = [f"model.from={model}", *_data_overrides(args), f"peft.method={method}", f"peft.rank={args.rank}",
                  f"peft.alpha={2 * args.rank}", "peft.dropout=0.0", "peft.targets=all-linear",
                  f"train.steps={steps}", f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}",
                  "train.eval_every=0", "train.eval_batches=1", f"log.every={args.log_every}", f"optim.lr={args.lr}",

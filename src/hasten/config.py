@@ -333,6 +333,12 @@ class PeftConfig:
                f"use attention, mlp, all-linear or a comma list of {', '.join(sorted(known))}")
 
 
+def check_seq_len(config: RunConfig) -> None:
+    """Training windows must fit the model's positions."""
+    _check(config.train.seq_len <= config.model.max_seq_len, "train.seq_len", config.train.seq_len,
+           f"it must be <= model.max_seq_len={config.model.max_seq_len}")
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     """A whole run. Sections map one to one onto TOML tables."""
@@ -348,8 +354,8 @@ class RunConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
 
     def __post_init__(self) -> None:
-        _check(self.train.seq_len <= self.model.max_seq_len, "train.seq_len", self.train.seq_len,
-               f"it must be <= model.max_seq_len={self.model.max_seq_len}")
+        if not self.model.from_path:  # else [model] is the pretrained source's, known once resolve_pretrained reads it
+            check_seq_len(self)
         # ZeroRedundancyOptimizer wraps the optimizer and hides the hooks these optimizers need
         # (Hessian refresh, train/eval weights) or their split into two optimizers (Muon + AdamW).
         _check(self.parallel.activation_checkpointing != "budget" or self.train.compile,

@@ -233,3 +233,17 @@ def test_instruct_labels_mask_the_prompt():
     assert xb.shape == yb.shape == (2, 16)
     assert (yb != IGNORE_INDEX).sum(1).sort().values.tolist() == [3, 4]  # response + eot only; padding ignored
     assert torch.equal(batches.batch(5, 1)[0], batches.batch(5, 1)[0])  # stateless: same step, same batch
+
+
+def test_seq_len_is_checked_against_the_pretrained_model_not_the_recipe(tmp_path):
+    from hasten.models.hf import resolve_pretrained
+
+    make_hf_llama(tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**meta, "max_position_embeddings": 512}))
+    config = resolve_pretrained(load_config("default", [f"model.from={tmp_path}", "train.seq_len=384"]))  # recipe: 256
+    assert config.model.max_seq_len == 512 and config.train.seq_len == 384
+    with pytest.raises(ConfigError, match="train.seq_len=600 is not allowed: it must be <= model.max_seq_len=512"):
+        resolve_pretrained(load_config("default", [f"model.from={tmp_path}", "train.seq_len=600"]))
+    with pytest.raises(ConfigError, match="model.max_seq_len=256"):  # without model.from, the recipe's shape counts
+        load_config("default", ["train.seq_len=384"])

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from hasten.config import ConfigError, ModelConfig
+from hasten.config import ConfigError, ModelConfig, check_seq_len
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # RoPE tables are allocated for max_seq_len positions; very long-context models are capped here.
@@ -252,7 +252,9 @@ def resolve_pretrained(config: Any) -> Any:
     _, cfg, vocab, tok = _pretrained_source(path)
     model = dataclasses.replace(cfg, from_path=str(path), preset="", vocab_size=vocab or cfg.vocab_size)
     data = dataclasses.replace(config.data, tokenizer=str(tok))
-    return dataclasses.replace(config, model=model, data=data)
+    resolved = dataclasses.replace(config, model=model, data=data)
+    check_seq_len(resolved)
+    return resolved
 
 
 def load_pretrained(model_cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.nn.Module:
