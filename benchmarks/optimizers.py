@@ -13,6 +13,15 @@ run that is reported. AdamW's best final validation loss is the target:
                                      refreshes are inside its steps)
     state_bytes_ratio[opt]         = optimizer-state bytes / AdamW's
 
+Within one schedule an optimizer can hardly reach AdamW's final loss much before the end: the
+cosine decay brings most of the last gains. The papers' "fewer steps" claims (Sophia, Muon) come
+from shorter schedules instead, and so does the second measure here: with `--horizons`, each
+optimizer's best rate trains again with `steps * h` steps (warmup scaled alike, the whole schedule
+compressed), and
+
+    steps_to_adamw_loss_ratio_by_horizon[opt] = the smallest h whose final val loss <= target
+    time_to_adamw_loss_ratio_by_horizon[opt]  = h * AdamW's tokens/s / that run's tokens/s
+
 On the H200 (one run per optimizer and rate; finished runs are reused, so the command can be
 repeated after a time limit):
 
@@ -61,18 +70,24 @@ def _commit() -> str:
         return ""
 
 
-def run_one(name: str, lr: float, args: argparse.Namespace) -> dict[str, Any]:
-    """Train one (optimizer, rate); a finished run in the work folder is read back instead."""
+def run_one(name: str, lr: float, args: argparse.Namespace, horizon: float = 1.0) -> dict[str, Any]:
+    """Train one (optimizer, rate, horizon); a finished run in the work folder is read back instead."""
     import hasten
     from hasten.config import load_config
     from hasten.train.log import read_log
 
-    out = Path(args.workdir) / f"{name}_lr{lr:.3g}"
+    steps = round(args.steps * horizon)
+    warmup = round(args.warmup_frac * steps)
+    eval_every = args.eval_every if horizon == 1.0 else steps  # a shorter run is judged at its end
+    out = Path(args.workdir) / (f"{name}_lr{lr:.3g}" + (f"_h{horizon:g}" if horizon != 1.0 else ""))
     if not (out / "summary.json").exists() or not json.loads((out / "summary.json").read_text())["completed"]:
+        if args.reuse_only:
+            raise RuntimeError(f"no finished run in {out.name} (--reuse-only)")
         overrides = [*(SMOKE if args.smoke else []), f"optim.name={name}", f"optim.lr={lr}",
-                     f"train.steps={args.steps}", f"train.eval_every={args.eval_every}", "log.every=10",
+                     f"train.steps={steps}", f"train.eval_every={eval_every}", "log.every=10",
+                     f"optim.warmup_steps={warmup}",
                      "checkpoint.every=0", "checkpoint.at_end=false", "log.sample_tokens=0", "log.progress=false",
-                     "log.plot=false", "log.tensorboard=false", f"data.cache_dir={args.workdir}/cache",
+                     "log.plot=false", "log.tensorboard=false", f"data.cache_dir={args.cache_dir or Path(args.workdir) / 'cache'}",
                      f"train.out_dir={out}", *EXTRA.get(name, [])]
         overrides += [f"train.batch_size={args.batch_size}"] if args.batch_size else []
         overrides += [f"train.eval_batches={args.eval_batches}"] if args.eval_batches else []
@@ -81,7 +96,7 @@ def run_one(name: str, lr: float, args: argparse.Namespace) -> dict[str, Any]:
     records = read_log(out / "metrics.jsonl")
     curve = [dict(step=r["step"], elapsed_s=r["elapsed_s"], val_loss=r["val_loss"])
              for r in records if r["event"] == "eval"]
-    return dict(optimizer=name, lr=lr, final_val_loss=summary["final_val_loss"], curve=curve,
+    return dict(optimizer=name, lr=lr, horizon=horizon, steps=steps, final_val_loss=summary["final_val_loss"], curve=curve,
                 tokens_per_second=summary["tokens_per_second"], wall_time_s=summary["wall_time_s"],
                 optimizer_state_bytes=summary["optimizer_state_bytes"], peak_memory_gib=summary["peak_memory_gib"],
                 params=summary.get("params"), completed=summary["completed"])
@@ -97,6 +112,22 @@ def _reach(run: dict[str, Any], target: float) -> tuple[int | None, float | None
 
 def _ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value is not None and base else None
+
+
+def by_horizon(best: dict[str, dict[str, Any]], shorter: list[dict[str, Any]]) -> dict[str, Any]:
+    """The shortest schedule (fraction of the full one) whose final loss reaches AdamW's final loss."""
+    target, base_tps = best["adamw"]["final_val_loss"], best["adamw"]["tokens_per_second"]
+    finals: dict[str, dict[str, float]] = {n: {"1": r["final_val_loss"]} for n, r in best.items()}
+    for run in shorter:
+        finals[run["optimizer"]][f"{run['horizon']:g}"] = run["final_val_loss"]
+    steps, times = {}, {}
+    for name, run in best.items():
+        reached = [(run["horizon"], run["tokens_per_second"]) for run in [run, *shorter]
+                   if run["optimizer"] == name and run["final_val_loss"] <= target]
+        h, tps = min(reached) if reached else (None, None)
+        steps[name], times[name] = h, (h * base_tps / tps if h is not None else None)
+    return dict(steps_to_adamw_loss_ratio_by_horizon=steps, time_to_adamw_loss_ratio_by_horizon=times,
+                final_val_loss_by_horizon=finals)
 
 
 def summarize(best: dict[str, dict[str, Any]], grid: dict[str, list[float]]) -> dict[str, Any]:
@@ -143,10 +174,15 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--lr-mults", default="0.5,1,2", help="the sweep: multiples of each grid centre")
     parser.add_argument("--adamw-lr-mults", default="", help="AdamW's own sweep (the target), if wider")
+    parser.add_argument("--lr-mults-for", default="", help="per-optimizer sweeps, e.g. 'muon=1,2,4;lion=0.5,1'")
+    parser.add_argument("--warmup-frac", type=float, default=0.1, help="warmup steps as a fraction of each run's")
+    parser.add_argument("--horizons", default="", help="shorter schedules to try, fractions of --steps, e.g. 0.5,0.7")
     parser.add_argument("--batch-size", type=int, default=0, help="sequences per step (0: the recipe's)")
     parser.add_argument("--eval-batches", type=int, default=0, help="batches per evaluation (0: the recipe's)")
     parser.add_argument("--deadline-s", type=float, default=0, help="start no run after this many seconds")
     parser.add_argument("--optimizers", default="", help="comma-separated subset (adamw is always run)")
+    parser.add_argument("--cache-dir", default="", help="tokenized data (default: under --workdir)")
+    parser.add_argument("--reuse-only", action="store_true", help="train nothing: report the finished runs in --workdir")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run into /tmp, to test the script")
     args = parser.parse_args()
     if args.smoke:
@@ -165,37 +201,64 @@ def main() -> None:
     grid = {n: [LR_CENTRE.get(n, LR_CENTRE["adamw"]) * m for m in mults] for n in names if n not in skipped}
     if "adamw" in grid and args.adamw_lr_mults:
         grid["adamw"] = [LR_CENTRE["adamw"] * float(m) for m in args.adamw_lr_mults.split(",")]
-    runs, best, failed = [], {}, {}
+    for item in filter(None, args.lr_mults_for.split(";")):
+        name, values = item.split("=")
+        if name in grid:
+            grid[name] = [LR_CENTRE.get(name, LR_CENTRE["adamw"]) * float(m) for m in values.split(",")]
+    horizons = sorted(float(h) for h in args.horizons.split(",") if h)
+    runs, shorter, best, failed = [], [], {}, {}
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+
+    def attempt(name: str, lr: float, horizon: float = 1.0) -> dict[str, Any] | None:
+        key = f"{name}_lr{lr:.3g}" + (f"_h{horizon:g}" if horizon != 1.0 else "")
+        if args.deadline_s and time.perf_counter() - start > args.deadline_s:
+            failed[key] = f"not run: the {args.deadline_s:.0f} s deadline had passed"
+            return None
+        try:
+            return run_one(name, lr, args, horizon)
+        except Exception as err:  # one optimizer's failure is recorded; the others still run
+            failed[key] = f"{type(err).__name__}: {err}"
+            print(f"{key} failed: {failed[key]}", flush=True)
+            return None
+
+    def write() -> None:
+        """After every optimizer, so a run stopped by a time limit keeps what it measured."""
+        summary = summarize(best, grid)
+        if horizons:
+            summary.update(by_horizon(best, shorter))
+        result = dict(suite="optimizers", smoke=args.smoke, device=torch.cuda.get_device_name()
+                      if device.type == "cuda" else platform.processor() or "cpu", torch=torch.__version__,
+                      commit=_commit(), recipe="default (tiny smoke overrides)" if args.smoke else args.recipe,
+                      steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
+                      warmup_frac=args.warmup_frac, lr_grid=grid, horizons=horizons, extra_overrides=EXTRA,
+                      skipped=skipped, failed=failed, summary=summary, runs=runs, shorter_runs=shorter,
+                      bench_seconds=time.perf_counter() - start)
+        (out / "optimizers.json").write_text(json.dumps(result, indent=1))
+        plot(best, out / "optimizers.png")
+        print(json.dumps(summary, indent=1), flush=True)
+
     for name, rates in grid.items():
-        tried = []
-        for lr in rates:
-            if args.deadline_s and time.perf_counter() - start > args.deadline_s:
-                failed[f"{name}_lr{lr:.3g}"] = f"not run: the {args.deadline_s:.0f} s deadline had passed"
-                continue
-            try:
-                tried.append(run_one(name, lr, args))
-            except Exception as err:  # one optimizer's failure is recorded; the others still run
-                failed[f"{name}_lr{lr:.3g}"] = f"{type(err).__name__}: {err}"
-                print(f"{name} lr {lr:.3g} failed: {failed[f'{name}_lr{lr:.3g}']}", flush=True)
+        tried = [run for lr in rates if (run := attempt(name, lr))]
         runs += tried
         finite = [r for r in tried if math.isfinite(r["final_val_loss"])]
         if finite:
             best[name] = min(finite, key=lambda r: r["final_val_loss"])
         if "adamw" not in best:
             raise SystemExit("AdamW, the reference, did not finish: nothing to compare against.")
-        # written after every optimizer, so a run stopped by a time limit keeps what it measured
-        result = dict(suite="optimizers", smoke=args.smoke, device=torch.cuda.get_device_name()
-                      if device.type == "cuda" else platform.processor() or "cpu", torch=torch.__version__,
-                      commit=_commit(), recipe="default (tiny smoke overrides)" if args.smoke else args.recipe,
-                      steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every, lr_grid=grid,
-                      extra_overrides=EXTRA, skipped=skipped, failed=failed, summary=summarize(best, grid),
-                      runs=runs, bench_seconds=time.perf_counter() - start)
-        (out / "optimizers.json").write_text(json.dumps(result, indent=1))
-        plot(best, out / "optimizers.png")
-        print(json.dumps(result["summary"], indent=1), flush=True)
+        write()
+    target = best["adamw"]["final_val_loss"]
+    for name, run in best.items():
+        if horizons and run["final_val_loss"] <= target:  # one that misses at full length is not shortened
+            for horizon in sorted(horizons, reverse=True):  # longest first; stop at the first miss
+                short = attempt(name, run["lr"], horizon)
+                if short is None:
+                    break
+                shorter.append(short)
+                if not short["final_val_loss"] <= target:
+                    break
+            write()
     print(f"wrote {out / 'optimizers.json'} and {out / 'optimizers.png'}")
 
 

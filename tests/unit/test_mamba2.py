@@ -8,6 +8,7 @@ import torch
 
 from hasten.config import ModelConfig
 from hasten.models import Mamba2, build_model, generate, ssd_scan, ssd_scan_ref
+from hasten.models.mamba2 import causal_conv
 
 
 def _inputs(T: int, seed: int = 0, H: int = 4, P: int = 8, G: int = 2, N: int = 16, Bsz: int = 2):
@@ -87,3 +88,17 @@ def test_mamba_decoder_trains_and_generates_with_its_cache():
     cached = generate(model, [1, 2, 3], 40, temperature=0)  # crosses max_seq_len, sliding the window
     model.new_cache = None  # the same model without its cache: re-reads the context every step
     assert generate(model, [1, 2, 3], 40, temperature=0) == cached
+
+
+def test_causal_conv_equals_depthwise_conv1d():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3)
+    x = torch.randn(2, 9, 6, requires_grad=True)
+    ours = causal_conv(x, conv.weight, conv.bias)
+    ref = conv(x.transpose(1, 2))[..., :9].transpose(1, 2)
+    torch.testing.assert_close(ours, ref)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(ours, (x, conv.weight, conv.bias), g)
+    ref_grads = torch.autograd.grad(ref, (x, conv.weight, conv.bias), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)

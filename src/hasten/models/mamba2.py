@@ -118,6 +118,20 @@ def ssd_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
     return torch.stack(ys, dim=1), state
 
 
+def causal_conv(x_BTC: torch.Tensor, weight_C1K: torch.Tensor, bias_C: torch.Tensor | None) -> torch.Tensor:
+    """Causal depthwise convolution over time, channels last: out_t = sum_k w_k x_{t-K+1+k} + b.
+    The same numbers as `nn.Conv1d(C, C, K, groups=C, padding=K-1)` on (B, C, T) cut to T, written
+    as K shifted multiply-adds: under torch.compile they fuse into one element-wise pass, with no
+    transposes and no grouped-convolution kernel (slow for depthwise, above all its backward)."""
+    K, T = weight_C1K.shape[-1], x_BTC.shape[1]
+    padded = F.pad(x_BTC, (0, 0, K - 1, 0))
+    w_KC = weight_C1K[:, 0].t().to(x_BTC.dtype)
+    out = padded[:, :T] * w_KC[0]
+    for k in range(1, K):
+        out = out + padded[:, k:k + T] * w_KC[k]
+    return out + bias_C.to(x_BTC.dtype) if bias_C is not None else out
+
+
 def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
     """RMSNorm(y * silu(z)) over each of `groups` equal slices of the last axis, then the gain."""
     g = (y * F.silu(z.to(y.dtype))).float()
@@ -179,16 +193,14 @@ class Mamba2(nn.Module):
             if x_BTD.shape[1] != 1:
                 raise ValueError("a filled Mamba-2 cache continues one token at a time")
             return self.step(x_BTD, cache)
-        Bsz, T, _ = x_BTD.shape
+        T = x_BTD.shape[1]
         z, xbc, dt = self.in_proj(x_BTD).split([self.inner, self.conv_dim, self.n_heads], dim=-1)
-        xbc_BCT = xbc.transpose(1, 2)
-        xbc = F.silu(self.conv1d(xbc_BCT)[..., :T]).transpose(1, 2)
-        x, B, C = self._split(xbc)
+        x, B, C = self._split(F.silu(causal_conv(xbc, self.conv1d.weight, self.conv1d.bias)))
         dt = F.softplus(dt.float() + self.dt_bias.float())
         A = -torch.exp(self.A_log.float())
         y, state = ssd_scan(x, dt, A, B, C, self.chunk_size)
         if cache is not None:  # the last K-1 conv inputs and the final SSM state
-            cache["conv"] = F.pad(xbc_BCT, (max(0, self.d_conv - 1 - T), 0))[..., -(self.d_conv - 1):]
+            cache["conv"] = F.pad(xbc.transpose(1, 2), (max(0, self.d_conv - 1 - T), 0))[..., -(self.d_conv - 1):]
             cache["ssm"] = state
         return self._out(y, x, z)
 
