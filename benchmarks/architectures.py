@@ -66,7 +66,7 @@ def bench_mixers(args, device) -> list[dict]:
         rope = tuple(t.to(device) for t in rope_tables(dim // heads, seq))
         attention = Attention(dim, heads).to(device, dtype)
         mamba = Mamba2(dim, d_state=64 if not args.smoke else 16, head_dim=2 * dim // heads, expand=2,
-                       chunk_size=64 if not args.smoke else 16).to(device, dtype)
+                       chunk_size=128 if not args.smoke else 16).to(device, dtype)
         mamba_fn = torch.compile(mamba) if not args.smoke else mamba
 
         def attn_step():

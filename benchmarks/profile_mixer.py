@@ -82,8 +82,13 @@ def main() -> None:
 
             def step(compiled=compiled):
                 compiled(x).sum().backward()
-            row = dict(conv=conv_name, chunk=chunk, ms=_median_ms(step, args.warmup, args.iters),
-                       peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+            try:
+                row = dict(conv=conv_name, chunk=chunk, ms=_median_ms(step, args.warmup, args.iters),
+                           peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+            except Exception as err:  # a compiler failure at one shape is recorded, not fatal
+                result["variants"].append(dict(conv=conv_name, chunk=chunk, error=f"{type(err).__name__}: {str(err)[:300]}"))
+                print(json.dumps(result["variants"][-1]), flush=True)
+                continue
             torch.cuda.reset_peak_memory_stats()
             row["attention_over_mamba"] = result["attention_ms"] / row["ms"]
             print(json.dumps(row), flush=True)

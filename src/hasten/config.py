@@ -83,7 +83,7 @@ class ModelConfig:
     ssm_state: int = _f(64, "Mamba-2 state size N per head")
     ssm_head_dim: int = _f(64, "Mamba-2 head size P")
     ssm_expand: int = _f(2, "Mamba-2 inner width as a multiple of dim")
-    ssm_chunk: int = _f(64, "Mamba-2 SSD chunk length")
+    ssm_chunk: int = _f(128, "Mamba-2 SSD chunk length")
     ssm_groups: int = _f(1, "Mamba-2 groups of heads sharing B and C")
     ssm_conv: int = _f(4, "Mamba-2 causal depthwise convolution width")
 
