@@ -190,8 +190,8 @@ def main() -> None:
     parser.add_argument("--skip-models", action="store_true", help="only the layer benchmarks (a) and (c)")
     parser.add_argument("--models", default="dense,moe,mamba,hybrid", help="which models (b) trains, in order")
     parser.add_argument("--skip-layers", action="store_true",
-                        help="only the models (b); (a), (c) and the models not named in --models are read "
-                             "from --out's architectures.json")
+                        help="only the models (b); (a) and (c) are read from --out's architectures.json "
+                             "(models not run now are always kept from it)")
     args = parser.parse_args()
     if args.smoke:
         args.seconds, args.warmup, args.iters = min(args.seconds, 10), 1, 3
@@ -209,7 +209,7 @@ def main() -> None:
         result["grouped"] = bench_grouped(args, device)
     names = [] if args.skip_models else args.models.split(",")
     result["models"] = []
-    if args.skip_layers and (out / "architectures.json").is_file():  # models of an earlier run not run again now
+    if (out / "architectures.json").is_file():  # models of an earlier run not run again now are kept
         result["models"] = [r for r in json.loads((out / "architectures.json").read_text()).get("models", [])
                             if r["name"] not in names]
     for name in names:
