@@ -67,7 +67,7 @@ def bench_mixers(args, device) -> list[dict]:
         attention = Attention(dim, heads).to(device, dtype)
         mamba = Mamba2(dim, d_state=64 if not args.smoke else 16, head_dim=2 * dim // heads, expand=2,
                        chunk_size=128 if not args.smoke else 16).to(device, dtype)
-        mamba_fn = torch.compile(mamba) if not args.smoke else mamba
+        mamba_fn = torch.compile(mamba, dynamic=False) if not args.smoke else mamba  # one shape: no dynamic recompile
 
         def attn_step():
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION] if device.type == "cuda" else [SDPBackend.MATH]):

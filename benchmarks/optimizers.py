@@ -146,6 +146,32 @@ def summarize(best: dict[str, dict[str, Any]], grid: dict[str, list[float]]) -> 
                                       for n, r in best.items()})
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The results table (one row per optimizer at its best rate, with the sweep)."""
+    s, runs = result["summary"], result["runs"]
+    fmt = lambda v, digits=2: "not reached" if v is None else f"{v:.{digits}f}"  # noqa: E731
+    lines = [f"# Optimizers ({result['device']}, torch {result['torch']})", "",
+             f"`{result['recipe']}` model, batch {result['batch_size']} x 1024 tokens, {result['steps']} steps, warmup "
+             f"{result.get('warmup_frac', 0.5):g} of the run then cosine (schedule-free: warmup only), bf16, compiled; "
+             f"validation every {result['eval_every']} steps. Target: AdamW's best final validation loss, "
+             f"**{s['adamw_final_val_loss']:.3f}**.", "",
+             "| optimizer | best lr (sweep: final val loss) | final val loss | steps to target / AdamW, same schedule "
+             "| shortest schedule reaching it | time to target / AdamW (shortest schedule) | state bytes / AdamW | tokens/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    horizon = s.get("steps_to_adamw_loss_ratio_by_horizon", {})
+    horizon_time = s.get("time_to_adamw_loss_ratio_by_horizon", {})
+    for name, lr in s["best_lr"].items():
+        sweep = ", ".join(f"{r['lr']:.3g}: {r['final_val_loss']:.3f}" for r in runs if r["optimizer"] == name)
+        edge = " (edge)" if s["best_lr_at_grid_edge"].get(name) else ""
+        finals = s.get("final_val_loss_by_horizon", {}).get(name, {})
+        shortest = fmt(horizon.get(name)) + (" (" + ", ".join(f"{h}: {v:.3f}" for h, v in finals.items() if h != "1") + ")"
+                                              if len(finals) > 1 else "")
+        lines.append(f"| {name} | {lr:.3g}{edge} ({sweep}) | {finals.get('1', math.nan):.3f} | "
+                     f"{fmt(s['steps_to_adamw_loss_ratio'].get(name))} | {shortest} | {fmt(horizon_time.get(name))} | "
+                     f"{s['state_bytes_ratio'][name]:.3f} | {s['tokens_per_second'][name]:,.0f} |")
+    return "\n".join([*lines, "", "![validation loss by step and by time](optimizers.png)", ""])
+
+
 def plot(best: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -236,6 +262,7 @@ def main() -> None:
                       skipped=skipped, failed=failed, summary=summary, runs=runs, shorter_runs=shorter,
                       bench_seconds=time.perf_counter() - start)
         (out / "optimizers.json").write_text(json.dumps(result, indent=1))
+        (out / "optimizers.md").write_text(markdown(result))
         plot(best, out / "optimizers.png")
         print(json.dumps(summary, indent=1), flush=True)
 
