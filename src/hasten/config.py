@@ -289,10 +289,13 @@ class ParallelConfig:
                                "gradients, FSDP2 without resharding), zero3 (also parameters, FSDP2)",
                        choices=("none", "ddp", "zero1", "zero2", "zero3"))
     cpu_offload: bool = _f(False, "keep sharded parameters, gradients and optimizer states in CPU memory (zero2, zero3)")
-    activation_checkpointing: str = _f("none", "recompute block activations in the backward pass: full (every "
-                                               "block), selective (every other block), or budget (torch.compile "
-                                               "picks what to recompute to fit parallel.activation_memory_budget)",
-                                       choices=("none", "full", "selective", "budget"))
+    activation_checkpointing: str = _f("none", "recompute block activations in the backward pass: full (whole "
+                                               "blocks), ops (all but matmul and attention outputs), selective "
+                                               "(full on every other block), or budget (torch.compile picks what "
+                                               "to recompute to fit parallel.activation_memory_budget)",
+                                       choices=("none", "full", "selective", "ops", "budget"))
+    activation_checkpoint_fraction: float = _f(1.0, "activation_checkpointing=full or ops: the fraction of blocks "
+                                                    "checkpointed, spread evenly (1.0 = every block)")
     activation_memory_budget: float = _f(0.5, "activation_checkpointing=budget: activation memory kept, as a "
                                               "fraction of what torch.compile saves by default (1.0 = its default, "
                                               "0.0 = recompute all it can)")
@@ -300,6 +303,8 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _check(0.0 <= self.activation_memory_budget <= 1.0, "parallel.activation_memory_budget",
                self.activation_memory_budget, "a fraction between 0.0 and 1.0")
+        _check(0.0 < self.activation_checkpoint_fraction <= 1.0, "parallel.activation_checkpoint_fraction",
+               self.activation_checkpoint_fraction, "a fraction above 0.0, at most 1.0")
         _check(not self.cpu_offload or self.strategy in ("zero2", "zero3"), "parallel.cpu_offload", self.cpu_offload,
                f"CPU offload needs parallel.strategy=zero2 or zero3, not {self.strategy}")
 

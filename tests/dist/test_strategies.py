@@ -55,6 +55,8 @@ CASES = {
     "zero3-offload": ["parallel.strategy=zero3", "parallel.cpu_offload=true"],
     "zero3-ac-full": ["parallel.strategy=zero3", "parallel.activation_checkpointing=full"],
     "ddp-ac-selective": ["parallel.strategy=ddp", "parallel.activation_checkpointing=selective"],
+    "zero3-ac-ops-half": ["parallel.strategy=zero3", "parallel.activation_checkpointing=ops",
+                          "parallel.activation_checkpoint_fraction=0.5"],
 }
 
 

@@ -136,7 +136,7 @@ def test_messages_records_train_on_the_assistant_reply_through_the_chat_template
     assert summary["completed"] and losses[-1] < losses[0]
 
 
-def test_lora_with_activation_checkpointing_compile_and_memory_budget_trains_like_plain_lora(tmp_path, monkeypatch):
+def test_lora_with_activation_checkpointing_compile_memory_budget_and_op_level_ac_trains_like_plain_lora(tmp_path, monkeypatch):
     from hasten.api import train
     from hasten.config import load_config
     from hasten.train.log import read_log
@@ -158,6 +158,10 @@ def test_lora_with_activation_checkpointing_compile_and_memory_budget_trains_lik
     budget = losses("budget", "train.compile=true", "parallel.activation_checkpointing=budget",
                     "parallel.activation_memory_budget=0.3")
     assert budget == pytest.approx(plain, rel=1e-3)
+    ops = losses("ops", "parallel.activation_checkpointing=ops", "parallel.activation_checkpoint_fraction=0.5")
+    assert ops == pytest.approx(plain, rel=1e-5)
+    ops_compiled = losses("ops-compiled", "train.compile=true", "parallel.activation_checkpointing=ops")
+    assert ops_compiled == pytest.approx(plain, rel=1e-3)
 
 
 def _finetuned(tmp_path, monkeypatch, method: str):

@@ -59,12 +59,13 @@ def apply_parallelism(model: nn.Module, cfg: ParallelConfig, device: torch.devic
     compilation) compiles each block on its own. Returns the model to train (DDP wraps it).
     """
     blocks = blocks_of(model)
-    if cfg.activation_checkpointing in ("full", "selective") and not blocks:
+    if cfg.activation_checkpointing in ("full", "selective", "ops") and not blocks:
         raise ConfigError("parallel.activation_checkpointing needs a model whose blocks are in a `layers` "
                           "nn.ModuleList; set it to none for this model.")
     # 1. Checkpointing first: it replaces each block's forward, so the compiled code below contains
     #    the recompute, and FSDP's gather hooks stay outside it (weights are gathered once per backward).
-    apply_activation_checkpointing(nn.ModuleList(blocks), cfg.activation_checkpointing)
+    apply_activation_checkpointing(nn.ModuleList(blocks), cfg.activation_checkpointing,
+                                   cfg.activation_checkpoint_fraction)
     # 2. Compile block by block, before sharding: each block is one graph that FSDP's communication
     #    between blocks does not break, and blocks of one shape share the compiled code.
     if compile_mode is not None:

@@ -7,6 +7,15 @@ Built on the public `torch.utils.checkpoint.checkpoint` (non-reentrant). The blo
 replaced on the instance instead of wrapping the block in another module, so parameter names, and
 so checkpoints, are the same with and without checkpointing.
 
+`ops` checkpoints per operation inside each chosen block (selective activation checkpointing, as
+torchtitan's `op` mode): the outputs of matmuls and attention kernels are kept, everything else
+(norms, activations, element-wise products, casts) is recomputed from them in the backward pass.
+It saves most of what `full` saves at a small part of its recompute, in eager mode and under
+torch.compile (whose partitioner honours the per-op choices).
+
+`full` and `ops` apply to a fraction of the blocks (`parallel.activation_checkpoint_fraction`,
+spread evenly), to trade memory for speed in finer steps; `selective` is `full` on every other block.
+
 `budget` leaves the blocks alone and lets torch.compile choose: its min-cut partitioner, which
 decides which forward values the backward keeps and which it recomputes, is given a memory budget
 (`torch._functorch.config.activation_memory_budget`, a fraction of what it keeps by default) and
@@ -20,34 +29,64 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
+                                    noop_context_fn)
 
-AC_MODES = ("none", "full", "selective", "budget")
-
-
-def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+AC_MODES = ("none", "full", "selective", "ops", "budget")
 
 
-def checkpoint_block(block: nn.Module) -> nn.Module:
-    """Make `block` recompute its activations in backward; returns the same module."""
-    block.forward = functools.partial(_checkpointed, block.forward)  # instance attribute: FQNs unchanged
+def _saved_ops() -> frozenset:
+    """The operations whose outputs `ops` keeps: matmuls and fused attention (those that exist here)."""
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "_scaled_mm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu")
+    return frozenset(getattr(aten, name).default for name in names if hasattr(aten, name))
+
+
+SAVED_OPS = _saved_ops()
+
+
+def _keep_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_matmuls_context() -> Any:
+    return create_selective_checkpoint_contexts(_keep_matmuls)
+
+
+def _checkpointed(forward: Callable[..., Any], context_fn: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+
+def checkpoint_block(block: nn.Module, ops: bool = False) -> nn.Module:
+    """Make `block` recompute its activations in backward (with `ops`, all but the outputs of
+    matmuls and attention); returns the same module."""
+    context_fn = _keep_matmuls_context if ops else noop_context_fn
+    block.forward = functools.partial(_checkpointed, block.forward, context_fn)  # instance attribute: FQNs unchanged
     return block
 
 
-def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str) -> int:
-    """`full` checkpoints every block, `selective` every other one (blocks 0, 2, 4, …: about half the
-    activation memory saved for half the recompute). Returns how many blocks were checkpointed."""
+def chosen_blocks(n: int, fraction: float) -> list[int]:
+    """round(fraction * n) block indices (at least one when fraction > 0), spread evenly from 0."""
+    k = min(n, max(1, round(fraction * n))) if fraction > 0 else 0
+    return [i * n // k for i in range(k)]
+
+
+def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str, fraction: float = 1.0) -> int:
+    """`full` checkpoints whole blocks, `ops` their element-wise work (see the module docstring), on
+    `fraction` of the blocks; `selective` is `full` on every other block (0, 2, 4, …). Returns how many
+    blocks were checkpointed."""
     if mode not in AC_MODES:
         raise ValueError(f"activation checkpointing mode {mode!r} is not one of {', '.join(AC_MODES)}")
-    every = {"none": 0, "full": 1, "selective": 2, "budget": 0}[mode]  # budget: set_memory_budget
-    if not every:
+    if mode in ("none", "budget"):  # budget: set_memory_budget
         return 0
-    chosen = [block for i, block in enumerate(blocks) if i % every == 0]
-    for block in chosen:
-        checkpoint_block(block)
-    return len(chosen)
+    indices = chosen_blocks(len(blocks), 0.5 if mode == "selective" else fraction)
+    for i in indices:
+        checkpoint_block(blocks[i], ops=mode == "ops")
+    return len(indices)
 
 
 def set_memory_budget(budget: float) -> None:

@@ -1,0 +1,68 @@
+"""Activation checkpointing modes on a tiny decoder: the same loss and gradients as without, and
+what each mode runs again in the backward pass (counted at the dispatcher)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hasten.config import ModelConfig
+from hasten.models import build_model
+from hasten.parallel.ac import apply_activation_checkpointing, chosen_blocks
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _run(mode: str, fraction: float = 1.0) -> tuple[torch.Tensor, list[torch.Tensor], Counter, int]:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=32), 64, "cpu")
+    checkpointed = apply_activation_checkpointing(model.layers, mode, fraction)
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+    with _CountOps() as backward_ops:
+        loss.backward()
+    return loss.detach(), [p.grad for p in model.parameters()], backward_ops.counts, checkpointed
+
+
+def test_chosen_blocks_spread_evenly():
+    assert chosen_blocks(22, 1.0) == list(range(22))
+    assert chosen_blocks(22, 0.5) == list(range(0, 22, 2))
+    assert chosen_blocks(22, 0.15) == [0, 7, 14]
+    assert chosen_blocks(4, 0.01) == [0]
+
+
+@pytest.mark.parametrize("mode", ["full", "selective", "ops"])
+def test_checkpointing_keeps_loss_and_gradients(mode):
+    loss, grads, _, _ = _run("none")
+    loss_ac, grads_ac, _, _ = _run(mode)
+    torch.testing.assert_close(loss_ac, loss, rtol=0, atol=0)
+    for g, g_ac in zip(grads, grads_ac):
+        torch.testing.assert_close(g_ac, g, rtol=1e-6, atol=1e-7)
+
+
+def test_ops_mode_reruns_element_wise_work_but_no_matmul():
+    *_, plain, _ = _run("none")
+    *_, full, n_full = _run("full")
+    *_, ops, n_ops = _run("ops")
+    *_, half, n_half = _run("ops", 0.5)
+    n_layers = n_full
+    assert n_ops == n_layers and n_half == n_layers // 2
+    matmuls = lambda counts: counts["mm"] + counts["bmm"] + counts["addmm"]  # noqa: E731
+    assert matmuls(full) > matmuls(plain)  # whole blocks run forward again
+    assert matmuls(ops) == matmuls(plain)  # matmul outputs kept
+    attention = lambda counts: sum(n for op, n in counts.items() if op.startswith("_scaled_dot_product"))  # noqa: E731
+    assert attention(full) > attention(plain) and attention(ops) == attention(plain)
+    # the norms' rsqrt runs again in the backward pass of every checkpointed block
+    assert plain["rsqrt"] < half["rsqrt"] < ops["rsqrt"]
