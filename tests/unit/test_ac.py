@@ -41,6 +41,7 @@ def test_chosen_blocks_spread_evenly():
     assert chosen_blocks(22, 0.5) == list(range(0, 22, 2))
     assert chosen_blocks(22, 0.15) == [0, 7, 14]
     assert chosen_blocks(4, 0.01) == [0]
+    assert chosen_blocks(5, 0.5) == [0, 1, 3]  # 2.5 rounds up
 
 
 @pytest.mark.parametrize("mode", ["full", "selective", "ops"])

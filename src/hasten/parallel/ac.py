@@ -70,8 +70,8 @@ def checkpoint_block(block: nn.Module, ops: bool = False) -> nn.Module:
 
 
 def chosen_blocks(n: int, fraction: float) -> list[int]:
-    """round(fraction * n) block indices (at least one when fraction > 0), spread evenly from 0."""
-    k = min(n, max(1, round(fraction * n))) if fraction > 0 else 0
+    """fraction * n block indices, rounded half up (at least one when fraction > 0), spread evenly from 0."""
+    k = min(n, max(1, int(fraction * n + 0.5))) if fraction > 0 and n else 0
     return [i * n // k for i in range(k)]
 
 
@@ -83,7 +83,7 @@ def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str, fraction: f
         raise ValueError(f"activation checkpointing mode {mode!r} is not one of {', '.join(AC_MODES)}")
     if mode in ("none", "budget"):  # budget: set_memory_budget
         return 0
-    indices = chosen_blocks(len(blocks), 0.5 if mode == "selective" else fraction)
+    indices = list(range(0, len(blocks), 2)) if mode == "selective" else chosen_blocks(len(blocks), fraction)
     for i in indices:
         checkpoint_block(blocks[i], ops=mode == "ops")
     return len(indices)
