@@ -16,7 +16,9 @@ reference its parity test compares against, with the same group keys so checkpoi
 between them), but with the matrices of one shape orthogonalized as one batch of matmuls. On
 the 84 hidden matrices of the gpt2-124m model (4 shapes) its step takes 8.3 ms on an H200
 against 31.7 ms for `torch.optim.Muon`, which runs Newton-Schulz matrix by matrix
-(benchmarks/muon_step.py, results/muon_step.json).
+(benchmarks/muon_step.py, results/muon_step.json). Since that measurement, the momentum, weight
+decay and update of unsharded matrices run as multi-tensor (`torch._foreach_*`) kernels instead
+of a few kernels per matrix; the same numbers (tested), not timed on a GPU yet.
 
 Sharded parameters (FSDP2, `parallel.strategy=zero2|zero3`): each rank holds a row shard of
 every matrix as a DTensor (Shard(0)), but Newton-Schulz needs the whole matrix. `MuonNS` then
@@ -109,15 +111,23 @@ class MuonNS(torch.optim.Optimizer):
         loss = closure_loss(closure)
         for group in self.param_groups:
             mu, ns = group["momentum"], (group["ns_steps"], tuple(group["ns_coefficients"]), group["eps"])
-            by_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-            for p in (p for p in group["params"] if p.grad is not None):
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in (p for p in params if isinstance(p, DTensor)):  # gathered one matrix at a time (orthogonalize)
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 buf.lerp_(p.grad, 1 - mu)
                 update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-                if isinstance(p, DTensor):  # gathered one matrix at a time (orthogonalize)
-                    self._apply(group, [p], [orthogonalize(update, *ns)])
-                else:
-                    by_shape.setdefault((tuple(p.shape), p.device), []).append((p, update))
+                self._apply(group, [p], [orthogonalize(update, *ns)])
+            local = [p for p in params if not isinstance(p, DTensor)]
+            if not local:
+                continue
+            # Momentum for every local matrix at once (multi-tensor kernels, not a launch per matrix).
+            grads = [p.grad for p in local]
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in local]
+            torch._foreach_lerp_(bufs, grads, 1 - mu)
+            updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+            by_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+            for p, update in zip(local, updates):
+                by_shape.setdefault((tuple(p.shape), p.device, p.dtype), []).append((p, update))
             # Matrices of one shape go through Newton-Schulz together, as one batch of matmuls:
             # a decoder has a handful of shapes, so a step runs a few batched products instead of
             # five rounds of three small ones per matrix. Batches stop at BATCH_ELEMENTS numbers,
@@ -125,16 +135,21 @@ class MuonNS(torch.optim.Optimizer):
             for items in by_shape.values():
                 size = max(1, BATCH_ELEMENTS // items[0][0].numel())
                 for start in range(0, len(items), size):
-                    params, updates = zip(*items[start:start + size])
-                    self._apply(group, list(params), list(newton_schulz(torch.stack(updates), *ns).unbind()))
+                    batch, batch_updates = zip(*items[start:start + size])
+                    orthos = newton_schulz(torch.stack(batch_updates), *ns).to(batch[0].dtype)
+                    self._apply(group, list(batch), list(orthos.unbind()))
         return loss
 
     @staticmethod
     def _apply(group: dict[str, Any], params: list[torch.Tensor], orthos: list[torch.Tensor]) -> None:
         """Decoupled weight decay, then the scaled orthogonalized step (one shape per call)."""
-        for p, ortho in zip(params, orthos):
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(ortho, alpha=-adjusted_lr(group["lr"], p.shape, group["adjust_lr_fn"]))
+        if isinstance(params[0], DTensor):
+            for p, ortho in zip(params, orthos):
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(ortho, alpha=-adjusted_lr(group["lr"], p.shape, group["adjust_lr_fn"]))
+            return
+        torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_add_(params, orthos, alpha=-adjusted_lr(group["lr"], params[0].shape, group["adjust_lr_fn"]))
 
 
 class CombinedOptimizer(torch.optim.Optimizer):
