@@ -121,9 +121,9 @@ def by_horizon(best: dict[str, dict[str, Any]], shorter: list[dict[str, Any]]) -
     for run in shorter:
         finals[run["optimizer"]][f"{run['horizon']:g}"] = run["final_val_loss"]
     steps, times = {}, {}
-    for name, run in best.items():
-        reached = [(run["horizon"], run["tokens_per_second"]) for run in [run, *shorter]
-                   if run["optimizer"] == name and run["final_val_loss"] <= target]
+    for name, full in best.items():
+        reached = [(r["horizon"], r["tokens_per_second"]) for r in [full, *shorter]
+                   if r["optimizer"] == name and r["final_val_loss"] <= target]
         h, tps = min(reached) if reached else (None, None)
         steps[name], times[name] = h, (h * base_tps / tps if h is not None else None)
     return dict(steps_to_adamw_loss_ratio_by_horizon=steps, time_to_adamw_loss_ratio_by_horizon=times,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,25 +21,13 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
+from architectures import _time_ms  # the same timer as the mixer benchmark (this folder)
 from hasten.models import Attention, Mamba2, mamba2, rope_tables
 
 
 def _conv1d(x_BTC, weight, bias):
     T, K = x_BTC.shape[1], weight.shape[-1]
     return F.conv1d(x_BTC.transpose(1, 2), weight, bias, padding=K - 1, groups=weight.shape[0])[..., :T].transpose(1, 2)
-
-
-def _median_ms(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - start))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -66,7 +53,7 @@ def main() -> None:
     def attn_step():
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             attention(x, rope).sum().backward()
-    result["attention_ms"] = _median_ms(attn_step, args.warmup, args.iters)
+    result["attention_ms"] = _time_ms(attn_step, args.warmup, args.iters, device)
     print(json.dumps(dict(attention_ms=result["attention_ms"])), flush=True)
 
     shift_conv = mamba2.causal_conv
@@ -83,7 +70,7 @@ def main() -> None:
             def step(compiled=compiled):
                 compiled(x).sum().backward()
             try:
-                row = dict(conv=conv_name, chunk=chunk, ms=_median_ms(step, args.warmup, args.iters),
+                row = dict(conv=conv_name, chunk=chunk, ms=_time_ms(step, args.warmup, args.iters, device),
                            peak_gib=torch.cuda.max_memory_allocated() / 2**30)
             except Exception as err:  # a compiler failure at one shape is recorded, not fatal
                 result["variants"].append(dict(conv=conv_name, chunk=chunk, error=f"{type(err).__name__}: {str(err)[:300]}"))
