@@ -73,6 +73,12 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
+def expert_counts(flat_A: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert. A scatter-add into a fixed-size vector: `torch.bincount`'s output
+    size depends on the data, which breaks torch.compile's graph at every MoE layer."""
+    return torch.zeros(num_experts, dtype=flat_A.dtype, device=flat_A.device).scatter_add_(0, flat_A, torch.ones_like(flat_A))
+
+
 def dispatch_plan(experts_NK: torch.Tensor, num_experts: int, capacity: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Where each assignment goes in the expert-sorted buffer, without a host sync.
@@ -86,7 +92,7 @@ def dispatch_plan(experts_NK: torch.Tensor, num_experts: int, capacity: int
     flat_A = experts_NK.t().reshape(-1)
     A = flat_A.numel()
     order_A = torch.argsort(flat_A, stable=True)
-    counts_E = torch.bincount(flat_A, minlength=num_experts)
+    counts_E = expert_counts(flat_A, num_experts)
     first_E = counts_E.cumsum(0) - counts_E
     pos_A = torch.empty_like(flat_A)
     pos_A[order_A] = torch.arange(A, device=flat_A.device) - first_E[flat_A[order_A]]
@@ -181,7 +187,7 @@ class MoE(nn.Module):
             x = x_ND[token_A[idx]]
             h = F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e])
             y_ND = y_ND.index_add(0, token_A[idx], F.linear(h, self.w2[e]) * weight_A[idx, None])
-        counts_E = torch.bincount(flat_A, minlength=self.num_experts)
+        counts_E = expert_counts(flat_A, self.num_experts)
         return y_ND, counts_E, torch.tensor(flat_A.numel() - kept, device=x_ND.device)
 
     def _record(self, logits_NE: torch.Tensor, probs_NE: torch.Tensor, experts_NK: torch.Tensor,

@@ -26,10 +26,13 @@ def grouped_mm_available(x: torch.Tensor) -> bool:
 
 def expert_swiglu(x_RD: torch.Tensor, offs_E: torch.Tensor, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
                   w2_EDF: torch.Tensor) -> torch.Tensor:
-    """w2_e(silu(w1_e x) * w3_e x) for each row x of expert e's group, with grouped GEMMs in bf16."""
-    w1, w3, w2 = (w.to(torch.bfloat16).transpose(-2, -1) for w in (w1_EFD, w3_EFD, w2_EDF))
-    h_RF = F.silu(_GROUPED_MM(x_RD, w1, offs=offs_E)) * _GROUPED_MM(x_RD, w3, offs=offs_E)
-    return _GROUPED_MM(h_RF, w2, offs=offs_E)
+    """w2_e(silu(w1_e x) * w3_e x) for each row x of expert e's group, with grouped GEMMs in bf16.
+    Gate and up run as one GEMM over their stacked weights (E, 2F, D): one wider kernel forward,
+    and in backward one GEMM for the input's gradient instead of two and a sum."""
+    F_ = w1_EFD.shape[1]
+    w13_EDF2 = torch.cat([w1_EFD, w3_EFD], dim=1).to(torch.bfloat16).transpose(-2, -1)
+    gate_RF, up_RF = _GROUPED_MM(x_RD, w13_EDF2, offs=offs_E).split(F_, dim=-1)
+    return _GROUPED_MM(F.silu(gate_RF) * up_RF, w2_EDF.to(torch.bfloat16).transpose(-2, -1), offs=offs_E)
 
 
 def expert_swiglu_ref(x_RD: torch.Tensor, offs_E: torch.Tensor, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
