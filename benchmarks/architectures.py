@@ -9,7 +9,8 @@ hybrid language models at equal wall time.
     -> summary.mamba_vs_attention_speedup {seq: attention_ms / mamba_ms}
 (b) Whole models through `hasten.train` with the same wall-time budget (train.time_limit_s), the
     gpt2-124m shape: dense; MoE (every FFN 8 experts, top-2, expert width = dense width / 2, so the
-    same active parameters); Mamba-2 (every mixer); hybrid (hybrid-gpu recipe). Each reports steady
+    same active parameters); optionally moe-alt (the moe-gpu recipe as shipped: MoE on every other
+    layer); Mamba-2 (every mixer); hybrid (hybrid-gpu recipe). Each reports steady
     tokens/s and the validation loss at the end of its budget.
     -> summary.moe_tokens_per_second_ratio (MoE / dense), summary.moe_val_loss_delta_at_equal_time
        (MoE - dense; negative = MoE better)
@@ -117,10 +118,11 @@ def _model_variants(smoke: bool) -> dict[str, tuple[str, list[str]]]:
                 "model.ssm_chunk=16", "data.tokenizer=byte", "data.max_documents=60", "train.batch_size=4",
                 "train.seq_len=64", "model.max_seq_len=64", "train.device=cpu", "precision.dtype=fp32"]
         return {"dense": ("default", base), "moe": ("default", [*base, "model.ffns=EEEE"]),
+                "moe-alt": ("default", [*base, "model.ffns=DEDE"]),
                 "mamba": ("default", [*base, "model.mixers=MMMM"]),
                 "hybrid": ("default", [*base, "model.mixers=MMAM", "model.ffns=DEDE"])}
     every = "E" * 12
-    return {"dense": ("gpt2-124m", []), "moe": ("moe-gpu", [f"model.ffns={every}"]),
+    return {"dense": ("gpt2-124m", []), "moe": ("moe-gpu", [f"model.ffns={every}"]), "moe-alt": ("moe-gpu", []),
             "mamba": ("mamba-gpu", []), "hybrid": ("hybrid-gpu", [])}
 
 
@@ -173,7 +175,10 @@ def _markdown(result: dict) -> str:
                      f"{r['val_loss']:.3f} | {r['steps']} | {r['peak_memory_gib']:.1f} |")
     g = result["grouped"]
     lines += ["", f"MoE tokens/s over dense: **{s['moe_tokens_per_second_ratio']:.3f}**; MoE val loss minus dense "
-              f"at equal time: **{s['moe_val_loss_delta_at_equal_time']:+.3f}**.",
+              f"at equal time: **{s['moe_val_loss_delta_at_equal_time']:+.3f}**." + (
+                  f" MoE on every other layer (moe-alt): **{s['moe_alternating_tokens_per_second_ratio']:.3f}**, "
+                  f"**{s['moe_alternating_val_loss_delta_at_equal_time']:+.3f}**."
+                  if "moe_alternating_tokens_per_second_ratio" in s else ""),
               f"One MoE layer ({g['tokens']} tokens, {g['experts']} experts, top-{g['top_k']}), grouped over loop: "
               f"**{s['grouped_vs_loop_speedup']:.2f}x** (grouped GEMM kernel: {g['grouped_kernel']})."]
     return "\n".join(lines) + "\n"
@@ -223,6 +228,10 @@ def main() -> None:
                                      if {"moe", "dense"} <= models.keys() else math.nan),
         moe_val_loss_delta_at_equal_time=(models["moe"]["val_loss"] - models["dense"]["val_loss"]
                                           if {"moe", "dense"} <= models.keys() else math.nan))
+    if {"moe-alt", "dense"} <= models.keys():
+        s = result["summary"]
+        s["moe_alternating_tokens_per_second_ratio"] = models["moe-alt"]["tokens_per_second"] / models["dense"]["tokens_per_second"]
+        s["moe_alternating_val_loss_delta_at_equal_time"] = models["moe-alt"]["val_loss"] - models["dense"]["val_loss"]
     (out / "architectures.json").write_text(json.dumps(result, indent=1))
     (out / "architectures.md").write_text(_markdown(result))
     print(json.dumps(result["summary"], indent=1))
