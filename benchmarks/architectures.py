@@ -5,7 +5,10 @@ hybrid language models at equal wall time.
     python benchmarks/architectures.py --smoke --out /tmp/arch-smoke     # any CPU, tiny sizes
 
 (a) Mixer forward+backward time, bf16: a Mamba-2 mixer (SSD scan, torch.compile) vs attention
-    (SDPA, flash kernel), same d_model and heads, batch*seq = 32k tokens, seq 2k..32k.
+    (SDPA, flash kernel), same d_model and heads, batch*seq = 32k tokens, seq 2k..32k. Backward
+    starts from a dense random gradient of the output, as inside a model. (`out.sum().backward()`
+    hands the layer a broadcast gradient, which the compiled backward first copies into a dense
+    tensor: a cost of the harness, not of either mixer.)
     -> summary.mamba_vs_attention_speedup {seq: attention_ms / mamba_ms}
 (b) Whole models through `hasten.train` with the same wall-time budget (train.time_limit_s), the
     gpt2-124m shape: dense; MoE (every FFN 8 experts, top-2, expert width = dense width / 2, so the
@@ -70,12 +73,14 @@ def bench_mixers(args, device) -> list[dict]:
                        chunk_size=128 if not args.smoke else 16).to(device, dtype)
         mamba_fn = torch.compile(mamba, dynamic=False) if not args.smoke else mamba  # one shape: no dynamic recompile
 
+        grad = torch.randn_like(x)  # a dense upstream gradient, as a layer inside a model receives
+
         def attn_step():
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION] if device.type == "cuda" else [SDPBackend.MATH]):
-                attention(x, rope).sum().backward()
+                attention(x, rope).backward(grad)
 
         def mamba_step():
-            mamba_fn(x).sum().backward()
+            mamba_fn(x).backward(grad)
 
         row = dict(seq=seq, batch=batch, dim=dim, heads=heads,
                    attention_ms=_time_ms(attn_step, args.warmup, args.iters, device),

@@ -67,3 +67,22 @@ def test_ops_mode_reruns_element_wise_work_but_no_matmul():
     assert attention(full) > attention(plain) and attention(ops) == attention(plain)
     # the norms' rsqrt runs again in the backward pass of every checkpointed block
     assert plain["rsqrt"] < half["rsqrt"] < ops["rsqrt"]
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_whole_block_checkpointing_compiles(mode):
+    """torch.compile refused checkpoint(..., context_fn=noop_context_fn) passed explicitly."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=16), 32, "cpu")
+    plain = build_model(ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=16), 32, "cpu")
+    plain.load_state_dict(model.state_dict())
+    apply_activation_checkpointing(model.layers, mode)
+    idx = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model, backend="aot_eager")  # the partitioner sees the checkpoint regions
+    loss = compiled(idx).float().pow(2).mean()
+    loss.backward()
+    want = plain(idx).float().pow(2).mean()
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)

@@ -58,6 +58,8 @@ def _keep_matmuls_context() -> Any:
 
 
 def _checkpointed(forward: Callable[..., Any], context_fn: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+    if context_fn is noop_context_fn:  # torch.compile refuses an explicit context_fn=noop_context_fn
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
 
