@@ -8,7 +8,7 @@ import torch
 
 from hasten.config import ModelConfig
 from hasten.models import Mamba2, build_model, generate, ssd_scan, ssd_scan_ref
-from hasten.models.mamba2 import causal_conv
+from hasten.models.mamba2 import causal_conv, gated_rms_norm
 
 
 def _inputs(T: int, seed: int = 0, H: int = 4, P: int = 8, G: int = 2, N: int = 16, Bsz: int = 2):
@@ -102,3 +102,29 @@ def test_causal_conv_equals_depthwise_conv1d():
     ref_grads = torch.autograd.grad(ref, (x, conv.weight, conv.bias), g)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_gated_norm_gradients_match_finite_differences():
+    g = torch.Generator().manual_seed(0)
+    y, z = torch.randn(2, 5, 12, generator=g, dtype=torch.float64), torch.randn(2, 5, 12, generator=g, dtype=torch.float64)
+    w = torch.rand(12, generator=g, dtype=torch.float64) + 0.5
+    inputs = tuple(t.clone().requires_grad_() for t in (y, z, w))
+    assert torch.autograd.gradcheck(lambda a, b, c: gated_rms_norm(a, b, c, 3, 1e-5), inputs)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_mamba_mixer_keeps_no_fp32_inner_width_tensor_for_backward(compiled):
+    """The gated norm's fp32 work (z upcast for the SiLU, the normalized product) is recomputed in
+    backward, in eager mode and under torch.compile, instead of being kept: 52 -> 40 MiB per 1024
+    tokens for this mixer."""
+    torch.manual_seed(0)
+    mixer = Mamba2(64, d_state=16, head_dim=16, expand=2, chunk_size=16).to(torch.bfloat16)
+    x = torch.randn(1, 64, 64, dtype=torch.bfloat16, requires_grad=True)
+    run = torch.compile(mixer) if compiled else mixer
+    run(x).float().sum().backward()  # compile outside the count
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = run(x)
+    out.float().sum().backward()
+    inner = [t for t in saved if t.dtype == torch.float32 and t.shape[-1] == mixer.inner]
+    assert saved and not inner, [tuple(t.shape) for t in inner]
