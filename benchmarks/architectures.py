@@ -138,7 +138,8 @@ def bench_model(args, name: str) -> dict:
 
     recipe, overrides = _model_variants(args.smoke)[name]
     out = Path(args.workdir) / name
-    cfg = load_config(recipe, [*overrides, f"train.out_dir={out}", f"data.cache_dir={args.workdir}/cache",
+    data = [f"data.source={args.data}", f"data.max_documents={args.max_documents}"] if args.data else []
+    cfg = load_config(recipe, [*overrides, *data, f"train.out_dir={out}", f"data.cache_dir={args.workdir}/cache",
                                "train.steps=1000000", f"train.time_limit_s={args.seconds}", "train.eval_every=0",
                                "train.eval_batches=20", "checkpoint.every=0", "checkpoint.at_end=false",
                                "log.progress=false", "log.plot=false", "log.tensorboard=false", "log.sample_tokens=0",
@@ -173,6 +174,7 @@ def _markdown(result: dict) -> str:
         lines += ["", f"(Mixer and MoE-layer timings from commit {result['layers_from']['commit'][:7]}, "
                   f"{result['layers_from']['date']}.)"]
     lines += ["", f"## Whole models, {result['seconds']} s of training each", "",
+              f"Data: {result.get('data', 'recipe (stdlib)')}.", "",
               "| model | params | tokens/s | MFU | val loss | steps | peak GiB |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["models"]:
         mfu = f"{r['mfu']:.3f}" if r.get("mfu") else "-"
@@ -199,6 +201,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device (CPU ok): checks the script")
     parser.add_argument("--skip-models", action="store_true", help="only the layer benchmarks (a) and (c)")
     parser.add_argument("--models", default="dense,moe,mamba,hybrid", help="which models (b) trains, in order")
+    parser.add_argument("--data", default="", help="data.source for (b) instead of each recipe's (the embedded corpus, "
+                                                     "about one pass per 30 s for the dense model): a folder or glob of "
+                                                     "local text, for budgets longer than one pass")
+    parser.add_argument("--max-documents", type=int, default=0, help="with --data: data.max_documents (0 = all)")
     parser.add_argument("--skip-layers", action="store_true",
                         help="only the models (b); (a) and (c) are read from --out's architectures.json "
                              "(models not run now are always kept from it)")
@@ -209,7 +215,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = dict(**_environment(), smoke=args.smoke, seconds=args.seconds)
+    result = dict(**_environment(), smoke=args.smoke, seconds=args.seconds, data=args.data or "recipe (stdlib)")
     if args.skip_layers:  # keep (a) and (c) of an earlier run of this script, with the commit they came from
         earlier = json.loads((out / "architectures.json").read_text())
         result.update(mixers=earlier["mixers"], grouped=earlier["grouped"],
