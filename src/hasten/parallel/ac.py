@@ -10,8 +10,15 @@ so checkpoints, are the same with and without checkpointing.
 `ops` checkpoints per operation inside each chosen block (selective activation checkpointing, as
 torchtitan's `op` mode): the outputs of matmuls and attention kernels are kept, everything else
 (norms, activations, element-wise products, casts) is recomputed from them in the backward pass.
-It saves most of what `full` saves at a small part of its recompute, in eager mode and under
-torch.compile (whose partitioner honours the per-op choices).
+It saves most of what `full` saves at a small part of its recompute.
+
+Under torch.compile the partitioner honours the per-op choices, and keeping every matmul output
+there can keep more than no checkpointing: a LoRA layer's frozen projection and its adapter's
+output are both forced in, where the compiler alone keeps their sum. So when compiled, `ops` keeps
+the attention outputs and the 16-bit sums (x W + scaled adapter output, residual sums in bf16), leaves the
+matmul outputs to the compiler (it keeps those the backward needs and cannot recompute), and
+recomputes the rest. On the CPU, a compiled 4-block LoRA model keeps 17.4 MiB for backward without
+checkpointing, 19.6 MiB with the eager policy, 11.3 MiB with this one (the same as `budget`).
 
 `full` and `ops` apply to a fraction of the blocks (`parallel.activation_checkpoint_fraction`,
 spread evenly), to trade memory for speed in finer steps; `selective` is `full` on every other block.
@@ -49,8 +56,21 @@ def _saved_ops() -> frozenset:
 SAVED_OPS = _saved_ops()
 
 
+ATTENTION_OPS = frozenset(op for op in SAVED_OPS if "scaled_dot_product" in str(op))
+_HALF = (torch.bfloat16, torch.float16)
+
+
 def _keep_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if not torch.compiler.is_compiling():
+        return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    # Compiled: PREFER_SAVE leaves the value to the partitioner; PREFER_RECOMPUTE forces recompute.
+    if op in ATTENTION_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    if op in SAVED_OPS:
+        return CheckpointPolicy.PREFER_SAVE
+    if op is torch.ops.aten.add.Tensor and all(a.dtype in _HALF for a in args if isinstance(a, torch.Tensor)):
+        return CheckpointPolicy.MUST_SAVE  # 16-bit sums; fp32 ones (RoPE, upcasts) are cheaper to recompute
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _keep_matmuls_context() -> Any:
