@@ -240,9 +240,10 @@ def main() -> None:
         moe_val_loss_delta_at_equal_time=(models["moe"]["val_loss"] - models["dense"]["val_loss"]
                                           if {"moe", "dense"} <= models.keys() else math.nan))
     if {"moe-alt", "dense"} <= models.keys():
-        s = result["summary"]
-        s["moe_alternating_tokens_per_second_ratio"] = models["moe-alt"]["tokens_per_second"] / models["dense"]["tokens_per_second"]
-        s["moe_alternating_val_loss_delta_at_equal_time"] = models["moe-alt"]["val_loss"] - models["dense"]["val_loss"]
+        alt, dense = models["moe-alt"], models["dense"]
+        result["summary"].update(
+            moe_alternating_tokens_per_second_ratio=alt["tokens_per_second"] / dense["tokens_per_second"],
+            moe_alternating_val_loss_delta_at_equal_time=alt["val_loss"] - dense["val_loss"])
     (out / "architectures.json").write_text(json.dumps(result, indent=1))
     (out / "architectures.md").write_text(_markdown(result))
     print(json.dumps(result["summary"], indent=1))

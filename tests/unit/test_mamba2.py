@@ -106,7 +106,7 @@ def test_causal_conv_equals_depthwise_conv1d():
 
 def test_gated_norm_gradients_match_finite_differences():
     g = torch.Generator().manual_seed(0)
-    y, z = torch.randn(2, 5, 12, generator=g, dtype=torch.float64), torch.randn(2, 5, 12, generator=g, dtype=torch.float64)
+    y, z = (torch.randn(2, 5, 12, generator=g, dtype=torch.float64) for _ in range(2))
     w = torch.rand(12, generator=g, dtype=torch.float64) + 0.5
     inputs = tuple(t.clone().requires_grad_() for t in (y, z, w))
     assert torch.autograd.gradcheck(lambda a, b, c: gated_rms_norm(a, b, c, 3, 1e-5), inputs)

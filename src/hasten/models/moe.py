@@ -76,7 +76,8 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
 def expert_counts(flat_A: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Assignments per expert. A scatter-add into a fixed-size vector: `torch.bincount`'s output
     size depends on the data, which breaks torch.compile's graph at every MoE layer."""
-    return torch.zeros(num_experts, dtype=flat_A.dtype, device=flat_A.device).scatter_add_(0, flat_A, torch.ones_like(flat_A))
+    counts_E = torch.zeros(num_experts, dtype=flat_A.dtype, device=flat_A.device)
+    return counts_E.scatter_add_(0, flat_A, torch.ones_like(flat_A))
 
 
 def dispatch_plan(experts_NK: torch.Tensor, num_experts: int, capacity: int

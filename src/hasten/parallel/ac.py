@@ -14,10 +14,10 @@ It saves most of what `full` saves at a small part of its recompute.
 
 Under torch.compile the partitioner honours the per-op choices, and keeping every matmul output
 there can keep more than no checkpointing: a LoRA layer's frozen projection and its adapter's
-output are both forced in, where the compiler alone keeps their sum. So when compiled, `ops` keeps
-the attention outputs and the 16-bit sums (x W + scaled adapter output, residual sums in bf16), leaves the
-matmul outputs to the compiler (it keeps those the backward needs and cannot recompute), and
-recomputes the rest. On the CPU, a compiled 4-block LoRA model keeps 17.4 MiB for backward without
+output are both forced in, where the compiler alone keeps their sum. So when compiled, `ops`
+keeps the attention outputs and the 16-bit sums (x W plus the scaled adapter output, bf16 residual
+sums), leaves the matmul outputs to the compiler (it keeps those the backward needs and cannot
+recompute), and recomputes the rest. On the CPU, a compiled 4-block LoRA model keeps 17.4 MiB for backward without
 checkpointing, 19.6 MiB with the eager policy, 11.3 MiB with this one (the same as `budget`).
 
 `full` and `ops` apply to a fraction of the blocks (`parallel.activation_checkpoint_fraction`,
