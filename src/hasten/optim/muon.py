@@ -58,9 +58,13 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients: tuple[float, fl
     wide = G.size(-2) <= G.size(-1)
     X = X if wide else X.mT  # iterate on the side whose Gram matrix is smaller
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    batch = X.shape[:-2]
+    X = X.reshape(-1, *X.shape[-2:])  # (batch, rows, cols): the scaled sums below run in the GEMMs' epilogues
     for _ in range(steps):
-        gram = X @ X.mT
-        X = a * X + (b * gram + c * gram @ gram) @ X
+        gram = torch.bmm(X, X.mT)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b * gram + c * gram @ gram
+        X = torch.baddbmm(X, poly, X, beta=a)  # a * X + poly @ X
+    X = X.reshape(*batch, *X.shape[-2:])
     return X if wide else X.mT
 
 
