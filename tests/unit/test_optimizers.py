@@ -15,6 +15,7 @@ from hasten.optim import (Lion, MuonNS, SophiaG, build_optimizer, build_schedule
                           optimizer_names, optimizer_spec, optimizer_state_bytes, register_optimizer)
 from hasten.optim.builder import _needs_package
 from hasten.optim.hooks import set_train_mode
+from hasten.optim.muon import NS_COEFFICIENTS
 from hasten.train.checkpoint import list_checkpoints
 from hasten.train.log import read_log
 
@@ -211,6 +212,21 @@ def test_newton_schulz_brings_singular_values_near_one():
     for matrix in (G, G.T):
         singular = torch.linalg.svdvals(newton_schulz(matrix).float())
         assert singular.min() > 0.5 and singular.max() < 1.3
+
+
+def test_newton_schulz_follows_the_quintic_iteration_to_bf16_precision():
+    """The bf16 iteration (sums in the GEMMs' epilogues) against X <- aX + (bA + cA^2)X in fp64."""
+    a, b, c = NS_COEFFICIENTS
+    torch.manual_seed(0)
+    for shape in [(64, 32), (32, 96), (3, 48, 96)]:
+        G = torch.randn(*shape)
+        X = G.double().mT if shape[-2] > shape[-1] else G.double()
+        X = X / X.norm(dim=(-2, -1), keepdim=True)
+        for _ in range(5):
+            A = X @ X.mT
+            X = a * X + (b * A + c * A @ A) @ X
+        want = X.mT if shape[-2] > shape[-1] else X
+        torch.testing.assert_close(newton_schulz(G).double(), want, atol=0.03, rtol=0)
 
 
 def test_batched_newton_schulz_is_the_per_matrix_one():
