@@ -148,7 +148,8 @@ def bench_model(args, name: str) -> dict:
     losses = [r["loss"] for r in read_log(out / "metrics.jsonl") if r["event"] == "train"]
     if not losses or not all(math.isfinite(v) for v in losses) or not losses[-1] < losses[0]:
         raise SystemExit(f"{name}: loss is not finite and falling: {losses[:3]} ... {losses[-3:]}")
-    return dict(name=name, tokens_per_second=summary["tokens_per_second"], val_loss=summary["final_val_loss"],
+    return dict(name=name, data=args.data or "recipe (stdlib)", seconds=args.seconds,
+                tokens_per_second=summary["tokens_per_second"], val_loss=summary["final_val_loss"],
                 steps=summary["steps"], wall_time_s=summary["wall_time_s"], params=summary["params"],
                 flops_per_token=summary["flops_per_token"], mfu=summary["mfu"],
                 peak_memory_gib=summary["peak_memory_gib"], final_loss=losses[-1])
@@ -173,12 +174,15 @@ def _markdown(result: dict) -> str:
     if "layers_from" in result:
         lines += ["", f"(Mixer and MoE-layer timings from commit {result['layers_from']['commit'][:7]}, "
                   f"{result['layers_from']['date']}.)"]
-    lines += ["", f"## Whole models, {result['seconds']} s of training each", "",
-              f"Data: {result.get('data', 'recipe (stdlib)')}.", "",
-              "| model | params | tokens/s | MFU | val loss | steps | peak GiB |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "## Whole models at equal wall time", "",
+              "Data: " + "; ".join(f"{source} ({', '.join(r['name'] for r in result['models'] if r.get('data', 'recipe (stdlib)') == source)})"
+                                   for source in dict.fromkeys(r.get("data", "recipe (stdlib)") for r in result["models"])) + ".",
+              "",
+              "| model | training s | params | tokens/s | MFU | val loss | steps | peak GiB |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["models"]:
         mfu = f"{r['mfu']:.3f}" if r.get("mfu") else "-"
-        lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['tokens_per_second']:,.0f} | {mfu} | "
+        lines.append(f"| {r['name']} | {r.get('seconds', result['seconds']):g} | {r['params'] / 1e6:.1f}M | {r['tokens_per_second']:,.0f} | {mfu} | "
                      f"{r['val_loss']:.3f} | {r['steps']} | {r['peak_memory_gib']:.1f} |")
     g = result["grouped"]
     lines += ["", f"MoE tokens/s over dense: **{s['moe_tokens_per_second_ratio']:.3f}**; MoE val loss minus dense "
@@ -215,7 +219,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = dict(**_environment(), smoke=args.smoke, seconds=args.seconds, data=args.data or "recipe (stdlib)")
+    result = dict(**_environment(), smoke=args.smoke, seconds=args.seconds)
     if args.skip_layers:  # keep (a) and (c) of an earlier run of this script, with the commit they came from
         earlier = json.loads((out / "architectures.json").read_text())
         result.update(mixers=earlier["mixers"], grouped=earlier["grouped"],
@@ -232,18 +236,23 @@ def main() -> None:
         result["models"].append(bench_model(args, name))
         (out / "architectures.partial.json").write_text(json.dumps(result, indent=1))  # kept if a later one dies
     models = {r["name"]: r for r in result["models"]}
+
+    def against_dense(name: str) -> tuple[float, float]:
+        """(tokens/s ratio, val loss delta) of a model against dense, when both ran on the same data and budget."""
+        other, dense = models.get(name), models.get("dense")
+        if not other or not dense or any(other.get(k) != dense.get(k) for k in ("data", "seconds")):
+            return math.nan, math.nan
+        return other["tokens_per_second"] / dense["tokens_per_second"], other["val_loss"] - dense["val_loss"]
+
+    moe_ratio, moe_delta = against_dense("moe")
     result["summary"] = dict(
         mamba_vs_attention_speedup={str(r["seq"]): r["speedup"] for r in result["mixers"]},
         grouped_vs_loop_speedup=result["grouped"]["speedup"],
-        moe_tokens_per_second_ratio=(models["moe"]["tokens_per_second"] / models["dense"]["tokens_per_second"]
-                                     if {"moe", "dense"} <= models.keys() else math.nan),
-        moe_val_loss_delta_at_equal_time=(models["moe"]["val_loss"] - models["dense"]["val_loss"]
-                                          if {"moe", "dense"} <= models.keys() else math.nan))
-    if {"moe-alt", "dense"} <= models.keys():
-        alt, dense = models["moe-alt"], models["dense"]
-        result["summary"].update(
-            moe_alternating_tokens_per_second_ratio=alt["tokens_per_second"] / dense["tokens_per_second"],
-            moe_alternating_val_loss_delta_at_equal_time=alt["val_loss"] - dense["val_loss"])
+        moe_tokens_per_second_ratio=moe_ratio, moe_val_loss_delta_at_equal_time=moe_delta)
+    if "moe-alt" in models:
+        alt_ratio, alt_delta = against_dense("moe-alt")
+        result["summary"].update(moe_alternating_tokens_per_second_ratio=alt_ratio,
+                                 moe_alternating_val_loss_delta_at_equal_time=alt_delta)
     (out / "architectures.json").write_text(json.dumps(result, indent=1))
     (out / "architectures.md").write_text(_markdown(result))
     print(json.dumps(result["summary"], indent=1))
