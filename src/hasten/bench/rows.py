@@ -148,7 +148,8 @@ register(Row(name="ac", family="activation checkpointing", benefit="memory",
              description="every block recomputes its activations in the backward pass"))
 register(Row(name="ac-ops", family="activation checkpointing", benefit="memory",
              overrides=("parallel.activation_checkpointing=ops",),
-             description="every block keeps only its matmul and attention outputs, recomputing the rest"))
+             description="every block keeps only its matmul and attention outputs (compiled: attention outputs "
+                         "and 16-bit sums), recomputing the rest"))
 register(Row(name="ac-budget", family="activation checkpointing", benefit="memory",
              overrides=("train.compile=true", "parallel.activation_checkpointing=budget",
                         "parallel.activation_memory_budget=0.5"),
