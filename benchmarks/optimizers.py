@@ -193,8 +193,10 @@ def plot(best: dict[str, dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results", help="where optimizers.json and .png go")
-    parser.add_argument("--workdir", default="/tmp/hasten-bench-optimizers", help="run folders (reused)")
+    parser.add_argument("--out", default="", help="where optimizers.json and .png go (default benchmarks/results; "
+                                                   "with --smoke a folder under /tmp)")
+    parser.add_argument("--workdir", default="", help="run folders, reused (default /tmp/hasten-bench-optimizers; "
+                                                       "with --smoke, runs/ under --out)")
     parser.add_argument("--recipe", default="gpt2-124m", help="recipe of the model and data")
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps, the same for every run")
     parser.add_argument("--eval-every", type=int, default=100)
@@ -209,12 +211,16 @@ def main() -> None:
     parser.add_argument("--optimizers", default="", help="comma-separated subset (adamw is always run)")
     parser.add_argument("--cache-dir", default="", help="tokenized data (default: under --workdir)")
     parser.add_argument("--reuse-only", action="store_true", help="train nothing: report the finished runs in --workdir")
-    parser.add_argument("--smoke", action="store_true", help="tiny CPU run into /tmp, to test the script")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run, to test the script")
     args = parser.parse_args()
     if args.smoke:
-        args.out, args.workdir, args.steps, args.eval_every = "/tmp/hasten-bench-optimizers-smoke", \
-            "/tmp/hasten-bench-optimizers-smoke/runs", 30, 10
+        args.out = args.out or "/tmp/hasten-bench-optimizers-smoke"
+        args.workdir = args.workdir or f"{args.out}/runs"
+        args.steps, args.eval_every = 30, 10
         LR_CENTRE.update(adamw=3e-3, sophia=3e-3, lion=1e-3, muon=3e-3, schedulefree_adamw=3e-3, adamw8bit=3e-3)
+
+    args.out = args.out or "benchmarks/results"
+    args.workdir = args.workdir or "/tmp/hasten-bench-optimizers"
 
     from hasten.optim import optimizer_names, optimizer_spec
     import torch
