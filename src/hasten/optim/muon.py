@@ -16,9 +16,10 @@ reference its parity test compares against, with the same group keys so checkpoi
 between them), but with the matrices of one shape orthogonalized as one batch of matmuls. On
 the 84 hidden matrices of the gpt2-124m model (4 shapes) its step takes 8.3 ms on an H200
 against 31.7 ms for `torch.optim.Muon`, which runs Newton-Schulz matrix by matrix
-(benchmarks/muon_step.py, results/muon_step.json). Since that measurement, the momentum, weight
-decay and update of unsharded matrices run as multi-tensor (`torch._foreach_*`) kernels instead
-of a few kernels per matrix; the same numbers (tested), not timed on a GPU yet.
+(benchmarks/muon_step.py, results/muon_step.json); 7.8 ms against 32.3 ms once the momentum,
+weight decay and update of unsharded matrices ran as multi-tensor (`torch._foreach_*`) kernels.
+Newton-Schulz has since formed its scaled sums inside the batched GEMMs (`baddbmm`); that is not
+timed on a GPU yet.
 
 Sharded parameters (FSDP2, `parallel.strategy=zero2|zero3`): each rank holds a row shard of
 every matrix as a DTensor (Shard(0)), but Newton-Schulz needs the whole matrix. `MuonNS` then

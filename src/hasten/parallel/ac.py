@@ -17,8 +17,9 @@ there can keep more than no checkpointing: a LoRA layer's frozen projection and 
 output are both forced in, where the compiler alone keeps their sum. So when compiled, `ops`
 keeps the attention outputs and the 16-bit sums (x W plus the scaled adapter output, bf16 residual
 sums), leaves the matmul outputs to the compiler (it keeps those the backward needs and cannot
-recompute), and recomputes the rest. On the CPU, a compiled 4-block LoRA model keeps 17.4 MiB for backward without
-checkpointing, 19.6 MiB with the eager policy, 11.3 MiB with this one (the same as `budget`).
+recompute), and recomputes the rest. On the CPU, a compiled 4-block LoRA model keeps 17.4 MiB for
+backward without checkpointing, 19.6 MiB with the eager policy, 11.3 MiB with this one (the same
+as `budget`).
 
 `full` and `ops` apply to a fraction of the blocks (`parallel.activation_checkpoint_fraction`,
 spread evenly), to trade memory for speed in finer steps; `selective` is `full` on every other block.
@@ -54,13 +55,11 @@ def _saved_ops() -> frozenset:
 
 
 SAVED_OPS = _saved_ops()
-
-
 ATTENTION_OPS = frozenset(op for op in SAVED_OPS if "scaled_dot_product" in str(op))
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def _keep_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+def _ops_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     if not torch.compiler.is_compiling():
         return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
     # Compiled: PREFER_SAVE leaves the value to the partitioner; PREFER_RECOMPUTE forces recompute.
@@ -73,8 +72,8 @@ def _keep_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPol
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _keep_matmuls_context() -> Any:
-    return create_selective_checkpoint_contexts(_keep_matmuls)
+def _ops_context() -> Any:
+    return create_selective_checkpoint_contexts(_ops_policy)
 
 
 def _checkpointed(forward: Callable[..., Any], context_fn: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
@@ -86,7 +85,7 @@ def _checkpointed(forward: Callable[..., Any], context_fn: Callable[[], Any], *a
 def checkpoint_block(block: nn.Module, ops: bool = False) -> nn.Module:
     """Make `block` recompute its activations in backward (with `ops`, all but the outputs of
     matmuls and attention); returns the same module."""
-    context_fn = _keep_matmuls_context if ops else noop_context_fn
+    context_fn = _ops_context if ops else noop_context_fn
     block.forward = functools.partial(_checkpointed, block.forward, context_fn)  # instance attribute: FQNs unchanged
     return block
 

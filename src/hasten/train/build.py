@@ -29,6 +29,12 @@ BatchFn = Callable[[int, int], Batch]  # (step, micro) -> batch on the CPU
 LossFn = Callable[[nn.Module, Batch], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
+def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's logits of a batch (inputs, targets[, positions]): packed instruction data adds
+    the positions that separate its records (hasten.data.instruct)."""
+    return model(batch[0], positions_BT=batch[2]) if len(batch) > 2 else model(batch[0])
+
+
 def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Next-token cross-entropy of a language model that maps ids_BT to logits_BTV.
 
@@ -37,9 +43,8 @@ def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor | tuple[torch.Tensor
     alongside for logging. Evaluation forwards record none, so validation loss is plain CE."""
     from hasten.models.moe import auxiliary_losses
 
-    inputs, targets, *packed = batch  # packed instruction data adds positions (hasten.data.instruct)
-    logits = model(inputs, positions_BT=packed[0]) if packed else model(inputs)
-    ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+    logits = _logits(model, batch)
+    ce = F.cross_entropy(logits.view(-1, logits.size(-1)), batch[1].view(-1))
     aux, terms = auxiliary_losses(model)
     if aux is None:
         return ce
@@ -51,7 +56,7 @@ def lm_sampled_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     gradient gives SophiaG's Gauss-Newton-Bartlett Hessian estimate (the true targets are unused)."""
     from hasten.optim import sampled_label_loss
 
-    logits = model(batch[0], positions_BT=batch[2]) if len(batch) > 2 else model(batch[0])
+    logits = _logits(model, batch)
     return sampled_label_loss(logits.view(-1, logits.size(-1)))
 
 
