@@ -6,14 +6,14 @@ hybrid language models at equal wall time.
 
 (a) Mixer forward+backward time, bf16: a Mamba-2 mixer (SSD scan, torch.compile) vs attention
     (SDPA, flash kernel), same d_model and heads, batch*seq = 32k tokens, seq 2k..32k. Backward
-    starts from a dense random gradient of the output, as inside a model. (`out.sum().backward()`
-    hands the layer a broadcast gradient, which the compiled backward first copies into a dense
-    tensor: a cost of the harness, not of either mixer.)
+    starts from a dense random gradient of the output, as inside a model.
     -> summary.mamba_vs_attention_speedup {seq: attention_ms / mamba_ms}
 (b) Whole models through `hasten.train` with the same wall-time budget (train.time_limit_s), the
     gpt2-124m shape: dense; MoE (every FFN 8 experts, top-2, expert width = dense width / 2, so the
     same active parameters); optionally moe-alt (the moe-gpu recipe as shipped: MoE on every other
-    layer); Mamba-2 (every mixer); hybrid (hybrid-gpu recipe). Each reports steady
+    layer); optionally moe-scaled (moe with model.moe_routed_scale=2: the top-2 weights, which
+    sum to 1, then sum to 2, as a dense SwiGLU of twice an expert's width would add both halves);
+    Mamba-2 (every mixer); hybrid (hybrid-gpu recipe). Each reports steady
     tokens/s and the validation loss at the end of its budget.
     -> summary.moe_tokens_per_second_ratio (MoE / dense), summary.moe_val_loss_delta_at_equal_time
        (MoE - dense; negative = MoE better)
@@ -61,6 +61,7 @@ def bench_mixers(args, device) -> list[dict]:
 
     dim, heads = (64, 4) if args.smoke else (2048, 16)
     seqs = [64, 128] if args.smoke else [2048, 4096, 8192, 16384, 32768]
+    seqs = [int(s) for s in args.seqs.split(",")] if args.seqs else seqs
     tokens = 256 if args.smoke else 32768
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
@@ -110,6 +111,15 @@ def bench_grouped(args, device) -> dict:
                 y = layer(x)
             y.float().sum().backward()
         result[f"{name}_ms"] = _time_ms(step, args.warmup, args.iters, device)
+    outputs = {}  # the same numbers both ways: output and expert-weight gradients, relative error
+    for name, layer in (("grouped", grouped), ("loop", loop)):
+        layer.zero_grad()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            y = layer(x).float()
+        (y * torch.linspace(-1, 1, y.shape[-1], device=device)).sum().backward()
+        outputs[name] = [y.detach(), *(p.grad.float() for p in (layer.w1, layer.w3, layer.w2, layer.router.weight))]
+    result["grouped_vs_loop_rel_error"] = max(((a - b).norm() / b.norm()).item()
+                                              for a, b in zip(outputs["grouped"], outputs["loop"]))
     from hasten.models.ops import grouped_mm_available
     result.update(dim=dim, hidden=hidden, tokens=tokens, experts=8, top_k=2,
                   grouped_kernel=grouped_mm_available(x.to(dtype)), speedup=result["loop_ms"] / result["grouped_ms"])
@@ -124,10 +134,12 @@ def _model_variants(smoke: bool) -> dict[str, tuple[str, list[str]]]:
                 "train.seq_len=64", "model.max_seq_len=64", "train.device=cpu", "precision.dtype=fp32"]
         return {"dense": ("default", base), "moe": ("default", [*base, "model.ffns=EEEE"]),
                 "moe-alt": ("default", [*base, "model.ffns=DEDE"]),
+                "moe-scaled": ("default", [*base, "model.ffns=EEEE", "model.moe_routed_scale=2"]),
                 "mamba": ("default", [*base, "model.mixers=MMMM"]),
                 "hybrid": ("default", [*base, "model.mixers=MMAM", "model.ffns=DEDE"])}
     every = "E" * 12
     return {"dense": ("gpt2-124m", []), "moe": ("moe-gpu", [f"model.ffns={every}"]), "moe-alt": ("moe-gpu", []),
+            "moe-scaled": ("moe-gpu", [f"model.ffns={every}", "model.moe_routed_scale=2"]),
             "mamba": ("mamba-gpu", []), "hybrid": ("hybrid-gpu", [])}
 
 
@@ -148,7 +160,7 @@ def bench_model(args, name: str) -> dict:
     losses = [r["loss"] for r in read_log(out / "metrics.jsonl") if r["event"] == "train"]
     if not losses or not all(math.isfinite(v) for v in losses) or not losses[-1] < losses[0]:
         raise SystemExit(f"{name}: loss is not finite and falling: {losses[:3]} ... {losses[-3:]}")
-    return dict(name=name, data=args.data or "recipe (stdlib)", seconds=args.seconds,
+    return dict(name=name, data=args.data_label or args.data or "recipe (stdlib)", seconds=args.seconds,
                 tokens_per_second=summary["tokens_per_second"], val_loss=summary["final_val_loss"],
                 steps=summary["steps"], wall_time_s=summary["wall_time_s"], params=summary["params"],
                 flops_per_token=summary["flops_per_token"], mfu=summary["mfu"],
@@ -189,9 +201,14 @@ def _markdown(result: dict) -> str:
               f"at equal time: **{s['moe_val_loss_delta_at_equal_time']:+.3f}**." + (
                   f" MoE on every other layer (moe-alt): **{s['moe_alternating_tokens_per_second_ratio']:.3f}**, "
                   f"**{s['moe_alternating_val_loss_delta_at_equal_time']:+.3f}**."
-                  if "moe_alternating_tokens_per_second_ratio" in s else ""),
+                  if "moe_alternating_tokens_per_second_ratio" in s else "") + (
+                  f" MoE with routed scale 2 (moe-scaled): **{s['moe_scaled_tokens_per_second_ratio']:.3f}**, "
+                  f"**{s['moe_scaled_val_loss_delta_at_equal_time']:+.3f}**."
+                  if "moe_scaled_tokens_per_second_ratio" in s else ""),
               f"One MoE layer ({g['tokens']} tokens, {g['experts']} experts, top-{g['top_k']}), grouped over loop: "
-              f"**{s['grouped_vs_loop_speedup']:.2f}x** (grouped GEMM kernel: {g['grouped_kernel']})."]
+              f"**{s['grouped_vs_loop_speedup']:.2f}x** (grouped GEMM kernel: {g['grouped_kernel']})" + (
+                  f"; output and gradients differ from the loop's by {g['grouped_vs_loop_rel_error']:.1e} (relative)."
+                  if "grouped_vs_loop_rel_error" in g else ".")]
     return "\n".join(lines) + "\n"
 
 
@@ -203,11 +220,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device (CPU ok): checks the script")
+    parser.add_argument("--seqs", default="", help="(a) at these sequence lengths only, e.g. 16384 (default: all)")
     parser.add_argument("--skip-models", action="store_true", help="only the layer benchmarks (a) and (c)")
     parser.add_argument("--models", default="dense,moe,mamba,hybrid", help="which models (b) trains, in order")
     parser.add_argument("--data", default="", help="data.source for (b) instead of each recipe's (the embedded corpus, "
                                                      "about one pass per 30 s for the dense model): a folder or glob of "
                                                      "local text, for budgets longer than one pass")
+    parser.add_argument("--data-label", default="", help="with --data: how the rows name the data (default: --data "
+                                                           "itself); rows compare with dense only under the same name")
     parser.add_argument("--max-documents", type=int, default=0, help="with --data: data.max_documents (0 = all)")
     parser.add_argument("--skip-layers", action="store_true",
                         help="only the models (b); (a) and (c) are read from --out's architectures.json "
@@ -253,6 +273,10 @@ def main() -> None:
         alt_ratio, alt_delta = against_dense("moe-alt")
         result["summary"].update(moe_alternating_tokens_per_second_ratio=alt_ratio,
                                  moe_alternating_val_loss_delta_at_equal_time=alt_delta)
+    if "moe-scaled" in models:
+        scaled_ratio, scaled_delta = against_dense("moe-scaled")
+        result["summary"].update(moe_scaled_tokens_per_second_ratio=scaled_ratio,
+                                 moe_scaled_val_loss_delta_at_equal_time=scaled_delta)
     (out / "architectures.json").write_text(json.dumps(result, indent=1))
     (out / "architectures.md").write_text(_markdown(result))
     print(json.dumps(result["summary"], indent=1))

@@ -68,7 +68,8 @@ def _set_inductor(options: dict) -> dict:
 
 def kernel_profile(step, iters: int = 5) -> dict:
     """GPU time per call by kernel name, and by the CPU op (with input shapes) that launched it.
-    Only kernel events are summed: operator events also carry their kernels' time."""
+    Only kernel events are summed: operator events, and the GPU-side ranges torch.compile records
+    around each compiled graph, also carry their kernels' time."""
     for _ in range(2):  # a step compiled before a later torch._dynamo.reset() compiles again here
         step()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
@@ -79,6 +80,8 @@ def kernel_profile(step, iters: int = 5) -> dict:
     by_kernel, by_op = defaultdict(float), defaultdict(float)
     for event in prof.events():
         if event.device_type == DeviceType.CUDA:
+            if event.name.startswith("## "):  # a compiled graph's GPU-side range ("## Call CompiledFxGraph"), not a kernel
+                continue
             by_kernel[event.name] += event.time_range.elapsed_us() / 1000 / iters
         elif event.kernels:
             for kernel in event.kernels:

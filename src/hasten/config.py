@@ -79,6 +79,7 @@ class ModelConfig:
     moe_capacity_factor: float = _f(0.0, "expert capacity as a multiple of the balanced load; tokens over it are dropped (0 = dropless)")
     moe_aux_weight: float = _f(0.01, "weight of the load-balancing loss")
     moe_z_weight: float = _f(0.001, "weight of the router z-loss")
+    moe_routed_scale: float = _f(1.0, "factor on the routed experts' weighted sum (DeepSeek's routed scaling factor)")
     moe_hidden_dim: int = _f(0, "hidden width of one expert; 0 = the dense width / (top_k + shared), so active params match dense")
     ssm_state: int = _f(64, "Mamba-2 state size N per head")
     ssm_head_dim: int = _f(64, "Mamba-2 head size P")

@@ -160,3 +160,16 @@ def test_decoder_collects_aux_losses_and_counts_active_params():
     model.eval()
     model(torch.randint(0, 256, (2, 16)))
     assert auxiliary_losses(model) == (None, {})
+
+
+def test_routed_scale_multiplies_the_routed_experts_only():
+    """routed_scale (DeepSeek's routed scaling factor) scales the routed experts' weighted sum;
+    the shared expert is added unscaled, and routing is unchanged."""
+    torch.manual_seed(0)
+    plain = MoE(32, 48, shared_expert=True)
+    scaled = MoE(32, 48, shared_expert=True, routed_scale=2.5)
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 7, 32)
+    shared = plain.shared(x)
+    torch.testing.assert_close(scaled(x) - shared, 2.5 * (plain(x) - shared), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scaled.tokens_per_expert, plain.tokens_per_expert)

@@ -64,7 +64,8 @@ FFNS: dict[str, Callable[[ModelConfig], Callable[[], nn.Module]]] = {
     "E": lambda c: partial(MoE, c.dim, moe_hidden_dim(c), num_experts=c.num_experts, top_k=c.top_k,
                            router=c.moe_router, shared_expert=c.moe_shared_expert,
                            capacity_factor=c.moe_capacity_factor, aux_weight=c.moe_aux_weight,
-                           z_weight=c.moe_z_weight, init_std=c.init_std, out_init_std=_out_std(c)),
+                           z_weight=c.moe_z_weight, init_std=c.init_std, out_init_std=_out_std(c),
+                           routed_scale=c.moe_routed_scale),
 }
 assert set(MIXERS) == set(MIXER_LETTERS) and set(FFNS) == set(FFN_LETTERS)
 

@@ -74,19 +74,25 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     # 2. each chunk's own contribution to the state at its end
     to_end_bcqh = torch.exp(a_cum[..., -1:] - a_cum).to(x.dtype).permute(0, 2, 3, 1)
     x_end = (x_bcqhp * to_end_bcqh[..., None]).view(Bsz, c, Q, G, R, P)
-    states = torch.einsum("bcjgn,bcjgrp->bcgrpn", B_bcqgn, x_end).reshape(Bsz, c, H, P, N)
+    states_bhcf = torch.einsum("bcjgn,bcjgrp->bgrcpn", B_bcqgn, x_end).reshape(Bsz, H, c, P * N)
 
-    # 3. pass states between chunks: state entering chunk z = sum_{c<z} decay(c -> z) * states_c
-    if initial_state is None:
-        initial_state = torch.zeros(Bsz, H, P, N, device=x.device, dtype=torch.float32)
-    states = torch.cat([initial_state[:, None].to(states.dtype), states], dim=1)  # (B, c+1, H, P, N)
-    chunk_decay = torch.exp(_segsum(F.pad(a_cum[..., -1], (1, 0))))  # (B, H, c+1, c+1)
-    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay.to(states.dtype), states)
-    entering, final_state = states[:, :-1], states[:, -1]
+    # 3. pass states between chunks: state entering chunk z = sum_{k<z} decay(k -> z) * states_k, plus
+    # the initial state's decay to z. chunk_decay's index 0 is the initial state, k+1 chunk k's; its
+    # last row gives the final state. Chunk states stay (B, H, chunks, P*N) and the initial state is a
+    # separate term, so the matmul's inner and row counts are the chunk count, not one more: with an
+    # odd size the compiler pads the operands into new (B*H, chunks+pad, P*N) tensors, a slow copy.
+    chunk_decay = torch.exp(_segsum(F.pad(a_cum[..., -1], (1, 0)))).to(states_bhcf.dtype)  # (B, H, c+1, c+1)
+    entering_bhcf = chunk_decay[..., :-1, 1:] @ states_bhcf
+    final_bhf = (chunk_decay[..., -1:, 1:] @ states_bhcf)[:, :, 0]
+    if initial_state is not None:
+        init_bhf = initial_state.reshape(Bsz, H, 1, P * N).to(states_bhcf.dtype)
+        entering_bhcf = entering_bhcf + chunk_decay[..., :-1, :1] * init_bhf
+        final_bhf = final_bhf + chunk_decay[..., -1, :1] * init_bhf[:, :, 0]
+    final_state = final_bhf.view(Bsz, H, P, N)
 
     # 4. what the entering state adds to each position of its chunk
     from_start_bcqh = torch.exp(a_cum).to(x.dtype).permute(0, 2, 3, 1)
-    y_off = torch.einsum("bcign,bcgrpn->bcigrp", C_bcqgn, entering.to(x.dtype).view(Bsz, c, G, R, P, N))
+    y_off = torch.einsum("bcign,bgrcpn->bcigrp", C_bcqgn, entering_bhcf.to(x.dtype).view(Bsz, G, R, c, P, N))
     y_off = y_off.reshape(Bsz, c, Q, H, P) * from_start_bcqh[..., None]
     y = (y_diag + y_off).reshape(Bsz, c * Q, H, P)[:, :T]
     return y, final_state.float()

@@ -118,7 +118,7 @@ class MoE(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, num_experts: int = 8, top_k: int = 2, router: str = "softmax",
                  shared_expert: bool = False, capacity_factor: float = 0.0, aux_weight: float = 0.01,
                  z_weight: float = 0.001, init_std: float = 0.02, out_init_std: float | None = None,
-                 impl: str = "grouped") -> None:
+                 impl: str = "grouped", routed_scale: float = 1.0) -> None:
         super().__init__()
         if not 0 < top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
@@ -126,6 +126,7 @@ class MoE(nn.Module):
             raise ValueError(f"impl={impl!r} is not supported; use grouped or loop")
         self.num_experts, self.top_k, self.router_kind, self.impl = num_experts, top_k, router, impl
         self.capacity_factor, self.aux_weight, self.z_weight = capacity_factor, aux_weight, z_weight
+        self.routed_scale = routed_scale
         self.init_std, self.out_init_std = init_std, out_init_std if out_init_std is not None else init_std
         self.router = nn.Linear(dim, num_experts, bias=False)
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))  # gate, Linear layout (out, in)
@@ -156,6 +157,8 @@ class MoE(nn.Module):
         capacity = expert_capacity(B * T, self.top_k, self.num_experts, self.capacity_factor)
         run = self._grouped if self.impl == "grouped" else self._loop
         y_ND, counts_E, dropped = run(x_ND, weights_NK, experts_NK, capacity)
+        if self.routed_scale != 1.0:
+            y_ND = y_ND * self.routed_scale
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
         self._record(logits_NE, probs_NE, experts_NK, counts_E, dropped)
