@@ -12,6 +12,10 @@ this one command, so their memory peaks and compile caches stay apart:
 (c) HF: `transformers.Trainer` with `GPT2LMHeadModel`, `bf16=True`, `torch_compile=True`, fused
     AdamW.
 
+Variants (`--sides side:variant,...`) add overrides to the hasten side; `model.*` overrides (the
+`bf16res` variant: model.fp32_residual=false) apply to the plain side too, which is then reported
+beside the recipe's rows and compared with hasten's row of the same variant.
+
 Throughput is measured after warm-up (compilation excluded) between two synchronizations.
 Each side checks its loss is finite and falling before its numbers are accepted.
 """
@@ -88,7 +92,7 @@ def run_plain(args: argparse.Namespace) -> dict:
 
     data = _token_stream(f"{args.workdir}/cache")
     tokens = torch.from_numpy(data.train.astype("int64"))
-    cfg = load_config("gpt2-124m").model
+    cfg = load_config("gpt2-124m", [o for o in VARIANTS[args.variant] if o.startswith("model.")]).model
     torch.manual_seed(0)
     model = build_model(cfg, resolve_vocab_size(cfg, data.tokenizer.vocab_size), torch.device("cuda"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
@@ -120,7 +124,8 @@ def run_plain(args: argparse.Namespace) -> dict:
     _check_loss(losses)
     tps = BATCH * SEQ / (step_ms / 1000)
     fpt = model.flops_per_token(SEQ)
-    return dict(name="plain_compiled", tokens_per_second=tps, mfu=tps * fpt / 989e12, step_ms=step_ms,
+    name = "plain_compiled" if args.variant == "recipe" else f"plain_compiled[{args.variant}]"
+    return dict(name=name, tokens_per_second=tps, mfu=tps * fpt / 989e12, step_ms=step_ms,
                 peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30, final_loss=losses[-1],
                 params=model.num_params(), flops_per_token=fpt)
 
@@ -181,7 +186,8 @@ def run_hf(args: argparse.Namespace) -> dict:
 SIDES = {"hasten": run_hasten, "plain": run_plain, "hf": run_hf}
 # hasten runs the shipped recipe as is ("recipe"), and with single knobs changed, to show what each buys.
 VARIANTS = {"recipe": [], "flash": ["train.attention_backend=flash"], "cudnn": ["train.attention_backend=cudnn"],
-            "autotune": ["train.compile_mode=max-autotune-no-cudagraphs"]}
+            "autotune": ["train.compile_mode=max-autotune-no-cudagraphs"],
+            "bf16res": ["model.fp32_residual=false"]}  # model.* overrides apply to the plain side too
 ORDER = [("plain", "recipe"), ("hasten", "recipe"), ("hasten", "cudnn"), ("hf", "recipe"), ("hasten", "autotune")]
 
 
@@ -257,8 +263,16 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> None:
         summary["ratio_vs_hf"] = h["tokens_per_second"] / f["tokens_per_second"]
     if p:
         summary["variants"] = {name: dict(tokens_per_second=r["tokens_per_second"], overrides=r["overrides"],
+                                          mfu=r["mfu"], peak_memory_gib=r["peak_memory_gib"],
                                           ratio_vs_plain=r["tokens_per_second"] / p["tokens_per_second"])
                                for name, r in by.items() if name.startswith("hasten[") and name != "hasten[recipe]"}
+        for name, r in by.items():  # against the plain loop of the same variant, when it ran too
+            plain_same = by.get(name.replace("hasten[", "plain_compiled["))
+            if name in summary["variants"] and plain_same:
+                summary["variants"][name]["ratio_vs_plain_same_variant"] = r["tokens_per_second"] / plain_same["tokens_per_second"]
+        if f:
+            for r in summary["variants"].values():
+                r["ratio_vs_hf"] = r["tokens_per_second"] / f["tokens_per_second"]
     result = dict(suite="pretrain_throughput", **_environment(), steps=args.steps, warmup=args.warmup,
                   seq_len=SEQ, batch_size=BATCH, precision="bf16", rows=rows, summary=summary)
     out = Path(args.out)

@@ -66,6 +66,9 @@ class ModelConfig:
     norm_eps: float = _f(1e-5, "RMSNorm epsilon")
     tie_embeddings: bool = _f(True, "share the input embedding with the output head")
     dropout: float = _f(0.0, "dropout on attention and residual branches")
+    fp32_residual: bool = _f(True, "under bf16/fp16 autocast, keep the residual stream in fp32; false keeps it in the "
+                                   "autocast dtype (half the bytes of the saved residuals and of the element-wise "
+                                   "work on them; Megatron-LM's default)")
     qkv_bias: bool = _f(False, "biases on the attention q/k/v projections (Qwen2 checkpoints)")
     init_std: float = _f(0.02, "std of the normal init; output projections are scaled by 1/sqrt(2*n_layers)")
     mixers: str = _f("", "sequence mixer of each layer, one letter per layer: A attention, M Mamba-2 (e.g. 'MMAM'); "

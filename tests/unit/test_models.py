@@ -240,6 +240,59 @@ def test_bf16_autocast():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
+def _residual_dtypes(model: Decoder, idx: torch.Tensor) -> set[torch.dtype]:
+    """The dtypes of the residual stream entering each block and the final norm, under bf16 autocast."""
+    seen = set()
+    hooks = [m.register_forward_pre_hook(lambda _, args: seen.add(args[0].dtype)) for m in [*model.layers, model.norm]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx).float().sum().backward()
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_bf16_residual_stream_option():
+    """model.fp32_residual=false: the residual stream is bf16 under bf16 autocast (fp32 by default),
+    the fp32 master weights still get fp32 gradients, and the loss stays close; without autocast
+    the option changes nothing."""
+    idx = batch(2, 16)
+    assert _residual_dtypes(tiny_model(), idx) == {torch.float32}
+    model = tiny_model(fp32_residual=False)
+    assert _residual_dtypes(model, idx) == {torch.bfloat16}
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = F.cross_entropy(model(idx[:, :-1]).float().flatten(0, 1), idx[:, 1:].flatten())
+        high = F.cross_entropy(tiny_model()(idx[:, :-1]).float().flatten(0, 1), idx[:, 1:].flatten())
+    torch.testing.assert_close(low, high, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(model(idx), tiny_model()(idx))
+
+
+def test_bf16_residual_stream_keeps_no_fp32_activations_compiled():
+    """Compiled, the fp32 residual stream is most of what a bf16-autocast model keeps in fp32 for
+    backward; with model.fp32_residual=false only the norms' per-token statistics remain."""
+    def kept(fp32_residual: bool) -> tuple[int, int]:
+        model = tiny_model(fp32_residual=fp32_residual)
+        idx = batch(2, 33)
+
+        def loss_fn(idx):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return F.cross_entropy(model(idx[:, :-1]).float().flatten(0, 1), idx[:, 1:].flatten())
+
+        compiled = torch.compile(loss_fn)
+        compiled(idx).backward()  # compile outside the count
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = compiled(idx)
+        loss.backward()
+        acts = [t for t in saved if t.untyped_storage().data_ptr() not in weights]
+        return (sum(t.numel() * t.element_size() for t in acts),
+                sum(t.numel() * t.element_size() for t in acts if t.dtype == torch.float32))
+
+    (total, fp32), (total_bf16, fp32_bf16) = kept(True), kept(False)
+    assert fp32_bf16 < 0.2 * fp32 and total_bf16 < total, (total, fp32, total_bf16, fp32_bf16)
+
+
 def test_torch_compile_forward_backward():
     if not hasattr(torch, "compile"):
         pytest.skip("torch.compile unavailable")

@@ -167,6 +167,8 @@ class Decoder(nn.Module):
             causal_TT = torch.ones(T, T, dtype=torch.bool, device=idx_BT.device).tril()
             mask_B1TT = ((segment_BT[:, :, None] == segment_BT[:, None, :]) & causal_TT)[:, None]
         h_BTD = self.tok_embeddings(idx_BT)
+        if not self.config.fp32_residual and torch.is_autocast_enabled(h_BTD.device.type):
+            h_BTD = h_BTD.to(torch.get_autocast_dtype(h_BTD.device.type))  # the blocks' sums then stay in it
         for i, block in enumerate(self.layers):
             h_BTD = block(h_BTD, rope, cache.layers[i] if cache is not None else None, mask_B1TT)
         if cache is not None:

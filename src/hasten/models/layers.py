@@ -24,8 +24,8 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        # The fused kernel computes in the input's dtype, like torch.nn.RMSNorm. Under autocast the
-        # residual stream stays fp32, so the statistics are fp32 where it matters.
+        # Under autocast the residual stream is fp32 by default (model.fp32_residual); with a bf16
+        # stream, PyTorch's rms_norm still computes the statistics in fp32 (its opmath type).
         return F.rms_norm(x_BTD, (self.dim,), self.weight, self.eps)
 
 
