@@ -179,6 +179,8 @@ class OptimConfig:
     sophia_beta2: float = _f(0.99, "sophia: decay of the Hessian-diagonal moving average")
     sophia_hessian_every: int = _f(10, "sophia: refresh the Hessian estimate every this many steps (one extra "
                                        "forward/backward on labels sampled from the model)")
+    sophia_bias_correction: bool = _f(False, "sophia: divide the Hessian average by 1 - beta2^refreshes, as Adam "
+                                             "does its moments (not in the paper; for short runs)")
     lion_beta1: float = _f(0.9, "lion: interpolation between momentum and gradient for the sign")
     lion_beta2: float = _f(0.99, "lion: momentum decay")
     muon_momentum: float = _f(0.95, "muon: Nesterov momentum of the hidden matrices")

@@ -133,36 +133,45 @@ def _random_problem(seed: int) -> list[torch.Tensor]:
     return [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
 
 
-def test_sophia_matches_algorithm_3_step_by_step():
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_sophia_matches_algorithm_3_step_by_step(bias_correction):
     """θ ← θ(1-ηλ); m ← β1 m + (1-β1) g; θ ← θ - η clip(m / max(ρh, ε), 1); every k steps
-    h ← β2 h + (1-β2) B ĝ⊙ĝ, on random gradients, with the Hessian refreshed at steps 1, 3, 5."""
-    lr, b1, b2, rho, wd, eps, batch = 0.05, 0.965, 0.99, 0.04, 0.1, 1e-15, 64
+    h ← β2 h + (1-β2) B ĝ⊙ĝ, on random gradients, with the Hessian refreshed at steps 1, 3, 5.
+    With bias_correction the step uses h / (1 - β2^n) after n refreshes; the count is saved."""
+    lr, b1, b2, rho, wd, eps, batch = 0.05, 0.965, 0.9, 0.04, 0.1, 1e-15, 64
     params = [nn.Parameter(t) for t in _random_problem(0)]
-    optimizer = SophiaG(params, lr=lr, betas=(b1, b2), rho=rho, weight_decay=wd, eps=eps, hessian_every=2)
+    optimizer = SophiaG(params, lr=lr, betas=(b1, b2), rho=rho, weight_decay=wd, eps=eps, hessian_every=2,
+                        bias_correction=bias_correction)
     ref = [p.detach().clone() for p in params]
     m = [torch.zeros_like(p) for p in ref]
     h = [torch.zeros_like(p) for p in ref]
+    refreshes = 0
     g = torch.Generator().manual_seed(1)
     for step in range(6):
         grads = [torch.randn(p.shape, generator=g) for p in ref]
         for p, grad in zip(params, grads):
             p.grad = grad.clone()
         optimizer.step()
+        correction = 1 - b2 ** refreshes if bias_correction and refreshes else 1.0
         for i, grad in enumerate(grads):
             ref[i] = ref[i] * (1 - lr * wd)
             m[i] = b1 * m[i] + (1 - b1) * grad
-            ref[i] = ref[i] - lr * torch.clamp(m[i] / torch.clamp(rho * h[i], min=eps), -1, 1)
+            ref[i] = ref[i] - lr * torch.clamp(m[i] / torch.clamp(rho * h[i] / correction, min=eps), -1, 1)
         if optimizer.needs_hessian(step):
             sampled = [torch.randn(p.shape, generator=g) * 0.1 for p in ref]
             for p, grad in zip(params, sampled):
                 p.grad = grad.clone()
             optimizer.update_hessian(batch_size=batch)
+            refreshes += 1
             for i, grad in enumerate(sampled):
                 h[i] = b2 * h[i] + (1 - b2) * batch * grad * grad
         for p, r in zip(params, ref):
             torch.testing.assert_close(p.detach(), r, rtol=1e-6, atol=1e-7)
     assert [optimizer.needs_hessian(s) for s in range(6)] == [False, True] * 3
     assert all((optimizer.state[p]["hessian"] > 0).all() for p in params)
+    restored = SophiaG([nn.Parameter(p.detach().clone()) for p in params], bias_correction=bias_correction)
+    restored.load_state_dict(optimizer.state_dict())
+    assert [int(s["hessian_updates"]) for s in restored.state.values()] == [3, 3]
 
 
 def test_sophia_hessian_ignores_non_finite_gradients():

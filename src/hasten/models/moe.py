@@ -110,7 +110,10 @@ class MoE(nn.Module):
     """Top-k routed SwiGLU experts, optionally plus one shared expert every token uses.
 
     impl: 'grouped' (sorted dispatch, grouped GEMM where available) or 'loop' (reference: one
-    masked pass per expert). After a forward, `tokens_per_expert` holds the routed load; after a
+    masked pass per expert). routed_scale multiplies the routed experts' weighted sum (DeepSeek-V2's
+    routed scaling factor): top-k weights renormalized to 1 average k experts of 1/k the dense
+    width where a dense SwiGLU adds its halves, so 2 for top-2 restores the dense output scale.
+    After a forward, `tokens_per_expert` holds the routed load; after a
     training forward, `aux_losses` holds {name: (weight, value)} and `aux_metrics` the dropped
     fraction and the busiest expert's load over the mean (1.0 = balanced).
     """

@@ -71,7 +71,8 @@ def build_adamw(model: nn.Module, cfg: OptimConfig, device: torch.device) -> tor
 @register_optimizer("sophia", "SophiaG: momentum clipped by a diagonal Gauss-Newton Hessian estimate (Liu et al. 2023)")
 def build_sophia(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     return SophiaG(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.sophia_beta1, cfg.sophia_beta2),
-                   rho=cfg.sophia_rho, weight_decay=cfg.weight_decay, hessian_every=cfg.sophia_hessian_every)
+                   rho=cfg.sophia_rho, weight_decay=cfg.weight_decay, hessian_every=cfg.sophia_hessian_every,
+                   bias_correction=cfg.sophia_bias_correction)
 
 
 @register_optimizer("lion", "Lion: sign of interpolated momentum, one state tensor (Chen et al. 2023)")

@@ -13,7 +13,12 @@ Per parameter, with gradient g, momentum m, Hessian-diagonal estimate h, batch s
         θ = θ - lr * clip(m / max(rho * h, eps), 1)    # clip(·, 1) to [-1, 1], per coordinate
 
 Where the curvature is small or unknown (h = 0 before the first refresh) the clip makes the step
-sign-momentum of size lr; where it is large the step is the Newton-like m / (rho * h). The
+sign-momentum of size lr; where it is large the step is the Newton-like m / (rho * h).
+
+The paper's h starts at 0 and is not bias-corrected: after n refreshes it holds 1 - beta2^n of its
+long-run weight (a third after 40 refreshes at beta2 0.99), so early on the curvature is
+underestimated and more coordinates take the clipped sign step. `bias_correction=True` divides h
+by 1 - beta2^n, as Adam does its moments (not in the paper; for runs of a few thousand steps). The
 official implementation keeps the EMA of ĝ⊙ĝ and multiplies by B in the step; holding B inside
 the estimate, as the paper writes it, is the same update and lets `step()` take no arguments.
 
@@ -57,12 +62,13 @@ class SophiaG(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, weight_decay: float = 0.1, eps: float = 1e-15,
-                 hessian_every: int = 10) -> None:
+                 hessian_every: int = 10, bias_correction: bool = False) -> None:
         if lr < 0 or weight_decay < 0 or rho <= 0 or eps <= 0 or hessian_every < 1 \
                 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"SophiaG needs lr >= 0, weight_decay >= 0, rho > 0, eps > 0, hessian_every >= 1 and "
                              f"betas in [0, 1); got {lr}, {weight_decay}, {rho}, {eps}, {hessian_every}, {betas}")
-        super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps))
+        super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps,
+                                      bias_correction=bias_correction))
         self.hessian_every = hessian_every
 
     def _state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -70,6 +76,8 @@ class SophiaG(torch.optim.Optimizer):
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if "hessian_updates" not in state:  # also for states saved before it was counted
+            state["hessian_updates"] = torch.tensor(0.0)  # on the CPU, like Adam's step count
         return state
 
     def needs_hessian(self, step: int) -> bool:
@@ -89,10 +97,12 @@ class SophiaG(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                hessian = self._state(p)["hessian"]
+                state = self._state(p)
+                hessian = state["hessian"]
                 grad = p.grad if grad_scale == 1.0 else p.grad / grad_scale
                 new = hessian * beta2 + (grad * grad) * ((1.0 - beta2) * batch_size)
                 hessian.copy_(torch.where(torch.isfinite(new), new, hessian))
+                state["hessian_updates"] += 1
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -107,7 +117,12 @@ class SophiaG(torch.optim.Optimizer):
             if wd:
                 torch._foreach_mul_(params, 1.0 - lr * wd)
             torch._foreach_lerp_(moments, [p.grad for p in params], 1.0 - beta1)
-            denominators = torch._foreach_mul(hessians, rho)
+            if group["bias_correction"]:  # h / (1 - beta2^n) after n refreshes, as Adam corrects its moments
+                beta2 = group["betas"][1]
+                scales = [rho / (1.0 - beta2 ** n) if (n := int(s["hessian_updates"])) else rho for s in states]
+                denominators = torch._foreach_mul(hessians, scales)
+            else:
+                denominators = torch._foreach_mul(hessians, rho)
             torch._foreach_clamp_min_(denominators, eps)
             ratios = torch._foreach_div(moments, denominators)
             torch._foreach_clamp_min_(ratios, -1.0)
