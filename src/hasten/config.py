@@ -239,6 +239,9 @@ class TrainConfig:
     compile: bool = _f(False, "compile the forward pass and loss as one graph with torch.compile")
     compile_mode: str = _f("default", "torch.compile mode", choices=("default", "reduce-overhead", "max-autotune",
                                                                     "max-autotune-no-cudagraphs"))
+    loss_chunk: int = _f(0, "hasten's decoder: output head + cross-entropy this many tokens at a time, their "
+                            "gradients made in forward, never the whole logits (saves two tokens x vocab "
+                            "tensors; 0 = off)")
     attention_backend: str = _f("auto", "scaled-dot-product attention kernel on GPU (auto = PyTorch's choice)",
                                 choices=("auto", "flash", "cudnn", "efficient", "math"))
     out_dir: str = _f("runs/default", "run folder: config, logs, checkpoints, plots, exported weights")
@@ -253,6 +256,7 @@ class TrainConfig:
             _check(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "it must be > 0")
         _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "it must be >= 0")
         _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "it must be >= 0")
+        _check(self.loss_chunk >= 0, "train.loss_chunk", self.loss_chunk, "it must be >= 0 (0 = off)")
         _check(self.time_limit_s >= 0, "train.time_limit_s", self.time_limit_s, "it must be >= 0")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "train.device", self.device, "use auto, cpu, cuda or cuda:N")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hasten.config import FFN_LETTERS, MIXER_LETTERS, ConfigError, ModelConfig
@@ -27,6 +28,7 @@ from hasten.models.attention import Attention
 from hasten.models.layers import RMSNorm, SwiGLU, rope_tables
 from hasten.models.mamba2 import Mamba2
 from hasten.models.moe import MoE
+from hasten.models.ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 
 # Linears that write into the residual stream. Their init is scaled by 1/sqrt(2*n_layers) so the
 # variance of the stream does not grow with depth (GPT-2); a new mixer adds its own name here.
@@ -149,10 +151,15 @@ class Decoder(nn.Module):
         self.rope_sin.copy_(sin_Td)
 
     def forward(self, idx_BT: torch.Tensor, cache: DecodeCache | None = None,
-                positions_BT: torch.Tensor | None = None) -> torch.Tensor:
+                positions_BT: torch.Tensor | None = None, targets_BT: torch.Tensor | None = None,
+                loss_chunk: int = 4096) -> torch.Tensor:
         """logits_BTV of the ids. `positions_BT` marks packed sequences: each row holds several
         sequences, each starting at position 0; rotary positions follow them, and attention stays
-        inside each sequence (causal within it), so every sequence is computed as if alone."""
+        inside each sequence (causal within it), so every sequence is computed as if alone.
+
+        With `targets_BT` (-100 where not counted), the mean next-token cross-entropy instead, fp32:
+        head and loss run `loss_chunk` tokens at a time, never the whole logits
+        (hasten.models.ops.cross_entropy), unless the head is no plain linear (an adapter on it)."""
         start = cache.pos if cache is not None else 0
         end = start + idx_BT.shape[1]
         if end > self.config.max_seq_len:
@@ -173,7 +180,13 @@ class Decoder(nn.Module):
             h_BTD = block(h_BTD, rope, cache.layers[i] if cache is not None else None, mask_B1TT)
         if cache is not None:
             cache.pos = end
-        return self.output(self.norm(h_BTD))  # logits_BTV, in autocast's dtype; the loss is the caller's
+        h_BTD = self.norm(h_BTD)
+        if targets_BT is None:
+            return self.output(h_BTD)  # logits_BTV, in autocast's dtype
+        if type(self.output) is nn.Linear:  # not a peft or quantized wrapper
+            return linear_cross_entropy(h_BTD.flatten(0, 1), self.output.weight, targets_BT.flatten(), loss_chunk)
+        logits_NV = self.output(h_BTD).flatten(0, 1)
+        return F.cross_entropy(logits_NV.float(), targets_BT.flatten(), ignore_index=IGNORE_INDEX)
 
     def supports_packing(self) -> bool:
         """Whether packed sequences can be separated: attention takes a mask; a Mamba-2 scan would

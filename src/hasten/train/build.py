@@ -35,16 +35,24 @@ def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     return model(batch[0], positions_BT=batch[2]) if len(batch) > 2 else model(batch[0])
 
 
-def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def lm_loss(model: nn.Module, batch: Batch, *, loss_chunk: int = 0
+            ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Next-token cross-entropy of a language model that maps ids_BT to logits_BTV.
+
+    With `loss_chunk` > 0 the model (hasten's Decoder) computes the loss itself from its last
+    hidden states, that many tokens at a time, without the whole logits (train.loss_chunk).
 
     When layers recorded auxiliary losses in this (training) forward, e.g. MoE load balancing and
     router z-loss, their weighted sum is added, and the cross-entropy and each term are returned
     alongside for logging. Evaluation forwards record none, so validation loss is plain CE."""
     from hasten.models.moe import auxiliary_losses
 
-    logits = _logits(model, batch)
-    ce = F.cross_entropy(logits.view(-1, logits.size(-1)), batch[1].view(-1))
+    if loss_chunk > 0:
+        extra = {"positions_BT": batch[2]} if len(batch) > 2 else {}
+        ce = model(batch[0], targets_BT=batch[1], loss_chunk=loss_chunk, **extra)
+    else:
+        logits = _logits(model, batch)
+        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), batch[1].view(-1))
     aux, terms = auxiliary_losses(model)
     if aux is None:
         return ce
@@ -149,7 +157,7 @@ def _build_lm(config: RunConfig, run_dir: Path, device: torch.device, rank: int,
     model = _lm_model(config, vocab_size, device)
     pin = device.type == "cuda"
     return dict(
-        model=model, tokenizer=data.tokenizer, loss_fn=lm_loss, sampled_loss_fn=lm_sampled_loss,
+        model=model, tokenizer=data.tokenizer, loss_fn=functools.partial(lm_loss, loss_chunk=config.train.loss_chunk), sampled_loss_fn=lm_sampled_loss,
         train_batches=_token_batches(data.train, config, config.train.seed, rank, world, pin),
         val_batches=_token_batches(data.val, config, config.train.seed + 1, rank, world, pin),
         flops_per_token=model.flops_per_token(config.train.seq_len),
@@ -195,7 +203,7 @@ def _build_instruct(config: RunConfig, run_dir: Path, device: torch.device, rank
     train = batches(train_recs, tokenizer, seq, bs, seed, rank, world)
     val = batches(val_recs, tokenizer, seq, bs, seed + 1, rank, world) if val_recs else None
     return dict(
-        model=model, tokenizer=tokenizer, loss_fn=lm_loss, sampled_loss_fn=lm_sampled_loss,
+        model=model, tokenizer=tokenizer, loss_fn=functools.partial(lm_loss, loss_chunk=config.train.loss_chunk), sampled_loss_fn=lm_sampled_loss,
         train_batches=train.batch, val_batches=val.batch if val else None,
         flops_per_token=model.flops_per_token(seq),
         info=dict(train_records=len(train_recs), val_records=len(val_recs), params=model.num_params(),

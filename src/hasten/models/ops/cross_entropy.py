@@ -1,0 +1,106 @@
+"""Output head and cross-entropy a chunk of tokens at a time, never the whole (tokens x vocab) logits.
+
+The plain loss keeps the logits (or what the compiler keeps of them) from forward to backward, and
+backward then makes their gradient: two tensors of tokens x vocab, 1 GiB each in bf16 for 16k
+tokens and a 32k vocabulary. Here each chunk's logits are made, turned into its loss and straight
+into the gradients of the hidden states and of the head weight, and freed before the next chunk;
+backward only scales the kept gradients by the loss's own. The matmuls are the ones forward and
+backward run anyway, so nothing is recomputed (the fused linear cross-entropy of Liger-Kernel).
+
+The chunk loop runs outside torch.compile's graph, in Python, so each chunk's temporaries are
+freed before the next one is made; each chunk's work is compiled on its own. (Traced into the
+model's graph, the same loop let the compiler keep every chunk's logits alive at once: more
+memory than the plain loss, measured on an H200.)
+
+Shape legend: N tokens, D hidden width, V vocabulary, n tokens of one chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+IGNORE_INDEX = -100  # targets with this value add nothing (the prompt of instruction data)
+
+
+def _chunk(h_nD: torch.Tensor, w_VD: torch.Tensor, t_n: torch.Tensor, scale: torch.Tensor, grad_h: bool,
+           grad_w: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One chunk: (summed loss, d loss / d h_nD, d loss / d w_VD), the gradients of the mean loss
+    whose divisor is 1 / scale; h and w arrive in the matmul dtype, loss and weight gradient fp32+."""
+    acc = torch.promote_types(h_nD.dtype, torch.float32)
+    logits_nV = (h_nD @ w_VD.t()).to(acc)
+    lse_n = torch.logsumexp(logits_nV, dim=-1)
+    valid_n = t_n != IGNORE_INDEX
+    t_safe_n = torch.where(valid_n, t_n, 0)
+    loss = torch.where(valid_n, lse_n - logits_nV.gather(1, t_safe_n[:, None])[:, 0], 0).sum()
+    if not (grad_h or grad_w):
+        return loss, None, None
+    g_nV = torch.exp(logits_nV - lse_n[:, None])  # d loss / d logits = (softmax - one_hot) * scale
+    g_nV = g_nV.scatter_add(1, t_safe_n[:, None], torch.full_like(lse_n[:, None], -1.0))
+    g_nV = (g_nV * (valid_n[:, None] * scale)).to(h_nD.dtype)
+    return loss, g_nV @ w_VD if grad_h else None, (g_nV.t() @ h_nD).to(acc) if grad_w else None
+
+
+@functools.cache
+def _compiled_chunk():
+    return torch.compile(_chunk, dynamic=False)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, chunk: int,
+                dtype: torch.dtype, compiled: bool, grad_h: bool, grad_w: bool) -> torch.Tensor:
+        step = _compiled_chunk() if compiled else _chunk
+        acc = torch.promote_types(dtype, torch.float32)
+        w_VD = weight_VD.to(dtype)
+        scale = 1.0 / (targets_N != IGNORE_INDEX).sum().clamp(min=1).to(acc)  # a mean over counted tokens
+        loss = torch.zeros((), device=h_ND.device, dtype=acc)
+        gh_chunks, gw_VD = [], None
+        for start in range(0, h_ND.shape[0], chunk):
+            part, gh, gw = step(h_ND[start:start + chunk].to(dtype), w_VD, targets_N[start:start + chunk], scale,
+                                grad_h, grad_w)
+            loss = loss + part
+            if grad_h:
+                gh_chunks.append(gh.to(h_ND.dtype))
+            if grad_w:
+                gw_VD = gw if gw_VD is None else gw_VD.add_(gw)
+        ctx.save_for_backward(torch.cat(gh_chunks) if grad_h else None, gw_VD)
+        ctx.weight_dtype = weight_VD.dtype
+        return loss * scale
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        gh_ND, gw_VD = ctx.saved_tensors
+        gh = gh_ND * grad_loss.to(gh_ND.dtype) if gh_ND is not None else None
+        gw = (gw_VD * grad_loss).to(ctx.weight_dtype) if gw_VD is not None else None
+        return gh, gw, None, None, None, None, None, None
+
+
+@torch.compiler.disable  # the chunk loop stays in Python, between the model's compiled graphs
+def _linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, chunk: int,
+                          dtype: torch.dtype, compiled: bool) -> torch.Tensor:
+    grad = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(h_ND, weight_VD, targets_N, chunk, dtype, compiled,
+                                     grad and h_ND.requires_grad, grad and weight_VD.requires_grad)
+
+
+def linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor,
+                         chunk: int = 4096) -> torch.Tensor:
+    """Mean cross-entropy of `h_ND @ weight_VD.T` against targets_N (IGNORE_INDEX entries left out),
+    in fp32 (or wider), `chunk` tokens at a time. Gradients reach h_ND and weight_VD (each only when
+    it requires one and grad mode is on). The matmuls run in autocast's dtype when autocast is on.
+    Called while torch.compile traces a model, each chunk's work is compiled (once per chunk size)."""
+    if chunk <= 0:
+        raise ValueError(f"chunk must be > 0, got {chunk}")
+    device = h_ND.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h_ND.dtype
+    return _linear_cross_entropy(h_ND, weight_VD, targets_N, chunk, dtype, torch.compiler.is_compiling())
+
+
+def linear_cross_entropy_ref(h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor,
+                             chunk: int = 4096) -> torch.Tensor:
+    """The same loss the plain way: all logits at once, then F.cross_entropy (chunk is ignored)."""
+    logits_NV = torch.nn.functional.linear(h_ND, weight_VD)
+    return torch.nn.functional.cross_entropy(logits_NV.to(torch.promote_types(logits_NV.dtype, torch.float32)),
+                                             targets_N, ignore_index=IGNORE_INDEX)

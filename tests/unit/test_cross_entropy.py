@@ -1,0 +1,134 @@
+"""Chunked output head + cross-entropy (hasten.models.ops.cross_entropy) against the plain loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hasten.config import ModelConfig
+from hasten.models import build_model
+from hasten.models.ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy, linear_cross_entropy_ref
+
+
+def _inputs(dtype=torch.float64, n=37, d=16, v=50):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, d, dtype=dtype, generator=g, requires_grad=True)
+    w = torch.randn(v, d, dtype=dtype, generator=g, requires_grad=True)
+    t = torch.randint(0, v, (n,), generator=g)
+    t[::5] = IGNORE_INDEX
+    return h, w, t
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 37, 100])
+def test_matches_plain_cross_entropy_and_its_gradients(chunk):
+    """Loss and both gradients equal the plain loss's to fp64 rounding, with ignored targets and a
+    chunk that does not divide the tokens; a loss scaled after the call scales the gradients."""
+    h, w, t = _inputs()
+    got, want = linear_cross_entropy(h, w, t, chunk), linear_cross_entropy_ref(h, w, t)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(3 * got, (h, w)), torch.autograd.grad(3 * want, (h, w))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_frozen_weight_gets_no_gradient_and_eval_makes_none():
+    h, w, t = _inputs()
+    w.requires_grad_(False)
+    (gh,) = torch.autograd.grad(linear_cross_entropy(h, w, t, 8), (h,))
+    torch.testing.assert_close(gh, torch.autograd.grad(linear_cross_entropy_ref(h, w, t), (h,))[0])
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, w, t, 8)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, linear_cross_entropy_ref(h, w, t).detach())
+
+
+def test_all_targets_ignored_gives_zero_loss_and_gradient():
+    h, w, t = _inputs()
+    loss = linear_cross_entropy(h, w, torch.full_like(t, IGNORE_INDEX), 8)
+    loss.backward()
+    assert loss.item() == 0 and h.grad.abs().max() == 0 and w.grad.abs().max() == 0
+
+
+def test_bf16_autocast_runs_matmuls_in_bf16_and_loss_in_fp32():
+    h, w, t = _inputs(torch.float32, n=64, d=32, v=300)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(h, w, t, 16)
+        want = linear_cross_entropy_ref(h, w, t)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+    got.backward()
+    assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+
+
+def _decoder(vocab=512):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64), vocab)
+
+
+def test_decoder_loss_from_targets_equals_loss_of_its_logits():
+    """model(idx, targets_BT=...) is the cross-entropy of model(idx), gradients included, eager and
+    under torch.compile (where the chunk loop runs between the model's graphs, each chunk compiled)."""
+    idx = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(1))
+    targets = idx[:, 1:].clone()
+    targets[0, :5] = IGNORE_INDEX
+    model = _decoder()
+    want = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    want.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for compiled in (False, True):
+        model.zero_grad()
+        fn = torch.compile(model) if compiled else model
+        loss = fn(idx[:, :-1], targets_BT=targets, loss_chunk=24)
+        loss.backward()
+        torch.testing.assert_close(loss, want)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=f"{n} (compiled={compiled})")
+
+
+def test_compiled_lora_decoder_keeps_no_logits_for_backward():
+    """A compiled bf16 LoRA decoder keeps tokens x vocab values for backward with the plain loss
+    (the logits, or the compiler's share of them); with the chunked loss it keeps the hidden
+    states' gradient instead. Same loss."""
+    pytest.importorskip("peft")
+    from hasten.config import PeftConfig
+    from hasten.methods import peft
+
+    def kept_for_backward(chunk: int) -> tuple[int, torch.Tensor]:
+        model = peft.apply(_decoder(vocab=2048), PeftConfig(method="lora", rank=8, alpha=16))
+        peft.cast_frozen(model, torch.bfloat16)
+        idx = torch.randint(0, 2048, (2, 65), generator=torch.Generator().manual_seed(1))
+
+        def loss_fn(idx):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                if chunk:
+                    return model(idx[:, :-1], targets_BT=idx[:, 1:], loss_chunk=chunk)
+                return F.cross_entropy(model(idx[:, :-1]).float().flatten(0, 1), idx[:, 1:].flatten())
+
+        compiled = torch.compile(loss_fn)
+        compiled(idx).backward()  # compile outside the count
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = compiled(idx)
+        loss.backward()
+        return sum(t.numel() * t.element_size() for t in saved if t.untyped_storage().data_ptr() not in weights), loss
+
+    plain, loss_plain = kept_for_backward(0)
+    chunked, loss_chunked = kept_for_backward(32)
+    logits_bytes = 2 * 64 * 2048 * 2  # one bf16 copy of the logits; the chunked loss keeps 2 x 64 x 32 instead
+    assert plain - chunked >= 0.9 * logits_bytes, (plain, chunked)
+    torch.testing.assert_close(loss_chunked.detach(), loss_plain.detach(), rtol=1e-2, atol=1e-2)
+
+
+def test_training_with_loss_chunk_follows_the_plain_loss(tiny_config):
+    """train.loss_chunk: the same run, step for step, as the plain loss (fp32, CPU)."""
+    import hasten
+    from hasten.train.log import read_log
+
+    def losses(*overrides, out):
+        hasten.train(tiny_config("train.steps=4", "log.every=1", "train.eval_every=0", "checkpoint.every=0",
+                                 "precision.dtype=fp32", *overrides, out=out))
+        return [r["loss"] for r in read_log(tiny_config(out=out).train.out_dir + "/metrics.jsonl")
+                if r["event"] == "train"]
+
+    plain, chunked = losses(out="plain"), losses("train.loss_chunk=48", out="chunked")
+    assert len(plain) == 4
+    torch.testing.assert_close(torch.tensor(chunked), torch.tensor(plain), rtol=1e-4, atol=1e-4)
