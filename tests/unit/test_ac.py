@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.saved import kept_for_backward, nbytes
+
 from hasten.config import ModelConfig
 from hasten.models import build_model
 from hasten.parallel.ac import apply_activation_checkpointing, chosen_blocks
@@ -106,15 +108,8 @@ def _saved_bytes_compiled_lora(mode: str) -> tuple[int, torch.Tensor, list[torch
             logits = model(idx[:, :-1])
         return F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
 
-    compiled = torch.compile(loss_fn)
-    compiled(idx).backward()  # compile outside the count
-    model.zero_grad()
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = compiled(idx)
-    loss.backward()
-    kept = sum(t.numel() * t.element_size() for t in saved if t.untyped_storage().data_ptr() not in weights)
+    acts, loss = kept_for_backward(loss_fn, model.parameters(), idx)
+    kept = nbytes(acts)
     return kept, loss.detach(), [p.grad for p in model.parameters() if p.grad is not None]
 
 

@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.saved import kept_for_backward, nbytes
+
 from hasten.config import ModelConfig
 from hasten.models import build_model
 from hasten.models.ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy, linear_cross_entropy_ref
@@ -91,10 +93,9 @@ def test_compiled_lora_decoder_keeps_no_logits_for_backward():
     from hasten.config import PeftConfig
     from hasten.methods import peft
 
-    def kept_for_backward(chunk: int) -> tuple[int, torch.Tensor]:
+    def kept(chunk: int) -> tuple[int, torch.Tensor]:
         model = peft.apply(_decoder(vocab=2048), PeftConfig(method="lora", rank=8, alpha=16))
         peft.cast_frozen(model, torch.bfloat16)
-        idx = torch.randint(0, 2048, (2, 65), generator=torch.Generator().manual_seed(1))
 
         def loss_fn(idx):
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -102,17 +103,12 @@ def test_compiled_lora_decoder_keeps_no_logits_for_backward():
                     return model(idx[:, :-1], targets_BT=idx[:, 1:], loss_chunk=chunk)
                 return F.cross_entropy(model(idx[:, :-1]).float().flatten(0, 1), idx[:, 1:].flatten())
 
-        compiled = torch.compile(loss_fn)
-        compiled(idx).backward()  # compile outside the count
-        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            loss = compiled(idx)
-        loss.backward()
-        return sum(t.numel() * t.element_size() for t in saved if t.untyped_storage().data_ptr() not in weights), loss
+        acts, loss = kept_for_backward(loss_fn, model.parameters(),
+                                       torch.randint(0, 2048, (2, 65), generator=torch.Generator().manual_seed(1)))
+        return nbytes(acts), loss
 
-    plain, loss_plain = kept_for_backward(0)
-    chunked, loss_chunked = kept_for_backward(32)
+    plain, loss_plain = kept(0)
+    chunked, loss_chunked = kept(32)
     logits_bytes = 2 * 64 * 2048 * 2  # one bf16 copy of the logits; the chunked loss keeps 2 x 64 x 32 instead
     assert plain - chunked >= 0.9 * logits_bytes, (plain, chunked)
     torch.testing.assert_close(loss_chunked.detach(), loss_plain.detach(), rtol=1e-2, atol=1e-2)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from hasten.config import MODEL_PRESETS, ConfigError, ModelConfig
+from tests.saved import kept_for_backward, nbytes
+
 from hasten.models import (Attention, Decoder, RMSNorm, SwiGLU, apply_rope, build_model, generate,
                            resolve_vocab_size, rope_tables)
 
@@ -272,22 +274,13 @@ def test_bf16_residual_stream_keeps_no_fp32_activations_compiled():
     backward; with model.fp32_residual=false only the norms' per-token statistics remain."""
     def kept(fp32_residual: bool) -> tuple[int, int]:
         model = tiny_model(fp32_residual=fp32_residual)
-        idx = batch(2, 33)
 
         def loss_fn(idx):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return F.cross_entropy(model(idx[:, :-1]).float().flatten(0, 1), idx[:, 1:].flatten())
 
-        compiled = torch.compile(loss_fn)
-        compiled(idx).backward()  # compile outside the count
-        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            loss = compiled(idx)
-        loss.backward()
-        acts = [t for t in saved if t.untyped_storage().data_ptr() not in weights]
-        return (sum(t.numel() * t.element_size() for t in acts),
-                sum(t.numel() * t.element_size() for t in acts if t.dtype == torch.float32))
+        acts, _ = kept_for_backward(loss_fn, model.parameters(), batch(2, 33))
+        return nbytes(acts), nbytes(t for t in acts if t.dtype == torch.float32)
 
     (total, fp32), (total_bf16, fp32_bf16) = kept(True), kept(False)
     assert fp32_bf16 < 0.2 * fp32 and total_bf16 < total, (total, fp32, total_bf16, fp32_bf16)

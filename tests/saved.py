@@ -1,0 +1,30 @@
+"""What autograd keeps for backward: the measure behind the memory tests of checkpointing, the
+residual dtype and the chunked loss (a compiled graph's saved tensors pass through the same hooks)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+
+def kept_for_backward(loss_fn: Callable[..., torch.Tensor], params: Iterable[torch.Tensor], *args
+                      ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Compile `loss_fn`, run it once (compilation outside the count), then once more recording the
+    tensors kept for its backward that are not `params`; runs that backward, so the params' grads
+    are those of the second run. Returns the kept tensors and the loss."""
+    params = list(params)
+    compiled = torch.compile(loss_fn)
+    compiled(*args).backward()
+    for p in params:
+        p.grad = None
+    weights = {p.untyped_storage().data_ptr() for p in params}
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = compiled(*args)
+    loss.backward()
+    return [t for t in saved if t.untyped_storage().data_ptr() not in weights], loss
+
+
+def nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
