@@ -112,6 +112,7 @@ class ModelConfig:
             _check(0 < self.top_k <= self.num_experts, "model.top_k", self.top_k,
                    f"it must be in [1, model.num_experts={self.num_experts}]")
             _check(self.moe_capacity_factor >= 0, "model.moe_capacity_factor", self.moe_capacity_factor, "it must be >= 0")
+            _check(self.moe_routed_scale > 0, "model.moe_routed_scale", self.moe_routed_scale, "it must be > 0")
             for name in ("moe_aux_weight", "moe_z_weight", "moe_hidden_dim"):
                 _check(getattr(self, name) >= 0, f"model.{name}", getattr(self, name), "it must be >= 0")
         if "M" in self.layer_mixers():

@@ -38,6 +38,7 @@ def test_unknown_key_suggests_the_nearest():
     ("model.preset=huge", "model.preset='huge' is not allowed: choose one of tiny"),
     ("optim.schedule=linear", "choose one of cosine, wsd, constant"),
     ("train.device=tpu", "use auto, cpu, cuda or cuda:N"),
+    ("train.loss_chunk=-1", "train.loss_chunk=-1 is not allowed: it must be >= 0 (0 = off)"),
     ("nosuchform", "not of the form section.field=value"),
 ])
 def test_bad_values_name_key_value_and_allowed(override, fragment):
