@@ -112,6 +112,12 @@ def test_user_model_and_loss(tiny_config):
     assert summary["params"] == 9
 
 
+def test_user_model_with_loss_chunk_is_refused(tiny_config):
+    with pytest.raises(hasten.ConfigError, match="train.loss_chunk applies to hasten's own decoder"):
+        hasten.train(tiny_config("train.loss_chunk=64"), model=Regression(), loss_fn=mse,
+                     train_batches=_regression_batches())
+
+
 def test_non_finite_steps_are_skipped_and_counted(tiny_config):
     cfg = tiny_config("train.steps=12", "log.every=4", "train.eval_every=0")
     torch.manual_seed(0)

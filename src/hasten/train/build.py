@@ -244,6 +244,9 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
     else:
         if loss_fn is None or train_batches is None:
             raise ConfigError("A user model needs loss_fn(model, batch) and train_batches(step, micro) as well.")
+        if config.train.loss_chunk:
+            raise ConfigError("train.loss_chunk applies to hasten's own decoder; a model passed in computes its "
+                              "loss in its loss_fn (set train.loss_chunk=0).")
         model.to(device)
         parts = dict(model=model, loss_fn=loss_fn, train_batches=train_batches, val_batches=val_batches,
                      sampled_loss_fn=sampled_loss_fn,
