@@ -29,8 +29,7 @@ import numpy as np
 import torch
 
 from hasten.config import ConfigError
-
-IGNORE_INDEX = -100
+from hasten.models.ops.cross_entropy import IGNORE_INDEX  # prompt tokens: no loss (one definition with the loss)
 
 
 def is_instruct_source(source: str) -> bool:

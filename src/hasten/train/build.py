@@ -29,10 +29,10 @@ BatchFn = Callable[[int, int], Batch]  # (step, micro) -> batch on the CPU
 LossFn = Callable[[nn.Module, Batch], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The model's logits of a batch (inputs, targets[, positions]): packed instruction data adds
-    the positions that separate its records (hasten.data.instruct)."""
-    return model(batch[0], positions_BT=batch[2]) if len(batch) > 2 else model(batch[0])
+def _forward(model: nn.Module, batch: Batch, **kwargs: Any) -> torch.Tensor:
+    """The model on a batch (inputs, targets[, positions]): packed instruction data adds the
+    positions that separate its records (hasten.data.instruct)."""
+    return model(batch[0], positions_BT=batch[2], **kwargs) if len(batch) > 2 else model(batch[0], **kwargs)
 
 
 def lm_loss(model: nn.Module, batch: Batch, *, loss_chunk: int = 0
@@ -48,10 +48,9 @@ def lm_loss(model: nn.Module, batch: Batch, *, loss_chunk: int = 0
     from hasten.models.moe import auxiliary_losses
 
     if loss_chunk > 0:
-        extra = {"positions_BT": batch[2]} if len(batch) > 2 else {}
-        ce = model(batch[0], targets_BT=batch[1], loss_chunk=loss_chunk, **extra)
+        ce = _forward(model, batch, targets_BT=batch[1], loss_chunk=loss_chunk)
     else:
-        logits = _logits(model, batch)
+        logits = _forward(model, batch)
         ce = F.cross_entropy(logits.view(-1, logits.size(-1)), batch[1].view(-1))
     aux, terms = auxiliary_losses(model)
     if aux is None:
@@ -64,7 +63,7 @@ def lm_sampled_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     gradient gives SophiaG's Gauss-Newton-Bartlett Hessian estimate (the true targets are unused)."""
     from hasten.optim import sampled_label_loss
 
-    logits = _logits(model, batch)
+    logits = _forward(model, batch)
     return sampled_label_loss(logits.view(-1, logits.size(-1)))
 
 
@@ -157,7 +156,7 @@ def _build_lm(config: RunConfig, run_dir: Path, device: torch.device, rank: int,
     model = _lm_model(config, vocab_size, device)
     pin = device.type == "cuda"
     return dict(
-        model=model, tokenizer=data.tokenizer, loss_fn=functools.partial(lm_loss, loss_chunk=config.train.loss_chunk), sampled_loss_fn=lm_sampled_loss,
+        model=model, tokenizer=data.tokenizer, loss_fn=_lm_loss_fn(config), sampled_loss_fn=lm_sampled_loss,
         train_batches=_token_batches(data.train, config, config.train.seed, rank, world, pin),
         val_batches=_token_batches(data.val, config, config.train.seed + 1, rank, world, pin),
         flops_per_token=model.flops_per_token(config.train.seq_len),
@@ -165,6 +164,10 @@ def _build_lm(config: RunConfig, run_dir: Path, device: torch.device, rank: int,
                   unigram_val_loss=unigram_cross_entropy(data.train, data.val, data.tokenizer.vocab_size),
                   params=model.num_params(), vocab_size=vocab_size, tokenizer=data.tokenizer.name),
     )
+
+
+def _lm_loss_fn(config: RunConfig) -> LossFn:
+    return functools.partial(lm_loss, loss_chunk=config.train.loss_chunk)
 
 
 def _lm_model(config: RunConfig, vocab_size: int, device: torch.device) -> nn.Module:
@@ -203,7 +206,7 @@ def _build_instruct(config: RunConfig, run_dir: Path, device: torch.device, rank
     train = batches(train_recs, tokenizer, seq, bs, seed, rank, world)
     val = batches(val_recs, tokenizer, seq, bs, seed + 1, rank, world) if val_recs else None
     return dict(
-        model=model, tokenizer=tokenizer, loss_fn=functools.partial(lm_loss, loss_chunk=config.train.loss_chunk), sampled_loss_fn=lm_sampled_loss,
+        model=model, tokenizer=tokenizer, loss_fn=_lm_loss_fn(config), sampled_loss_fn=lm_sampled_loss,
         train_batches=train.batch, val_batches=val.batch if val else None,
         flops_per_token=model.flops_per_token(seq),
         info=dict(train_records=len(train_recs), val_records=len(val_recs), params=model.num_params(),
@@ -226,6 +229,9 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
     `sampled_loss_fn` for optimizers that estimate curvature from sampled labels, like SophiaG)."""
     from hasten.parallel import check_launch, init_distributed, rank_device
 
+    if model is not None and config.train.loss_chunk:
+        raise ConfigError("train.loss_chunk applies to hasten's own decoder; a model passed in computes its "
+                          "loss in its loss_fn (set train.loss_chunk=0).")
     device = resolve_device(config.train.device)
     init_distributed(device)  # under torchrun: start the process group from its environment
     device = rank_device(device)
@@ -244,9 +250,6 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
     else:
         if loss_fn is None or train_batches is None:
             raise ConfigError("A user model needs loss_fn(model, batch) and train_batches(step, micro) as well.")
-        if config.train.loss_chunk:
-            raise ConfigError("train.loss_chunk applies to hasten's own decoder; a model passed in computes its "
-                              "loss in its loss_fn (set train.loss_chunk=0).")
         model.to(device)
         parts = dict(model=model, loss_fn=loss_fn, train_batches=train_batches, val_batches=val_batches,
                      sampled_loss_fn=sampled_loss_fn,
