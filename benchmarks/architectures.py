@@ -190,12 +190,12 @@ def _markdown(result: dict) -> str:
               "Data: " + "; ".join(f"{source} ({', '.join(r['name'] for r in result['models'] if r.get('data', 'recipe (stdlib)') == source)})"
                                    for source in dict.fromkeys(r.get("data", "recipe (stdlib)") for r in result["models"])) + ".",
               "",
-              "| model | training s | params | tokens/s | MFU | val loss | steps | peak GiB |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| model | training s | params | tokens/s | MFU | val loss | steps | peak GiB | commit |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["models"]:
         mfu = f"{r['mfu']:.3f}" if r.get("mfu") else "-"
         lines.append(f"| {r['name']} | {r.get('seconds', result['seconds']):g} | {r['params'] / 1e6:.1f}M | {r['tokens_per_second']:,.0f} | {mfu} | "
-                     f"{r['val_loss']:.3f} | {r['steps']} | {r['peak_memory_gib']:.1f} |")
+                     f"{r['val_loss']:.3f} | {r['steps']} | {r['peak_memory_gib']:.1f} | {r.get('commit', result['commit'][:7])} |")
     g = result["grouped"]
     lines += ["", f"MoE tokens/s over dense: **{s['moe_tokens_per_second_ratio']:.3f}**; MoE val loss minus dense "
               f"at equal time: **{s['moe_val_loss_delta_at_equal_time']:+.3f}**." + (
@@ -253,7 +253,7 @@ def main() -> None:
         result["models"] = [r for r in json.loads((out / "architectures.json").read_text()).get("models", [])
                             if r["name"] not in names]
     for name in names:
-        result["models"].append(bench_model(args, name))
+        result["models"].append({**bench_model(args, name), "commit": result["commit"][:7]})  # rows outlive this run
         (out / "architectures.partial.json").write_text(json.dumps(result, indent=1))  # kept if a later one dies
     models = {r["name"]: r for r in result["models"]}
 

@@ -17,7 +17,7 @@ SMOKES = {  # script and arguments, whether it takes --workdir, the file it writ
     "architectures": (["architectures.py", "--models", "dense,moe-scaled", "--seconds", "4"], True, "architectures.json"),
     "profile_mixer": (["profile_mixer.py", "--ablations"], False, "profile_mixer_ablations.json"),
     "optimizers": (["optimizers.py"], True, "optimizers.json"),
-    "peft": (["peft.py"], True, "peft.json"),
+    "peft": (["peft_finetune.py"], True, "peft.json"),
 }
 
 

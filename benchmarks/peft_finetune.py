@@ -21,11 +21,11 @@ timed after warm-up steps (compilation excluded), between two synchronizations; 
 falling. Writes peft.json (summary.tokens_per_second_ratio_vs_hf, summary.peak_memory_ratio_vs_hf,
 and the QLoRA ratios when both QLoRA sides ran) and peft.md:
 
-    PYTHONPATH=src python benchmarks/peft.py --out benchmarks/results
+    PYTHONPATH=src python benchmarks/peft_finetune.py --out benchmarks/results
 
 Smoke test on CPU (a tiny Llama, fp32, LoRA sides only; not a measurement):
 
-    PYTHONPATH=src python benchmarks/peft.py --smoke
+    PYTHONPATH=src python benchmarks/peft_finetune.py --smoke
 """
 
 from __future__ import annotations
@@ -33,14 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-# This file is named like the `peft` package: keep its folder off the import path so `import peft` finds the library.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -270,8 +266,7 @@ def main() -> None:
         cmd = [c for i, c in enumerate(cmd) if not (c == "--sides" or (i and cmd[i - 1] == "--sides"))]
         start = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                                  env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             error = None if found and not proc.returncode else (proc.stdout[-1500:] + proc.stderr[-3000:])
         except subprocess.TimeoutExpired:
