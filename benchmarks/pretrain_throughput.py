@@ -209,8 +209,16 @@ def _markdown(result: dict) -> str:
         mfu = f"{r['mfu']:.3f}" if r.get("mfu") else "-"
         lines.append(f"| {r['name']} | {r['tokens_per_second']:,.0f} | {mfu} | {r['peak_memory_gib']:.1f} | "
                      f"{r['step_ms']:.1f} | {r['final_loss']:.3f} |")
-    lines += ["", f"hasten / plain compiled: **{s['ratio_vs_plain']:.3f}**; hasten / HF Trainer: "
-              f"**{s['ratio_vs_hf']:.3f}**; hasten MFU **{s['hasten_mfu']:.3f}** of the 989 TFLOP/s bf16 peak."]
+    failed = [r["name"] for r in result["rows"] if "error" in r]
+    if failed:
+        lines += ["", "Failed (error kept in the JSON): " + ", ".join(failed) + "."]
+    ratios = [f"{name} / {over}: **{v[key]:.3f}**" for name, v in [("hasten", s), *s.get("variants", {}).items()]
+              for key, over in (("ratio_vs_plain", "plain compiled"), ("ratio_vs_plain_same_variant",
+                                                                        "plain compiled of the same variant"),
+                                ("ratio_vs_hf", "HF Trainer")) if key in v]
+    if s.get("hasten_mfu"):
+        ratios.append(f"hasten MFU **{s['hasten_mfu']:.3f}** of the 989 TFLOP/s bf16 peak")
+    lines += ["", "; ".join(ratios) + "."] if ratios else []
     return "\n".join(lines) + "\n"
 
 
@@ -239,14 +247,15 @@ def main() -> None:
         if proc.returncode or not found:
             print(f"{side} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", flush=True)
             rows.append(dict(name=side, error=proc.stderr[-2000:]))
+            _write(args, rows)
             continue
         rows.append(json.loads(found[-1][len("RESULT "):]))
         print(json.dumps(rows[-1]), flush=True)
         _write(args, rows)
 
 
-def _write(args: argparse.Namespace, rows: list[dict]) -> None:
-    """Write the results so far (a later side that fails or times out loses nothing).
+def _summary(rows: list[dict]) -> dict:
+    """The shipped recipe against the plain loop and HF Trainer, with each variant beside it.
 
     The summary compares the shipped recipe as is; the variants are reported beside it, not
     picked from after the fact (the best of several noisy runs would overstate the result).
@@ -261,26 +270,29 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> None:
         summary["ratio_vs_plain"] = h["tokens_per_second"] / p["tokens_per_second"]
     if h and f:
         summary["ratio_vs_hf"] = h["tokens_per_second"] / f["tokens_per_second"]
-    if p:
-        summary["variants"] = {name: dict(tokens_per_second=r["tokens_per_second"], overrides=r["overrides"],
-                                          mfu=r["mfu"], peak_memory_gib=r["peak_memory_gib"],
-                                          ratio_vs_plain=r["tokens_per_second"] / p["tokens_per_second"])
-                               for name, r in by.items() if name.startswith("hasten[") and name != "hasten[recipe]"}
-        for name, r in by.items():  # against the plain loop of the same variant, when it ran too
-            plain_same = by.get(name.replace("hasten[", "plain_compiled["))
-            if name in summary["variants"] and plain_same:
-                summary["variants"][name]["ratio_vs_plain_same_variant"] = r["tokens_per_second"] / plain_same["tokens_per_second"]
-        if f:
-            for r in summary["variants"].values():
-                r["ratio_vs_hf"] = r["tokens_per_second"] / f["tokens_per_second"]
+    variants = {name: dict(tokens_per_second=r["tokens_per_second"], overrides=r["overrides"], mfu=r["mfu"],
+                           peak_memory_gib=r["peak_memory_gib"])
+                for name, r in by.items() if name.startswith("hasten[") and name != "hasten[recipe]"}
+    for name, v in variants.items():
+        plain_same = by.get(name.replace("hasten[", "plain_compiled["))  # the plain loop of the same variant
+        for key, other in (("ratio_vs_plain", p), ("ratio_vs_plain_same_variant", plain_same), ("ratio_vs_hf", f)):
+            if other:
+                v[key] = v["tokens_per_second"] / other["tokens_per_second"]
+    if variants:
+        summary["variants"] = variants
+    return summary
+
+
+def _write(args: argparse.Namespace, rows: list[dict]) -> None:
+    """Write the results so far (a later side that fails or times out loses nothing)."""
+    summary = _summary(rows)
     result = dict(suite="pretrain_throughput", **_environment(), steps=args.steps, warmup=args.warmup,
                   seq_len=SEQ, batch_size=BATCH, precision="bf16", rows=rows, summary=summary)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pretrain_throughput.json").write_text(json.dumps(result, indent=1))
-    if {"ratio_vs_plain", "ratio_vs_hf"} <= summary.keys():
-        (out / "pretrain_throughput.md").write_text(_markdown(result))
-        print(_markdown(result))
+    (out / "pretrain_throughput.md").write_text(_markdown(result))
+    print(_markdown(result))
     print(json.dumps(summary, indent=1))
 
 

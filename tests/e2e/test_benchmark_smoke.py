@@ -3,6 +3,7 @@ and writes its results file, so a script broken by a change is found here, not o
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -31,3 +32,22 @@ def test_benchmark_smoke_run_writes_its_results(name, tmp_path):
                           cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert json.loads((tmp_path / "out" / result).read_text())
+
+
+def test_no_benchmark_script_shadows_an_installed_module():
+    """Each script's folder is first on its import path: a script named like a library hides it."""
+    clashes = [p.name for p in (ROOT / "benchmarks").glob("*.py") if importlib.util.find_spec(p.stem) is not None]
+    assert not clashes, f"benchmark scripts named like importable modules: {clashes}"
+
+
+def test_pretrain_summary_reports_variants_without_the_recipe_row_and_lists_failures():
+    spec = importlib.util.spec_from_file_location("pt", ROOT / "benchmarks" / "pretrain_throughput.py")
+    pt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pt)
+    row = dict(tokens_per_second=300.0, mfu=0.4, peak_memory_gib=1.0, step_ms=1.0, final_loss=3.0)
+    rows = [{**row, "name": "hasten[bf16res]", "overrides": ["model.fp32_residual=false"]},
+            {**row, "name": "hf_trainer", "tokens_per_second": 200.0, "mfu": None}, {"name": "plain", "error": "boom"}]
+    summary = pt._summary(rows)
+    assert "ratio_vs_hf" not in summary and summary["variants"]["hasten[bf16res]"]["ratio_vs_hf"] == 1.5
+    text = pt._markdown(dict(device="cpu", torch="x", steps=1, warmup=1, rows=rows, summary=summary))
+    assert "hasten[bf16res] / HF Trainer: **1.500**" in text and "Failed (error kept in the JSON): plain." in text
