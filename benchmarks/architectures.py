@@ -13,6 +13,8 @@ hybrid language models at equal wall time.
     same active parameters); optionally moe-alt (the moe-gpu recipe as shipped: MoE on every other
     layer); optionally moe-scaled (moe with model.moe_routed_scale=2: the top-2 weights, which
     sum to 1, then sum to 2, as a dense SwiGLU of twice an expert's width would add both halves);
+    optionally moe-shared (moe plus one shared expert every token uses, DeepSeekMoE; each of the
+    three experts a token uses is a third of the dense width, so active parameters still match);
     Mamba-2 (every mixer); hybrid (hybrid-gpu recipe). Each reports steady
     tokens/s and the validation loss at the end of its budget.
     -> summary.moe_tokens_per_second_ratio (MoE / dense), summary.moe_val_loss_delta_at_equal_time
@@ -127,6 +129,12 @@ def bench_grouped(args, device) -> dict:
     return result
 
 
+# MoE variants compared with dense as moe is: model name -> (summary key prefix, how the report names it).
+MOE_VARIANTS = {"moe-alt": ("moe_alternating", "MoE on every other layer"),
+                "moe-scaled": ("moe_scaled", "MoE with routed scale 2"),
+                "moe-shared": ("moe_shared", "MoE with a shared expert")}
+
+
 def _model_variants(smoke: bool) -> dict[str, tuple[str, list[str]]]:
     if smoke:
         base = ["model.preset=tiny", "model.n_layers=4", "model.ssm_state=16", "model.ssm_head_dim=16",
@@ -135,11 +143,13 @@ def _model_variants(smoke: bool) -> dict[str, tuple[str, list[str]]]:
         return {"dense": ("default", base), "moe": ("default", [*base, "model.ffns=EEEE"]),
                 "moe-alt": ("default", [*base, "model.ffns=DEDE"]),
                 "moe-scaled": ("default", [*base, "model.ffns=EEEE", "model.moe_routed_scale=2"]),
+                "moe-shared": ("default", [*base, "model.ffns=EEEE", "model.moe_shared_expert=true"]),
                 "mamba": ("default", [*base, "model.mixers=MMMM"]),
                 "hybrid": ("default", [*base, "model.mixers=MMAM", "model.ffns=DEDE"])}
     every = "E" * 12
     return {"dense": ("gpt2-124m", []), "moe": ("moe-gpu", [f"model.ffns={every}"]), "moe-alt": ("moe-gpu", []),
             "moe-scaled": ("moe-gpu", [f"model.ffns={every}", "model.moe_routed_scale=2"]),
+            "moe-shared": ("moe-gpu", [f"model.ffns={every}", "model.moe_shared_expert=true"]),
             "mamba": ("mamba-gpu", []), "hybrid": ("hybrid-gpu", [])}
 
 
@@ -198,13 +208,10 @@ def _markdown(result: dict) -> str:
                      f"{r['val_loss']:.3f} | {r['steps']} | {r['peak_memory_gib']:.1f} | {r.get('commit', result['commit'][:7])} |")
     g = result["grouped"]
     lines += ["", f"MoE tokens/s over dense: **{s['moe_tokens_per_second_ratio']:.3f}**; MoE val loss minus dense "
-              f"at equal time: **{s['moe_val_loss_delta_at_equal_time']:+.3f}**." + (
-                  f" MoE on every other layer (moe-alt): **{s['moe_alternating_tokens_per_second_ratio']:.3f}**, "
-                  f"**{s['moe_alternating_val_loss_delta_at_equal_time']:+.3f}**."
-                  if "moe_alternating_tokens_per_second_ratio" in s else "") + (
-                  f" MoE with routed scale 2 (moe-scaled): **{s['moe_scaled_tokens_per_second_ratio']:.3f}**, "
-                  f"**{s['moe_scaled_val_loss_delta_at_equal_time']:+.3f}**."
-                  if "moe_scaled_tokens_per_second_ratio" in s else ""),
+              f"at equal time: **{s['moe_val_loss_delta_at_equal_time']:+.3f}**." + "".join(
+                  f" {label} ({name}): **{s[f'{key}_tokens_per_second_ratio']:.3f}**, "
+                  f"**{s[f'{key}_val_loss_delta_at_equal_time']:+.3f}**."
+                  for name, (key, label) in MOE_VARIANTS.items() if f"{key}_tokens_per_second_ratio" in s),
               f"One MoE layer ({g['tokens']} tokens, {g['experts']} experts, top-{g['top_k']}), grouped over loop: "
               f"**{s['grouped_vs_loop_speedup']:.2f}x** (grouped GEMM kernel: {g['grouped_kernel']})" + (
                   f"; output and gradients differ from the loop's by {g['grouped_vs_loop_rel_error']:.1e} (relative)."
@@ -269,14 +276,11 @@ def main() -> None:
         mamba_vs_attention_speedup={str(r["seq"]): r["speedup"] for r in result["mixers"]},
         grouped_vs_loop_speedup=result["grouped"]["speedup"],
         moe_tokens_per_second_ratio=moe_ratio, moe_val_loss_delta_at_equal_time=moe_delta)
-    if "moe-alt" in models:
-        alt_ratio, alt_delta = against_dense("moe-alt")
-        result["summary"].update(moe_alternating_tokens_per_second_ratio=alt_ratio,
-                                 moe_alternating_val_loss_delta_at_equal_time=alt_delta)
-    if "moe-scaled" in models:
-        scaled_ratio, scaled_delta = against_dense("moe-scaled")
-        result["summary"].update(moe_scaled_tokens_per_second_ratio=scaled_ratio,
-                                 moe_scaled_val_loss_delta_at_equal_time=scaled_delta)
+    for name, (key, _) in MOE_VARIANTS.items():
+        if name in models:
+            ratio, delta = against_dense(name)
+            result["summary"].update({f"{key}_tokens_per_second_ratio": ratio,
+                                      f"{key}_val_loss_delta_at_equal_time": delta})
     (out / "architectures.json").write_text(json.dumps(result, indent=1))
     (out / "architectures.md").write_text(_markdown(result))
     print(json.dumps(result["summary"], indent=1))
