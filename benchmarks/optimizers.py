@@ -35,6 +35,7 @@ Smoke test on CPU (a tiny model; results go under /tmp and are not measurements)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import platform
@@ -57,6 +58,7 @@ LR_CENTRE = {
     "adamw8bit": 6e-4,           # same as AdamW
 }
 EXTRA = {"lion": ["optim.weight_decay=0.4"]}  # ... with wd raised so that lr*wd matches AdamW's
+CLI_EXTRA: dict[str, list[str]] = {}  # --overrides-for; their runs get folders of their own
 
 SMOKE = ["model.preset=tiny", "data.tokenizer=byte", "data.max_documents=60", "train.batch_size=4",
          "train.seq_len=32", "train.eval_batches=2", "train.compile=false", "optim.warmup_steps=5",
@@ -79,7 +81,8 @@ def run_one(name: str, lr: float, args: argparse.Namespace, horizon: float = 1.0
     steps = round(args.steps * horizon)
     warmup = round(args.warmup_frac * steps)
     eval_every = args.eval_every if horizon == 1.0 else steps  # a shorter run is judged at its end
-    out = Path(args.workdir) / (f"{name}_lr{lr:.3g}" + (f"_h{horizon:g}" if horizon != 1.0 else ""))
+    tag = "_" + hashlib.sha1(" ".join(CLI_EXTRA[name]).encode()).hexdigest()[:6] if name in CLI_EXTRA else ""
+    out = Path(args.workdir) / (f"{name}{tag}_lr{lr:.3g}" + (f"_h{horizon:g}" if horizon != 1.0 else ""))
     if not (out / "summary.json").exists() or not json.loads((out / "summary.json").read_text())["completed"]:
         if args.reuse_only:
             raise RuntimeError(f"no finished run in {out.name} (--reuse-only)")
@@ -203,6 +206,8 @@ def main() -> None:
     parser.add_argument("--lr-mults", default="0.5,1,2", help="the sweep: multiples of each grid centre")
     parser.add_argument("--adamw-lr-mults", default="", help="AdamW's own sweep (the target), if wider")
     parser.add_argument("--lr-mults-for", default="", help="per-optimizer sweeps, e.g. 'muon=1,2,4;lion=0.5,1'")
+    parser.add_argument("--overrides-for", default="",
+                        help="per-optimizer config overrides, e.g. 'sophia:optim.sophia_bias_correction=true;muon:...'")
     parser.add_argument("--warmup-frac", type=float, default=0.1, help="warmup steps as a fraction of each run's")
     parser.add_argument("--horizons", default="", help="shorter schedules to try, fractions of --steps, e.g. 0.5,0.7")
     parser.add_argument("--batch-size", type=int, default=0, help="sequences per step (0: the recipe's)")
@@ -220,6 +225,10 @@ def main() -> None:
         LR_CENTRE.update(adamw=3e-3, sophia=3e-3, lion=1e-3, muon=3e-3, schedulefree_adamw=3e-3, adamw8bit=3e-3)
 
     args.out = args.out or "benchmarks/results"
+    for item in filter(None, args.overrides_for.split(";")):
+        name, _, overrides = item.partition(":")
+        CLI_EXTRA[name] = overrides.split()
+        EXTRA[name] = [*EXTRA.get(name, []), *CLI_EXTRA[name]]
     args.workdir = args.workdir or "/tmp/hasten-bench-optimizers"
 
     from hasten.optim import optimizer_names, optimizer_spec
