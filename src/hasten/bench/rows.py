@@ -117,6 +117,9 @@ register(Row(name="fp32", family="mixed precision", benefit="reference", overrid
              description="full fp32 forward/backward (what mixed precision is measured against on a GPU)"))
 register(Row(name="bf16", family="mixed precision", benefit="training time", overrides=("precision.dtype=bf16",),
              description="bf16 autocast, fp32 weights and optimizer"))
+register(Row(name="bf16-residual", family="mixed precision", benefit="training time + memory",
+             overrides=("precision.dtype=bf16", "model.fp32_residual=false"),
+             description="bf16 autocast with the residual stream kept in bf16 too (Megatron-LM's default)"))
 register(Row(name="fp16", family="mixed precision", benefit="training time", overrides=("precision.dtype=fp16",),
              description="fp16 autocast with dynamic loss scaling"))
 register(Row(name="compile", family="compilation", benefit="training time", overrides=("train.compile=true",),
