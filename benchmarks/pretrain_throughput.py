@@ -187,7 +187,9 @@ SIDES = {"hasten": run_hasten, "plain": run_plain, "hf": run_hf}
 # hasten runs the shipped recipe as is ("recipe"), and with single knobs changed, to show what each buys.
 VARIANTS = {"recipe": [], "flash": ["train.attention_backend=flash"], "cudnn": ["train.attention_backend=cudnn"],
             "autotune": ["train.compile_mode=max-autotune-no-cudagraphs"],
-            "bf16res": ["model.fp32_residual=false"], "losschunk": ["train.loss_chunk=8192"]}  # model.* overrides apply to the plain side too
+            "bf16res": ["model.fp32_residual=false"], "losschunk": ["train.loss_chunk=8192"],
+            "fused": ["model.fuse_projections=true"],
+            "bf16res_fused": ["model.fp32_residual=false", "model.fuse_projections=true"]}  # model.* apply to plain too
 ORDER = [("plain", "recipe"), ("hasten", "recipe"), ("hasten", "cudnn"), ("hf", "recipe"), ("hasten", "autotune")]
 
 

@@ -70,6 +70,10 @@ class ModelConfig:
                                    "autocast dtype (half the bytes of the saved residuals and of the element-wise "
                                    "work on them; Megatron-LM's default)")
     qkv_bias: bool = _f(False, "biases on the attention q/k/v projections (Qwen2 checkpoints)")
+    fuse_projections: bool = _f(False, "compute attention's q, k, v and the SwiGLU's gate and up as one matmul each, "
+                                       "over their weights concatenated at every forward (the parameters, and so "
+                                       "checkpoints, are unchanged); layers wrapped by an adapter or a quantizer "
+                                       "keep their own matmuls")
     init_std: float = _f(0.02, "std of the normal init; output projections are scaled by 1/sqrt(2*n_layers)")
     mixers: str = _f("", "sequence mixer of each layer, one letter per layer: A attention, M Mamba-2 (e.g. 'MMAM'); "
                          "a shorter pattern whose length divides n_layers repeats ('M' = all Mamba-2); empty = all A")

@@ -57,14 +57,34 @@ def apply_rope(x_BHTd: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor)
     return (x * cos_Td + _rotate_half(x) * sin_Td).to(x_BHTd.dtype)
 
 
-class SwiGLU(nn.Module):
-    """Gated feed-forward: w2(silu(w1 x) * w3 x). Names follow Llama (w1 gate, w3 up, w2 down)."""
+def plain_linears(*modules: nn.Module) -> bool:
+    """Whether every module is exactly an nn.Linear: not an adapter (peft), a quantized or
+    fake-quantized layer, or anything else that computes its own matmul."""
+    return all(type(m) is nn.Linear for m in modules)
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+
+def fused_linear(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """The outputs of several linears of the same input, as one matmul over their concatenated
+    weights (one larger GEMM forward, one for the input's gradient backward), split back apart."""
+    weight = torch.cat([m.weight for m in linears])
+    bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+    return F.linear(x, weight, bias).split([m.out_features for m in linears], dim=-1)
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward: w2(silu(w1 x) * w3 x). Names follow Llama (w1 gate, w3 up, w2 down).
+    With `fused`, gate and up run as one matmul (`fused_linear`) when both are plain linears."""
+
+    def __init__(self, dim: int, hidden_dim: int, fused: bool = False) -> None:
         super().__init__()
+        self.fused = fused
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))
+        if self.fused and plain_linears(self.w1, self.w3):
+            gate_BTF, up_BTF = fused_linear(x_BTD, self.w1, self.w3)
+        else:
+            gate_BTF, up_BTF = self.w1(x_BTD), self.w3(x_BTD)
+        return self.w2(F.silu(gate_BTF) * up_BTF)
