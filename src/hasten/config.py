@@ -46,14 +46,20 @@ def _repeat(pattern: str, n_layers: int) -> str:
     return pattern * (n_layers // len(pattern)) if n_layers % len(pattern) == 0 else pattern
 
 
+# Model fields that say how a run computes, not what the weights are: a run from pretrained weights
+# (model.from) keeps its own values of these and takes the rest from the source.
+RUN_MODEL_FIELDS = ("dropout", "fp32_residual", "fuse_projections")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """Llama-style decoder shape. `preset` fills the shape; fields given explicitly win."""
 
     preset: str = _f("", "named shape to start from (tiny, small, gpt2-124m, 350m, 1b); empty = use the fields below")
     from_path: str = _f("", "start from pretrained weights (also spelled model.from): a Hugging Face Llama, "
-                            "Mistral or Qwen2 folder, or a hasten run, checkpoint or export; its shape replaces the fields below and "
-                            "its tokenizer replaces data.tokenizer (docs/peft.md)")
+                            "Mistral or Qwen2 folder, or a hasten run, checkpoint or export; its shape replaces the fields below "
+                            "(but for dropout, fp32_residual and fuse_projections: how this run computes) and its "
+                            "tokenizer replaces data.tokenizer (docs/peft.md)")
     dim: int = _f(256, "model width d_model")
     n_layers: int = _f(4, "number of decoder blocks")
     n_heads: int = _f(4, "attention heads")
@@ -72,8 +78,9 @@ class ModelConfig:
     qkv_bias: bool = _f(False, "biases on the attention q/k/v projections (Qwen2 checkpoints)")
     fuse_projections: bool = _f(False, "compute attention's q, k, v and the SwiGLU's gate and up as one matmul each, "
                                        "over their weights concatenated at every forward (the parameters, and so "
-                                       "checkpoints, are unchanged); layers wrapped by an adapter or a quantizer "
-                                       "keep their own matmuls")
+                                       "checkpoints, are unchanged); with LoRA adapters the frozen bases are one "
+                                       "matmul and the A factors another; quantized layers, DoRA and adapter "
+                                       "dropout keep their own matmuls")
     init_std: float = _f(0.02, "std of the normal init; output projections are scaled by 1/sqrt(2*n_layers)")
     mixers: str = _f("", "sequence mixer of each layer, one letter per layer: A attention, M Mamba-2 (e.g. 'MMAM'); "
                          "a shorter pattern whose length divides n_layers repeats ('M' = all Mamba-2); empty = all A")

@@ -308,40 +308,54 @@ def test_fused_projections_equal_the_separate_ones(qkv_bias):
         torch.testing.assert_close(grads_f[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_fused_projections_count_their_matmuls_and_leave_wrapped_layers_alone():
-    """Fused: one matmul for q/k/v and one for gate/up per layer (4 instead of 7, with wo and down).
-    A layer that is no plain nn.Linear (here a LoRA adapter) keeps its own call."""
+def test_fused_projections_count_their_matmuls():
+    """Fused: one matmul for q/k/v and one for gate/up per layer (4 instead of 7, with wo and down)."""
+    assert (_linear_calls(tiny_model(n_layers=1)), _linear_calls(tiny_model(n_layers=1, fuse_projections=True))) \
+        == (8, 5)  # + the output head
+
+
+def _linear_calls(model: nn.Module) -> int:
+    calls: list = []
+    with _CountLinear(calls):
+        model(batch(1, 8))
+    return len(calls)
+
+
+@pytest.mark.parametrize("method,dropout,fused_calls", [("lora", 0.0, 5), ("lora", 0.1, 8), ("dora", 0.0, 8)])
+def test_fused_projections_with_adapters(method, dropout, fused_calls):
+    """LoRA adapters (peft) on fused projections: the frozen bases run as one matmul, the adapters'
+    A factors as another, and the outputs and the adapters' gradients equal peft's own forward.
+    Adapter dropout or DoRA: peft's own forward, unfused."""
     from hasten.config import PeftConfig
     from hasten.methods import peft
 
-    def linear_calls(model: nn.Module) -> int:
-        calls: list = []
-        with _CountLinear(calls):
-            model(batch(1, 8))
-        return len(calls)
-
-    plain, fused = tiny_model(n_layers=1), tiny_model(n_layers=1, fuse_projections=True)
-    assert (linear_calls(plain), linear_calls(fused)) == (8, 5)  # + the output head
-    cfg = PeftConfig(method="lora", rank=4, alpha=8, targets="all-linear")
-    lora, reference = (peft.apply(tiny_model(n_layers=1, fuse_projections=f), cfg) for f in (True, False))
-    for model in (lora, reference):  # adapters that change the output (B starts at zero)
+    cfg = PeftConfig(method=method, rank=4, alpha=8, dropout=dropout, targets="all-linear")
+    fused, reference = (peft.apply(tiny_model(n_layers=1, fuse_projections=f), cfg) for f in (True, False))
+    for model in (fused, reference):  # adapters that change the output (B starts at zero)
         torch.manual_seed(2)
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.data.normal_()
-    assert linear_calls(lora) == 8
-    torch.testing.assert_close(lora(batch(2, 8)), reference(batch(2, 8)))
+        model.eval()  # dropout off, so that both see the same function
+    assert _linear_calls(fused) == fused_calls
+    idx = batch(2, 9)
+    (loss, grads), (loss_f, grads_f) = _loss_and_grads(reference, idx), _loss_and_grads(fused, idx)
+    torch.testing.assert_close(loss_f, loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == grads_f.keys() and any("lora_A" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads_f[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 class _CountLinear(torch.overrides.TorchFunctionMode):
-    """Counts F.linear calls whose weight is a model weight (not a LoRA factor of rank 4)."""
+    """Counts F.linear calls whose weight is a model weight (both dims >= 32: not a LoRA factor of
+    rank 4, nor the rank-12 stack of three)."""
 
     def __init__(self, calls: list) -> None:
         super().__init__()
         self.calls = calls
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.linear and min(args[1].shape) > 4:
+        if func is F.linear and min(args[1].shape) >= 32:
             self.calls.append(tuple(args[1].shape))
         return func(*args, **(kwargs or {}))
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from hasten.config import ConfigError, ModelConfig, check_seq_len
+from hasten.config import RUN_MODEL_FIELDS, ConfigError, ModelConfig, check_seq_len
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # RoPE tables are allocated for max_seq_len positions; very long-context models are capped here.
@@ -250,7 +250,8 @@ def resolve_pretrained(config: Any) -> Any:
         raise ConfigError(f"model.from={str(path)!r} does not exist; give a Hugging Face model folder or a hasten "
                           "run, checkpoint or export folder.")
     _, cfg, vocab, tok = _pretrained_source(path)
-    model = dataclasses.replace(cfg, from_path=str(path), preset="", vocab_size=vocab or cfg.vocab_size)
+    model = dataclasses.replace(cfg, from_path=str(path), preset="", vocab_size=vocab or cfg.vocab_size,
+                                **{name: getattr(config.model, name) for name in RUN_MODEL_FIELDS})
     data = dataclasses.replace(config.data, tokenizer=str(tok))
     resolved = dataclasses.replace(config, model=model, data=data)
     check_seq_len(resolved)

@@ -57,15 +57,54 @@ def apply_rope(x_BHTd: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor)
     return (x * cos_Td + _rotate_half(x) * sin_Td).to(x_BHTd.dtype)
 
 
-def plain_linears(*modules: nn.Module) -> bool:
-    """Whether every module is exactly an nn.Linear: not an adapter (peft), a quantized or
-    fake-quantized layer, or anything else that computes its own matmul."""
-    return all(type(m) is nn.Linear for m in modules)
+def _lora_adapter(module: nn.Module) -> str | None:
+    """The one active adapter of a peft LoRA linear whose output is base(x) + B(A(x)) * scaling
+    exactly: a plain nn.Linear base, adapters on and unmerged, no dropout, no variant (DoRA).
+    None for anything else."""
+    if type(module).__name__ != "Linear" or not type(module).__module__.startswith("peft.tuners.lora"):
+        return None
+    adapters = list(module.active_adapters)
+    if (len(adapters) != 1 or module.disable_adapters or module.merged or type(module.base_layer) is not nn.Linear
+            or getattr(module, "fan_in_fan_out", False)):
+        return None
+    name = adapters[0]
+    if (name not in module.lora_A or name in getattr(module, "lora_variant", {})
+            or module.use_dora.get(name, False) or not isinstance(module.lora_dropout[name], nn.Identity)):
+        return None
+    return name
 
 
-def fused_linear(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
-    """The outputs of several linears of the same input, as one matmul over their concatenated
-    weights (one larger GEMM forward, one for the input's gradient backward), split back apart."""
+def fusable(*modules: nn.Module) -> bool:
+    """Whether `fused_linear` can compute these layers: all exactly nn.Linear, or all peft LoRA
+    linears of one plain active adapter (`_lora_adapter`). Anything else (quantized layers, DoRA,
+    adapter dropout) computes its own matmul."""
+    if all(type(m) is nn.Linear for m in modules):
+        bases = modules
+    else:
+        names = {_lora_adapter(m) for m in modules}
+        if len(names) != 1 or None in names:
+            return False
+        bases = tuple(m.base_layer for m in modules)
+    return len({m.bias is None for m in bases}) == 1
+
+
+def fused_linear(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The outputs of several linears of the same input (`fusable` ones), as one matmul over their
+    concatenated weights (one larger GEMM forward, one for the input's gradient backward), split
+    back apart. For LoRA layers, the frozen bases are one matmul and the adapters' A factors
+    another (x is read once for all of them); each B stays its own small matmul, as in peft."""
+    if all(type(m) is nn.Linear for m in linears):
+        return _concat_linear(x, linears)
+    name = _lora_adapter(linears[0])
+    bases = [m.base_layer for m in linears]
+    downs = [m.lora_A[name] for m in linears]
+    result = _concat_linear(x, bases)
+    x_a = x if x.dtype == downs[0].weight.dtype else x.to(downs[0].weight.dtype)  # as peft casts it
+    low = _concat_linear(x_a, downs)
+    return tuple((y + m.lora_B[name](a) * m.scaling[name]).to(y.dtype) for m, y, a in zip(linears, result, low))
+
+
+def _concat_linear(x: torch.Tensor, linears: list[nn.Linear] | tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
     weight = torch.cat([m.weight for m in linears])
     bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
     return F.linear(x, weight, bias).split([m.out_features for m in linears], dim=-1)
@@ -83,7 +122,7 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        if self.fused and plain_linears(self.w1, self.w3):
+        if self.fused and fusable(self.w1, self.w3):
             gate_BTF, up_BTF = fused_linear(x_BTD, self.w1, self.w3)
         else:
             gate_BTF, up_BTF = self.w1(x_BTD), self.w3(x_BTD)
