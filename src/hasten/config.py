@@ -388,6 +388,9 @@ class RunConfig:
         _check(self.parallel.activation_checkpointing != "budget" or self.train.compile,
                "parallel.activation_checkpointing", self.parallel.activation_checkpointing,
                "budget needs train.compile=true (the torch.compile partitioner does the recomputing)")
+        _check(not (self.model.fuse_projections and self.parallel.strategy == "zero3"), "model.fuse_projections",
+               self.model.fuse_projections, "the concatenated weights it keeps for backward would hold every layer's "
+               "full weights, which parallel.strategy=zero3 shards; use it with none, ddp, zero1 or zero2")
         _check(not (self.parallel.strategy == "zero1" and self.optim.name in ("sophia", "schedulefree_adamw", "muon")),
                "optim.name", self.optim.name, "it does not work with parallel.strategy=zero1 yet; use ddp, zero2 or zero3")
 

@@ -100,3 +100,9 @@ def test_finetune_without_a_model_is_refused(capsys):
 
     assert main(["finetune", "train.steps=2"]) == 2
     assert "hasten finetune needs model.from=PATH" in capsys.readouterr().err
+
+
+def test_fused_projections_are_refused_with_zero3():
+    with pytest.raises(ConfigError, match="model.fuse_projections.*zero3 shards"):
+        load_config("default", ["model.fuse_projections=true", "parallel.strategy=zero3"])
+    assert load_config("default", ["model.fuse_projections=true", "parallel.strategy=zero2"]).model.fuse_projections

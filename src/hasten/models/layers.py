@@ -112,7 +112,7 @@ def _concat_linear(x: torch.Tensor, linears: list[nn.Linear] | tuple[nn.Linear, 
 
 class SwiGLU(nn.Module):
     """Gated feed-forward: w2(silu(w1 x) * w3 x). Names follow Llama (w1 gate, w3 up, w2 down).
-    With `fused`, gate and up run as one matmul (`fused_linear`) when both are plain linears."""
+    With `fused`, gate and up run as one matmul (`fused_linear`) when both are `fusable`."""
 
     def __init__(self, dim: int, hidden_dim: int, fused: bool = False) -> None:
         super().__init__()
