@@ -4,6 +4,7 @@ checked step by step against the papers' equations written plainly."""
 import copy
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,6 +184,22 @@ def test_sophia_hessian_ignores_non_finite_gradients():
     assert h[0] > 0 and h[1] == 0 and h[2] == 0
 
 
+def test_sophia_reports_the_fraction_of_unclipped_coordinates():
+    """|m| < rho * h is the Newton-like part of the step; before any Hessian refresh (h = 0) every
+    coordinate takes the clipped sign step."""
+    p = nn.Parameter(torch.zeros(4))
+    optimizer = SophiaG([p], lr=0.1, rho=1.0, betas=(0.0, 0.5), weight_decay=0.0)
+    assert optimizer.metrics() == {}  # no state yet
+    p.grad = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    optimizer.step()
+    assert optimizer.metrics()["sophia_unclipped"] == 0.0
+    p.grad = torch.tensor([4.0, 4.0, 0.1, 0.1])  # h = 0.5 * g^2 = 8, 8, 0.005, 0.005 against |m| = 1
+    optimizer.update_hessian(batch_size=1)
+    assert optimizer.metrics()["sophia_unclipped"] == 0.5
+    optimizer.param_groups[0]["bias_correction"] = True  # h / (1 - 0.5): 0.01 is still below |m|
+    assert optimizer.metrics()["sophia_unclipped"] == 0.5
+
+
 def test_lion_matches_the_paper_step_by_step():
     """c = β1 m + (1-β1) g; θ ← θ - η (sign(c) + λθ); m ← β2 m + (1-β2) g."""
     lr, b1, b2, wd = 0.01, 0.9, 0.99, 0.3
@@ -340,11 +357,14 @@ def test_the_loop_refreshes_sophia_hessian_every_k_steps(tiny_config):
         return x, x.sum(dim=1, keepdim=True)
 
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1))
-    hasten.train(tiny_config("optim.name=sophia", "optim.sophia_hessian_every=3", "train.steps=9",
-                             "train.eval_every=0"),
+    config = tiny_config("optim.name=sophia", "optim.sophia_hessian_every=3", "train.steps=9", "train.eval_every=0",
+                         "log.every=3")
+    hasten.train(config,
                  model=model, loss_fn=lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), train_batches=batches,
                  sampled_loss_fn=sampled)
     assert len(calls) == 3
+    logged = [r for r in read_log(Path(config.train.out_dir) / "metrics.jsonl") if r["event"] == "train"]
+    assert logged and all(0.0 <= r["sophia_unclipped"] <= 1.0 for r in logged)
 
 
 def test_sophia_on_a_user_model_needs_a_sampled_loss(tiny_config):

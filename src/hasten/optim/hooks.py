@@ -8,6 +8,9 @@ The loop never asks which optimizer it runs; it asks what the optimizer can do:
         predictions) on that step's first micro-batch, calls `update_hessian`, and clears the
         gradients. The cost falls inside the step, so tokens/s and wall time include it.
 
+    Diagnostics (SophiaG): `metrics() -> dict[str, torch.Tensor]`, 0-d tensors the loop reads and
+        logs with the loss at every log step (their host sync falls there, not in the step).
+
     Separate evaluation weights (schedule-free): `train()` and `eval()`.
         The loop calls `eval()` before evaluating and checkpointing and `train()` after, so
         validation loss and saved weights are the averaged point x, and it leaves the optimizer in
@@ -36,6 +39,12 @@ class CurvatureOptimizer(Protocol):
 def wants_hessian(optimizer: torch.optim.Optimizer, step: int) -> bool:
     """True when the optimizer keeps a curvature estimate and it is due after step `step`."""
     return isinstance(optimizer, CurvatureOptimizer) and optimizer.needs_hessian(step)
+
+
+def optimizer_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The optimizer's own diagnostics, read now (empty for optimizers without `metrics()`)."""
+    metrics = getattr(optimizer, "metrics", None)
+    return {name: float(value) for name, value in metrics().items()} if callable(metrics) else {}
 
 
 def has_eval_mode(optimizer: torch.optim.Optimizer) -> bool:

@@ -57,6 +57,11 @@ def sampled_label_loss(logits_NV: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits_NV, labels_N)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a (possibly FSDP-sharded) state tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class SophiaG(torch.optim.Optimizer):
     """SophiaG with decoupled weight decay. Defaults are the paper's GPT-2 settings."""
 
@@ -79,6 +84,26 @@ class SophiaG(torch.optim.Optimizer):
         if "hessian_updates" not in state:  # also for states saved before it was counted
             state["hessian_updates"] = torch.tensor(0.0)  # on the CPU, like Adam's step count
         return state
+
+    @torch.no_grad()
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """`sophia_unclipped`: the fraction of coordinates whose step is not clipped, |m| < rho * h
+        (h bias-corrected when the step corrects it), the Newton-like part; the rest take the sign
+        step of size lr. The authors' GPT-2 training script logs the same fraction as
+        `train/win_rate`. A larger rho raises it. Over this process's shard when the state is sharded."""
+        unclipped, total = torch.zeros(()), 0
+        for group in self.param_groups:
+            beta2 = group["betas"][1]
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if "exp_avg" not in state:
+                    continue
+                n = int(state["hessian_updates"])
+                scale = group["rho"] / (1.0 - beta2 ** n) if group["bias_correction"] and n else group["rho"]
+                moment, hessian = (_local(state[k]) for k in ("exp_avg", "hessian"))
+                unclipped = unclipped + (moment.abs() < (hessian * scale).clamp_min(group["eps"])).sum().cpu()
+                total += moment.numel()
+        return {"sophia_unclipped": unclipped / total} if total else {}
 
     def needs_hessian(self, step: int) -> bool:
         """Whether the Hessian estimate is due after optimizer step `step` (0-based): every k-th."""

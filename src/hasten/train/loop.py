@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from hasten.optim.hooks import evaluation_weights, set_learning_rate, set_train_mode, wants_hessian
+from hasten.optim.hooks import (evaluation_weights, optimizer_metrics, set_learning_rate, set_train_mode,
+                                wants_hessian)
 from hasten.parallel import clip_grad_norm_, gradient_sync, memory_bytes
 from hasten.train.build import Batch, Run, compiled_loss
 from hasten.train.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
@@ -302,7 +303,8 @@ def _log_interval(run: Run, state: TrainerState, counters: DeviceCounters, timer
     state.bad_loss_streak = int(values["streak"])
     lr = run.optimizer.param_groups[0]["lr"]
     record = dict(loss=values["loss"], lr=float(lr), tokens=state.tokens_seen, tokens_per_second=rate,
-                  skipped_steps=state.skipped_steps, elapsed_s=time.perf_counter() - timer.start, **values["terms"])
+                  skipped_steps=state.skipped_steps, elapsed_s=time.perf_counter() - timer.start, **values["terms"],
+                  **optimizer_metrics(run.optimizer))
     if run.scaler is not None:
         record["loss_scale"] = float(run.scaler.get_scale())
     if (utilization := mfu(rate, run.flops_per_token or 0.0, peak)) is not None:
