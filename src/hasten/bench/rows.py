@@ -166,6 +166,9 @@ register(Row(name="zero3", family="distributed", benefit="memory", overrides=("p
              description="FSDP2 sharding parameters too (ZeRO-3)", distributed=True))
 register(Row(name="moe", family="architectures", benefit="quality at equal budget", overrides=("model.ffns=E",),
              description="every FFN a mixture of 8 experts, top-2, about the dense FFN's active parameters"))
+register(Row(name="moe-shared", family="architectures", benefit="quality at equal budget",
+             overrides=("model.ffns=E", "model.moe_shared_expert=true"),
+             description="moe plus one shared expert every token uses (DeepSeekMoE), active parameters matched"))
 register(Row(name="mamba", family="architectures", benefit="training time", overrides=("model.mixers=M",),
              description="every sequence mixer a Mamba-2 (SSD) layer instead of attention"))
 register(Row(name="hybrid", family="architectures", benefit="training time", overrides=("model.mixers=MA",),
