@@ -91,7 +91,7 @@ class SophiaG(torch.optim.Optimizer):
         (h bias-corrected when the step corrects it), the Newton-like part; the rest take the sign
         step of size lr. The authors' GPT-2 training script logs the same fraction as
         `train/win_rate`. A larger rho raises it. Over this process's shard when the state is sharded."""
-        unclipped, total = torch.zeros(()), 0
+        unclipped, total = None, 0  # a device-side count: one host sync at the end, not one per tensor
         for group in self.param_groups:
             beta2 = group["betas"][1]
             for p in group["params"]:
@@ -101,9 +101,10 @@ class SophiaG(torch.optim.Optimizer):
                 n = int(state["hessian_updates"])
                 scale = group["rho"] / (1.0 - beta2 ** n) if group["bias_correction"] and n else group["rho"]
                 moment, hessian = (_local(state[k]) for k in ("exp_avg", "hessian"))
-                unclipped = unclipped + (moment.abs() < (hessian * scale).clamp_min(group["eps"])).sum().cpu()
+                count = (moment.abs() < (hessian * scale).clamp_min(group["eps"])).sum()
+                unclipped = count if unclipped is None else unclipped + count
                 total += moment.numel()
-        return {"sophia_unclipped": unclipped / total} if total else {}
+        return {"sophia_unclipped": unclipped.double().cpu() / total} if total else {}
 
     def needs_hessian(self, step: int) -> bool:
         """Whether the Hessian estimate is due after optimizer step `step` (0-based): every k-th."""
