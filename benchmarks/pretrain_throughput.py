@@ -190,6 +190,7 @@ VARIANTS = {"recipe": [], "flash": ["train.attention_backend=flash"], "cudnn": [
             "bf16res": ["model.fp32_residual=false"], "losschunk": ["train.loss_chunk=8192"],
             "fused": ["model.fuse_projections=true"],
             "bf16res_fused": ["model.fp32_residual=false", "model.fuse_projections=true"]}  # model.* apply to plain too
+TARGETS = {"ratio_vs_plain": 1.0, "ratio_vs_hf": 1.5, "hasten_mfu": 0.50}  # of the shipped recipe
 ORDER = [("plain", "recipe"), ("hasten", "recipe"), ("hasten", "cudnn"), ("hf", "recipe"), ("hasten", "autotune")]
 
 
@@ -282,6 +283,9 @@ def _summary(rows: list[dict]) -> dict:
                 v[key] = v["tokens_per_second"] / other["tokens_per_second"]
     if variants:
         summary["variants"] = variants
+    summary["targets"] = {key: f">= {value}" for key, value in TARGETS.items()}
+    summary["targets_met"] = {key: summary[key] >= value for key, value in TARGETS.items()
+                              if summary.get(key) is not None}
     return summary
 
 

@@ -49,5 +49,6 @@ def test_pretrain_summary_reports_variants_without_the_recipe_row_and_lists_fail
             {**row, "name": "hf_trainer", "tokens_per_second": 200.0, "mfu": None}, {"name": "plain", "error": "boom"}]
     summary = pt._summary(rows)
     assert "ratio_vs_hf" not in summary and summary["variants"]["hasten[bf16res]"]["ratio_vs_hf"] == 1.5
+    assert summary["targets_met"] == {}  # the recipe's row did not run: no target is judged
     text = pt._markdown(dict(device="cpu", torch="x", steps=1, warmup=1, rows=rows, summary=summary))
     assert "hasten[bf16res] / HF Trainer: **1.500**" in text and "Failed (error kept in the JSON): plain." in text
