@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hasten.models.layers import apply_rope, fusable, fused_linear
+from hasten.models.layers import apply_rope, fused_linear
 
 # SDPA broadcasts K kv heads over H query heads itself since torch 2.5 (no copy of k and v, and
 # the flash kernel handles it natively). Checked once so that older builds fall back cleanly.
@@ -39,10 +39,8 @@ class Attention(nn.Module):
         appended. `mask_B1TT` (True = may attend) replaces the causal mask: packed sequences."""
         B, T, _ = x_BTD.shape
         H, K, d = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.fuse_qkv and fusable(self.wq, self.wk, self.wv):
-            q_BTF, k_BTF, v_BTF = fused_linear(x_BTD, self.wq, self.wk, self.wv)
-        else:
-            q_BTF, k_BTF, v_BTF = self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
+        fused = fused_linear(x_BTD, self.wq, self.wk, self.wv) if self.fuse_qkv else None
+        q_BTF, k_BTF, v_BTF = fused or (self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD))
         q_BHTd = q_BTF.view(B, T, H, d).transpose(1, 2)
         k_BKTd = k_BTF.view(B, T, K, d).transpose(1, 2)
         v_BKTd = v_BTF.view(B, T, K, d).transpose(1, 2)

@@ -74,31 +74,26 @@ def _lora_adapter(module: nn.Module) -> str | None:
     return name
 
 
-def fusable(*modules: nn.Module) -> bool:
-    """Whether `fused_linear` can compute these layers: all exactly nn.Linear, or all peft LoRA
-    linears of one plain active adapter (`_lora_adapter`). Anything else (quantized layers, DoRA,
-    adapter dropout) computes its own matmul."""
-    if all(type(m) is nn.Linear for m in modules):
-        bases = modules
-    else:
-        names = {_lora_adapter(m) for m in modules}
-        if len(names) != 1 or None in names:
-            return False
-        bases = tuple(m.base_layer for m in modules)
-    return len({m.bias is None for m in bases}) == 1
-
-
-def fused_linear(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
-    """The outputs of several linears of the same input (`fusable` ones), as one matmul over their
-    concatenated weights (one larger GEMM forward, one for the input's gradient backward), split
-    back apart. For LoRA layers, the frozen bases are one matmul and the adapters' A factors
-    another (x is read once for all of them); each B stays its own small matmul, as in peft."""
+def fused_linear(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """The outputs of several linears of the same input as one matmul over their concatenated
+    weights (one larger GEMM forward, one for the input's gradient backward), split back apart; or
+    None when they cannot be fused, and each must run its own matmul. Fusable: all exactly
+    nn.Linear, or all peft LoRA linears of one plain active adapter (`_lora_adapter`), whose frozen
+    bases are then one matmul and A factors another (x is read once for all of them), each B its
+    own small matmul as in peft. Quantized layers, DoRA and adapter dropout are not fused."""
     if all(type(m) is nn.Linear for m in linears):
-        return _concat_linear(x, linears)
-    name = _lora_adapter(linears[0])
-    bases = [m.base_layer for m in linears]
-    downs = [m.lora_A[name] for m in linears]
+        bases, name = linears, None
+    else:
+        names = {_lora_adapter(m) for m in linears}
+        if len(names) != 1 or None in names:
+            return None
+        bases, name = [m.base_layer for m in linears], names.pop()
+    if len({m.bias is None for m in bases}) != 1:
+        return None
     result = _concat_linear(x, bases)
+    if name is None:
+        return result
+    downs = [m.lora_A[name] for m in linears]
     x_a = x if x.dtype == downs[0].weight.dtype else x.to(downs[0].weight.dtype)  # as peft casts it
     low = _concat_linear(x_a, downs)
     return tuple((y + m.lora_B[name](a) * m.scaling[name]).to(y.dtype) for m, y, a in zip(linears, result, low))
@@ -112,7 +107,7 @@ def _concat_linear(x: torch.Tensor, linears: list[nn.Linear] | tuple[nn.Linear, 
 
 class SwiGLU(nn.Module):
     """Gated feed-forward: w2(silu(w1 x) * w3 x). Names follow Llama (w1 gate, w3 up, w2 down).
-    With `fused`, gate and up run as one matmul (`fused_linear`) when both are `fusable`."""
+    With `fused`, gate and up run as one matmul where `fused_linear` can fuse them."""
 
     def __init__(self, dim: int, hidden_dim: int, fused: bool = False) -> None:
         super().__init__()
@@ -122,8 +117,6 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        if self.fused and fusable(self.w1, self.w3):
-            gate_BTF, up_BTF = fused_linear(x_BTD, self.w1, self.w3)
-        else:
-            gate_BTF, up_BTF = self.w1(x_BTD), self.w3(x_BTD)
+        fused = fused_linear(x_BTD, self.w1, self.w3) if self.fused else None
+        gate_BTF, up_BTF = fused or (self.w1(x_BTD), self.w3(x_BTD))
         return self.w2(F.silu(gate_BTF) * up_BTF)

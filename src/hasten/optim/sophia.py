@@ -62,6 +62,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _rho_scale(group: dict[str, Any], state: dict[str, torch.Tensor]) -> float:
+    """What h is multiplied by in the clip's denominator: rho, divided by 1 - beta2^n after n
+    refreshes when the group corrects the bias (as Adam corrects its moments)."""
+    if not group["bias_correction"]:
+        return group["rho"]
+    n = int(state["hessian_updates"])  # a CPU tensor (`_state`): no device sync
+    return group["rho"] / (1.0 - group["betas"][1] ** n) if n else group["rho"]
+
+
 class SophiaG(torch.optim.Optimizer):
     """SophiaG with decoupled weight decay. Defaults are the paper's GPT-2 settings."""
 
@@ -83,6 +92,8 @@ class SophiaG(torch.optim.Optimizer):
             state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if "hessian_updates" not in state:  # also for states saved before it was counted
             state["hessian_updates"] = torch.tensor(0.0)  # on the CPU, like Adam's step count
+        elif state["hessian_updates"].device.type != "cpu":  # load_state_dict moves it to the parameter's device
+            state["hessian_updates"] = state["hessian_updates"].cpu()
         return state
 
     @torch.no_grad()
@@ -93,15 +104,12 @@ class SophiaG(torch.optim.Optimizer):
         `train/win_rate`. A larger rho raises it. Over this process's shard when the state is sharded."""
         unclipped, total = None, 0  # a device-side count: one host sync at the end, not one per tensor
         for group in self.param_groups:
-            beta2 = group["betas"][1]
             for p in group["params"]:
                 state = self.state.get(p, {})
                 if "exp_avg" not in state:
                     continue
-                n = int(state["hessian_updates"])
-                scale = group["rho"] / (1.0 - beta2 ** n) if group["bias_correction"] and n else group["rho"]
                 moment, hessian = (_local(state[k]) for k in ("exp_avg", "hessian"))
-                count = (moment.abs() < (hessian * scale).clamp_min(group["eps"])).sum()
+                count = (moment.abs() < (hessian * _rho_scale(group, state)).clamp_min(group["eps"])).sum()
                 unclipped = count if unclipped is None else unclipped + count
                 total += moment.numel()
         return {"sophia_unclipped": unclipped.double().cpu() / total} if total else {}
@@ -139,16 +147,11 @@ class SophiaG(torch.optim.Optimizer):
                 continue
             states = [self._state(p) for p in params]
             moments, hessians = [s["exp_avg"] for s in states], [s["hessian"] for s in states]
-            lr, wd, rho, eps, beta1 = group["lr"], group["weight_decay"], group["rho"], group["eps"], group["betas"][0]
+            lr, wd, eps, beta1 = group["lr"], group["weight_decay"], group["eps"], group["betas"][0]
             if wd:
                 torch._foreach_mul_(params, 1.0 - lr * wd)
             torch._foreach_lerp_(moments, [p.grad for p in params], 1.0 - beta1)
-            if group["bias_correction"]:  # h / (1 - beta2^n) after n refreshes, as Adam corrects its moments
-                beta2 = group["betas"][1]
-                scales = [rho / (1.0 - beta2 ** n) if (n := int(s["hessian_updates"])) else rho for s in states]
-                denominators = torch._foreach_mul(hessians, scales)
-            else:
-                denominators = torch._foreach_mul(hessians, rho)
+            denominators = torch._foreach_mul(hessians, [_rho_scale(group, s) for s in states])
             torch._foreach_clamp_min_(denominators, eps)
             ratios = torch._foreach_div(moments, denominators)
             torch._foreach_clamp_min_(ratios, -1.0)
