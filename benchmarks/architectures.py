@@ -250,7 +250,7 @@ def main() -> None:
     if args.skip_layers:  # keep (a) and (c) of an earlier run of this script, with the commit they came from
         earlier = json.loads((out / "architectures.json").read_text())
         result.update(mixers=earlier["mixers"], grouped=earlier["grouped"],
-                      layers_from=dict(commit=earlier["commit"], date=earlier["date"]))
+                      layers_from=earlier.get("layers_from", dict(commit=earlier["commit"], date=earlier["date"])))
     else:
         result["mixers"] = bench_mixers(args, device)
         result["grouped"] = bench_grouped(args, device)

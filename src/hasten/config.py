@@ -80,7 +80,8 @@ class ModelConfig:
                                        "over their weights concatenated at every forward (the parameters, and so "
                                        "checkpoints, are unchanged); with LoRA adapters the frozen bases are one "
                                        "matmul and the A factors another; quantized layers, DoRA and adapter "
-                                       "dropout keep their own matmuls; not with parallel.strategy=zero3")
+                                       "dropout keep their own matmuls; not with parallel.strategy=zero3; measured "
+                                       "slower for gpt2-124m pre-training on an H200 (docs/trainer.md)")
     init_std: float = _f(0.02, "std of the normal init; output projections are scaled by 1/sqrt(2*n_layers)")
     mixers: str = _f("", "sequence mixer of each layer, one letter per layer: A attention, M Mamba-2 (e.g. 'MMAM'); "
                          "a shorter pattern whose length divides n_layers repeats ('M' = all Mamba-2); empty = all A")
