@@ -439,6 +439,13 @@ def _unknown(key: str) -> ConfigError:
     return ConfigError(f"Unknown config key {key!r}.{hint}")
 
 
+def _not_a_choice(key: str, value: Any, choices: tuple[Any, ...]) -> ConfigError:
+    words = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(value), words, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]}?" if close else ""
+    return ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(words)}.{hint}")
+
+
 def _coerce(key: str, value: Any, kind: type, choices: tuple[Any, ...] | None) -> Any:
     """Convert a TOML or command-line value to the field's type, or explain why it cannot be."""
     if kind is bool and isinstance(value, str) and value.lower() in _BOOL_WORDS:
@@ -454,7 +461,7 @@ def _coerce(key: str, value: Any, kind: type, choices: tuple[Any, ...] | None) -
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise ConfigError(f"{key}={value!r} is not allowed: it must be {_KIND_WORDS[kind]}.")
     if choices and value not in choices:
-        raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(map(str, choices))}.")
+        raise _not_a_choice(key, value, choices)
     return value
 
 
@@ -502,7 +509,7 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     preset = values.get("model.preset", "")
     if preset:
         if preset not in MODEL_PRESETS:
-            raise ConfigError(f"model.preset={preset!r} is not allowed: choose one of {', '.join(MODEL_PRESETS)}.")
+            raise _not_a_choice("model.preset", preset, tuple(MODEL_PRESETS))
         sections["model"].update(MODEL_PRESETS[preset])
     for key, value in values.items():
         section, name = key.split(".", 1)

@@ -27,6 +27,13 @@ def test_unknown_key_suggests_the_nearest():
         load_config("default", ["train.setps=3"])
 
 
+def test_a_misspelt_choice_suggests_the_nearest():
+    with pytest.raises(ConfigError, match=r"optim.name='sophai' is not allowed: choose one of .*\. Did you mean sophia\?"):
+        load_config("default", ["optim.name=sophai"])
+    with pytest.raises(ConfigError, match=r"model.preset='smal' .* Did you mean small\?"):
+        load_config("default", ["model.preset=smal"])
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("precision.dtype=fp9", "precision.dtype='fp9' is not allowed: choose one of auto, fp32, bf16, fp16"),
     ("train.steps=0", "train.steps=0 is not allowed: it must be > 0"),
