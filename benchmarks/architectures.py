@@ -231,7 +231,7 @@ def main() -> None:
     parser.add_argument("--skip-models", action="store_true", help="only the layer benchmarks (a) and (c)")
     parser.add_argument("--models", default="dense,moe,mamba,hybrid", help="which models (b) trains, in order")
     parser.add_argument("--data", default="", help="data.source for (b) instead of each recipe's (the embedded corpus, "
-                                                     "about one pass per 30 s for the dense model): a folder or glob of "
+                                                     "7.4M training tokens: about two passes per 30 s for the dense model): a folder or glob of "
                                                      "local text, for budgets longer than one pass")
     parser.add_argument("--data-label", default="", help="with --data: how the rows name the data (default: --data "
                                                            "itself); rows compare with dense only under the same name")

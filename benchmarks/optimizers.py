@@ -58,7 +58,6 @@ LR_CENTRE = {
     "adamw8bit": 6e-4,           # same as AdamW
 }
 EXTRA = {"lion": ["optim.weight_decay=0.4"]}  # ... with wd raised so that lr*wd matches AdamW's
-CLI_EXTRA: dict[str, list[str]] = {}  # --overrides-for; their runs get folders of their own
 
 SMOKE = ["model.preset=tiny", "data.tokenizer=byte", "data.max_documents=60", "train.batch_size=4",
          "train.seq_len=32", "train.eval_batches=2", "train.compile=false", "optim.warmup_steps=5",
@@ -81,19 +80,22 @@ def run_one(name: str, lr: float, args: argparse.Namespace, horizon: float = 1.0
     steps = round(args.steps * horizon)
     warmup = round(args.warmup_frac * steps)
     eval_every = args.eval_every if horizon == 1.0 else steps  # a shorter run is judged at its end
-    tag = "_" + hashlib.sha1(" ".join(CLI_EXTRA[name]).encode()).hexdigest()[:6] if name in CLI_EXTRA else ""
-    out = Path(args.workdir) / (f"{name}{tag}_lr{lr:.3g}" + (f"_h{horizon:g}" if horizon != 1.0 else ""))
+    overrides = [*(SMOKE if args.smoke else []), f"optim.name={name}", f"optim.lr={lr}",
+                 f"train.steps={steps}", f"train.eval_every={eval_every}", "log.every=10",
+                 f"optim.warmup_steps={warmup}",
+                 "checkpoint.every=0", "checkpoint.at_end=false", "log.sample_tokens=0", "log.progress=false",
+                 "log.plot=false", "log.tensorboard=false", f"data.cache_dir={args.cache_dir or Path(args.workdir) / 'cache'}",
+                 *EXTRA.get(name, [])]
+    overrides += [f"train.batch_size={args.batch_size}"] if args.batch_size else []
+    overrides += [f"train.eval_batches={args.eval_batches}"] if args.eval_batches else []
+    overrides += [f"data.source={args.data}", f"data.max_documents={args.max_documents}"] if args.data else []
+    # A run is reused only under the same recipe and overrides: their hash is part of its folder's name.
+    key = hashlib.sha1(" ".join([args.recipe, *overrides]).encode()).hexdigest()[:8]
+    out = Path(args.workdir) / (f"{name}_lr{lr:.3g}" + (f"_h{horizon:g}" if horizon != 1.0 else "") + f"_{key}")
     if not (out / "summary.json").exists() or not json.loads((out / "summary.json").read_text())["completed"]:
         if args.reuse_only:
             raise RuntimeError(f"no finished run in {out.name} (--reuse-only)")
-        overrides = [*(SMOKE if args.smoke else []), f"optim.name={name}", f"optim.lr={lr}",
-                     f"train.steps={steps}", f"train.eval_every={eval_every}", "log.every=10",
-                     f"optim.warmup_steps={warmup}",
-                     "checkpoint.every=0", "checkpoint.at_end=false", "log.sample_tokens=0", "log.progress=false",
-                     "log.plot=false", "log.tensorboard=false", f"data.cache_dir={args.cache_dir or Path(args.workdir) / 'cache'}",
-                     f"train.out_dir={out}", *EXTRA.get(name, [])]
-        overrides += [f"train.batch_size={args.batch_size}"] if args.batch_size else []
-        overrides += [f"train.eval_batches={args.eval_batches}"] if args.eval_batches else []
+        overrides.append(f"train.out_dir={out}")
         hasten.train(load_config(args.recipe if not args.smoke else "default", overrides))
     summary = json.loads((out / "summary.json").read_text())
     records = read_log(out / "metrics.jsonl")
@@ -154,7 +156,9 @@ def markdown(result: dict[str, Any]) -> str:
     s, runs = result["summary"], result["runs"]
     fmt = lambda v, digits=2: "not reached" if v is None else f"{v:.{digits}f}"  # noqa: E731
     lines = [f"# Optimizers ({result['device']}, torch {result['torch']})", "",
-             f"`{result['recipe']}` model, batch {result['batch_size']} x 1024 tokens, {result['steps']} steps, warmup "
+             f"`{result['recipe']}` model on {result.get('data', 'recipe (stdlib)')}, "
+             f"{'batch ' + str(result['batch_size']) + ' x' if result['batch_size'] else 'the recipe’s batch of'} "
+             f"{'1024 tokens' if not result['smoke'] else 'sequences'}, {result['steps']} steps, warmup "
              f"{result.get('warmup_frac', 0.5):g} of the run then cosine (schedule-free: warmup only), bf16, compiled; "
              f"validation every {result['eval_every']} steps. Target: AdamW's best final validation loss, "
              f"**{s['adamw_final_val_loss']:.3f}**.", "",
@@ -211,6 +215,11 @@ def main() -> None:
     parser.add_argument("--warmup-frac", type=float, default=0.1, help="warmup steps as a fraction of each run's")
     parser.add_argument("--horizons", default="", help="shorter schedules to try, fractions of --steps, e.g. 0.5,0.7")
     parser.add_argument("--batch-size", type=int, default=0, help="sequences per step (0: the recipe's)")
+    parser.add_argument("--data", default="", help="data.source instead of the recipe's (the embedded corpus, 7.4M "
+                                                     "training tokens, 0.9 of them in 400 steps of batch 16): a folder or "
+                                                     "glob of local text, for budgets longer than one pass")
+    parser.add_argument("--data-label", default="", help="with --data: how the report names the data (default: --data)")
+    parser.add_argument("--max-documents", type=int, default=0, help="with --data: data.max_documents (0 = all)")
     parser.add_argument("--eval-batches", type=int, default=0, help="batches per evaluation (0: the recipe's)")
     parser.add_argument("--deadline-s", type=float, default=0, help="start no run after this many seconds")
     parser.add_argument("--optimizers", default="", help="comma-separated subset (adamw is always run)")
@@ -227,8 +236,7 @@ def main() -> None:
     args.out = args.out or "benchmarks/results"
     for item in filter(None, args.overrides_for.split(";")):
         name, _, overrides = item.partition(":")
-        CLI_EXTRA[name] = overrides.split()
-        EXTRA[name] = [*EXTRA.get(name, []), *CLI_EXTRA[name]]
+        EXTRA[name] = [*EXTRA.get(name, []), *overrides.split()]  # in the runs' folder hash: folders of their own
     args.workdir = args.workdir or "/tmp/hasten-bench-optimizers"
 
     from hasten.optim import optimizer_names, optimizer_spec
@@ -272,6 +280,7 @@ def main() -> None:
         result = dict(suite="optimizers", smoke=args.smoke, device=torch.cuda.get_device_name()
                       if device.type == "cuda" else platform.processor() or "cpu", torch=torch.__version__,
                       commit=_commit(), recipe="default (tiny smoke overrides)" if args.smoke else args.recipe,
+                      data=args.data_label or args.data or "recipe (stdlib)",
                       steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
                       warmup_frac=args.warmup_frac, lr_grid=grid, horizons=horizons, extra_overrides=EXTRA,
                       skipped=skipped, failed=failed, summary=summary, runs=runs, shorter_runs=shorter,
