@@ -1,4 +1,4 @@
-"""The `hasten` command: train, generate, export, recipes."""
+"""The `hasten` command: train, finetune, distill, generate, export, recipes, bench."""
 
 from __future__ import annotations
 
@@ -37,6 +37,15 @@ def _parser() -> argparse.ArgumentParser:
                                     "data.source may be JSONL with prompt/response records or chat 'messages' (loss on "
                                     "responses only; records packed per data.pack).")
     ft.add_argument("args", nargs="*", metavar="RECIPE | key=value", help="recipe first (optional), then overrides")
+    dist = sub.add_parser("distill", help="train a (smaller) student on a frozen teacher's predictions "
+                          "(distill.teacher=PATH)", epilog=_fields_epilog(),
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          description="Like train, with distill.teacher=PATH (a hasten run, checkpoint or export, or "
+                                      "a Hugging Face Llama-family folder): the loss mixes cross-entropy with the KL "
+                                      "divergence from the teacher's softened predictions (distill.alpha, "
+                                      "distill.temperature), and the data is read with the teacher's tokenizer. "
+                                      "Defaults: " + " ".join(DISTILL_DEFAULTS) + " (a recipe or an override wins).")
+    dist.add_argument("args", nargs="*", metavar="RECIPE | key=value", help="recipe first (optional), then overrides")
     gen = sub.add_parser("generate", help="sample text from a run, checkpoint or export folder")
     gen.add_argument("path")
     gen.add_argument("--prompt", default="def ")
@@ -101,6 +110,23 @@ def _cmd_finetune(ns: argparse.Namespace) -> int:
     return _cmd_train(ns)
 
 
+# What `hasten distill` sets unless the recipe or an override does.
+DISTILL_DEFAULTS = ("train.out_dir=runs/distill",)
+
+
+def _cmd_distill(ns: argparse.Namespace) -> int:
+    from hasten.config import explicit_keys
+
+    recipe, overrides = _split_recipe(ns.args)
+    given = explicit_keys(recipe, overrides)
+    if "distill.teacher" not in given:
+        raise ConfigError("hasten distill needs distill.teacher=PATH (a hasten run, checkpoint or export, or a "
+                          "Hugging Face model folder).")
+    defaults = [d for d in DISTILL_DEFAULTS if d.split("=", 1)[0] not in given]
+    ns.args = ([recipe] if recipe else []) + defaults + overrides
+    return _cmd_train(ns)
+
+
 def _rank_prefix() -> str:
     """'rank R/N: ' in a multi-process launch, so that each rank's error says which rank it is."""
     import os
@@ -125,7 +151,7 @@ def _print_summary(summary: dict, out_dir: str) -> None:
     table = Table(title=f"run {out_dir}", show_header=False)
     for key in ("steps", "tokens", "wall_time_s", "final_loss", "final_val_loss", "unigram_val_loss",
                 "tokens_per_second", "mfu", "peak_memory_gib", "skipped_steps", "params", "trainable_params",
-                "precision", "device"):
+                "teacher_params", "precision", "device"):
         if key in summary:
             table.add_row(key, _fmt(summary[key]))
     console.print(table)
@@ -165,8 +191,8 @@ def _cmd_recipes(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
-    handler = {"train": _cmd_train, "finetune": _cmd_finetune, "generate": _cmd_generate, "export": _cmd_export,
-               "recipes": _cmd_recipes, "bench": run_bench}
+    handler = {"train": _cmd_train, "finetune": _cmd_finetune, "distill": _cmd_distill, "generate": _cmd_generate,
+               "export": _cmd_export, "recipes": _cmd_recipes, "bench": run_bench}
     try:
         return handler[ns.command](ns)
     except ConfigError as err:

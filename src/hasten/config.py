@@ -361,6 +361,21 @@ class PeftConfig:
                f"use attention, mlp, all-linear or a comma list of {', '.join(sorted(known))}")
 
 
+@dataclass(kw_only=True)
+class DistillConfig:
+    """Knowledge distillation: a frozen teacher's soft predictions train this run's model (docs/distill.md)."""
+
+    teacher: str = _f("", "the teacher: a hasten run, checkpoint or export folder, or a Hugging Face Llama-family "
+                          "folder; its tokenizer becomes this run's (empty = no distillation)")
+    alpha: float = _f(0.5, "weight of the distillation term: loss = (1 - alpha) * cross-entropy + alpha * "
+                           "temperature^2 * KL(teacher || student), over the positions that have a target")
+    temperature: float = _f(2.0, "softens both distributions before the KL (Hinton et al. 2015)")
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.alpha <= 1.0, "distill.alpha", self.alpha, "it must be in [0, 1]")
+        _check(self.temperature > 0, "distill.temperature", self.temperature, "it must be > 0")
+
+
 def check_seq_len(config: RunConfig) -> None:
     """Training windows must fit the model's positions."""
     _check(config.train.seq_len <= config.model.max_seq_len, "train.seq_len", config.train.seq_len,
@@ -380,6 +395,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         if not self.model.from_path:  # else [model] is the pretrained source's, known once resolve_pretrained reads it
@@ -392,6 +408,8 @@ class RunConfig:
         _check(not (self.model.fuse_projections and self.parallel.strategy == "zero3"), "model.fuse_projections",
                self.model.fuse_projections, "the concatenated weights it keeps for backward would hold every layer's "
                "full weights, which parallel.strategy=zero3 shards; use it with none, ddp, zero1 or zero2")
+        _check(not (self.distill.teacher and self.train.loss_chunk), "train.loss_chunk", self.train.loss_chunk,
+               "distillation compares whole logits with the teacher's; set train.loss_chunk=0 with distill.teacher")
         _check(not (self.parallel.strategy == "zero1" and self.optim.name in ("sophia", "schedulefree_adamw", "muon")),
                "optim.name", self.optim.name, "it does not work with parallel.strategy=zero1 yet; use ddp, zero2 or zero3")
 
@@ -411,7 +429,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "precision": PrecisionConfig,
             "train": TrainConfig, "log": LogConfig, "checkpoint": CheckpointConfig,
-            "parallel": ParallelConfig, "peft": PeftConfig}
+            "parallel": ParallelConfig, "peft": PeftConfig, "distill": DistillConfig}
 # Spellings accepted in recipes and overrides for fields whose name is a Python keyword.
 KEY_ALIASES: dict[str, str] = {"model.from": "model.from_path"}
 

@@ -30,6 +30,19 @@ def test_train_generate_export_round_trip(tmp_path, env):
     assert from_export == from_run  # same weights, same seed: the export loses nothing
 
 
+def test_distill_a_student_from_a_trained_teacher(tmp_path, env):
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    hasten("train", *TINY, "model.dim=128", "train.steps=10", "train.eval_every=10", f"train.out_dir={teacher}", env=env)
+    proc = hasten("distill", *TINY, f"distill.teacher={teacher}", "model.n_layers=1", "train.steps=6",
+                  "train.eval_every=6", "log.every=3", f"train.out_dir={student}", env=env)
+    summary = json.loads((student / "summary.json").read_text())
+    assert summary["completed"] and summary["teacher_params"] > summary["params"] and "teacher_params" in proc.stdout
+    records = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
+    assert all("kd" in r for r in records if r["event"] == "train")
+    missing = hasten("distill", *TINY, env=env, check=False)
+    assert missing.returncode == 2 and "hasten distill needs distill.teacher=PATH" in missing.stderr
+
+
 def test_recipe_file_with_overrides(tmp_path, env):
     recipe = tmp_path / "mine.toml"
     recipe.write_text('[model]\npreset = "tiny"\n[train]\nsteps = 3\nbatch_size = 2\nseq_len = 16\n'

@@ -238,6 +238,14 @@ def _pretrained_source(path: Path) -> tuple[str, ModelConfig, int | None, Path]:
     return "hasten", load_config(root / "config.toml").model, None, root / "tokenizer"
 
 
+def _existing_source(key: str, value: str) -> Path:
+    path = Path(value)
+    if not path.exists():
+        raise ConfigError(f"{key}={value!r} does not exist; give a Hugging Face model folder or a hasten run, "
+                          "checkpoint or export folder.")
+    return path
+
+
 def resolve_pretrained(config: Any) -> Any:
     """The RunConfig with model.from_path's shape in [model] and its tokenizer in data.tokenizer
     (the run folder's config.toml then describes the model the checkpoints hold)."""
@@ -245,10 +253,7 @@ def resolve_pretrained(config: Any) -> Any:
 
     if not config.model.from_path:
         return config
-    path = Path(config.model.from_path)
-    if not path.exists():
-        raise ConfigError(f"model.from={str(path)!r} does not exist; give a Hugging Face model folder or a hasten "
-                          "run, checkpoint or export folder.")
+    path = _existing_source("model.from", config.model.from_path)
     _, cfg, vocab, tok = _pretrained_source(path)
     model = dataclasses.replace(cfg, from_path=str(path), preset="", vocab_size=vocab or cfg.vocab_size,
                                 **{name: getattr(config.model, name) for name in RUN_MODEL_FIELDS})
@@ -256,6 +261,20 @@ def resolve_pretrained(config: Any) -> Any:
     resolved = dataclasses.replace(config, model=model, data=data)
     check_seq_len(resolved)
     return resolved
+
+
+def resolve_teacher(config: Any) -> Any:
+    """The RunConfig with distill.teacher's tokenizer in data.tokenizer, so that student and
+    teacher read the same token ids. With model.from too, that model's tokenizer stays (the run
+    checks the two vocabularies agree)."""
+    import dataclasses
+
+    if not config.distill.teacher:
+        return config
+    tok = _pretrained_source(_existing_source("distill.teacher", config.distill.teacher))[3]
+    if config.model.from_path:
+        return config
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=str(tok)))
 
 
 def load_pretrained(model_cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.nn.Module:

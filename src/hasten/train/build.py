@@ -58,6 +58,30 @@ def lm_loss(model: nn.Module, batch: Batch, *, loss_chunk: int = 0
     return ce + aux, {"ce": ce.detach(), **terms}
 
 
+def distill_lm_loss(model: nn.Module, batch: Batch, *, teacher: nn.Module, alpha: float, temperature: float,
+                    vocab: int) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`lm_loss` with a teacher (hasten.methods.distill): (1 - alpha) * cross-entropy + alpha * the
+    distillation term over the positions that have a target, the two logged apart as `ce` and `kd`.
+    The teacher runs without gradients; the first `vocab` logits (the tokenizer's, before any
+    padding) are compared. Evaluation forwards return the plain cross-entropy."""
+    from hasten.methods.distill import kd_loss
+    from hasten.models.moe import auxiliary_losses
+    from hasten.models.ops.cross_entropy import IGNORE_INDEX
+
+    logits = _forward(model, batch)
+    ce = F.cross_entropy(logits.view(-1, logits.size(-1)), batch[1].view(-1))
+    if not model.training:
+        return ce
+    with torch.no_grad():
+        teacher_logits = _forward(teacher, batch)
+    kd = kd_loss(logits[..., :vocab], teacher_logits[..., :vocab], temperature, mask=batch[1] != IGNORE_INDEX)
+    loss = (1 - alpha) * ce + alpha * kd
+    aux, terms = auxiliary_losses(model)
+    if aux is not None:
+        loss = loss + aux
+    return loss, {"ce": ce.detach(), "kd": kd.detach(), **terms}
+
+
 def lm_sampled_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Cross-entropy against next tokens sampled from the model's own predictions: the loss whose
     gradient gives SophiaG's Gauss-Newton-Bartlett Hessian estimate (the true targets are unused)."""
@@ -214,6 +238,36 @@ def _build_instruct(config: RunConfig, run_dir: Path, device: torch.device, rank
     )
 
 
+def _with_teacher(parts: dict[str, Any], config: RunConfig, device: torch.device) -> dict[str, Any]:
+    """Swap in the distillation loss around the frozen teacher of distill.teacher: eval mode, no
+    gradients, in the run's 16-bit dtype when it has one (it only runs forward). It is not part of
+    the model, so checkpoints hold the student alone; a resumed run loads the teacher again."""
+    from hasten.data.instruct import is_instruct_source
+    from hasten.train.export import load_trained
+
+    teacher, tokenizer, teacher_cfg = load_trained(config.distill.teacher, device)
+    student_vocab = parts["tokenizer"].vocab_size
+    if tokenizer.vocab_size != student_vocab:
+        raise ConfigError(f"distill.teacher={config.distill.teacher!r} has a tokenizer of {tokenizer.vocab_size} "
+                          f"tokens and this run one of {student_vocab}: distillation compares one vocabulary; "
+                          "leave data.tokenizer to the teacher's (and model.from to a model that shares it).")
+    if config.train.seq_len > teacher_cfg.max_seq_len:
+        raise ConfigError(f"train.seq_len={config.train.seq_len} is not allowed: the teacher's positions end at "
+                          f"{teacher_cfg.max_seq_len} (model.max_seq_len of distill.teacher)")
+    if is_instruct_source(config.data.source) and config.data.pack != "off" and not teacher.supports_packing():
+        raise ConfigError("distill.teacher has Mamba-2 layers, which cannot read packed records; set data.pack=off.")
+    teacher.requires_grad_(False)
+    precision = resolve_precision(config.precision, device)
+    if precision.name != "fp32":
+        teacher.to(precision.dtype)
+    parts["loss_fn"] = functools.partial(distill_lm_loss, teacher=teacher, alpha=config.distill.alpha,
+                                         temperature=config.distill.temperature, vocab=student_vocab)
+    if parts.get("flops_per_token") is not None:  # the teacher's forward: a third of its forward + backward
+        parts["flops_per_token"] += teacher.flops_per_token(config.train.seq_len) / 3
+    parts["info"].update(teacher=config.distill.teacher, teacher_params=teacher.num_params())
+    return parts
+
+
 def _items_per_batch(train_batches: BatchFn) -> int:
     """What a user batch counts for throughput: token ids (an integer first tensor) count one each,
     otherwise each row of the first tensor is one item."""
@@ -240,9 +294,10 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     if model is None:
-        from hasten.models.hf import resolve_pretrained
+        from hasten.models.hf import resolve_pretrained, resolve_teacher
 
         config = resolve_pretrained(config)  # model.from: its shape and tokenizer, saved in config.toml
+        config = resolve_teacher(config)  # distill.teacher: its tokenizer, unless model.from gave one
     run_dir = prepare_run_dir(config, rank)
     if model is None:
         parts = _build_lm(config, run_dir, device, rank, world)
@@ -255,7 +310,12 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
                      sampled_loss_fn=sampled_loss_fn,
                      tokenizer=None, flops_per_token=None, tokens_per_micro_batch=_items_per_batch(train_batches),
                      info=dict(params=sum(p.numel() for p in model.parameters())))
-    if config.peft.method != "none":  # order: model → (qat.prepare) → peft.apply → precision → parallel
+    if config.distill.teacher:  # order: model → teacher → (qat.prepare) → peft.apply → precision → parallel
+        if model is not None:
+            raise ConfigError("distill.teacher applies to hasten's own language models; with your own model, add "
+                              "hasten.methods.distill.kd_loss to your loss_fn.")
+        parts = _with_teacher(parts, config, device)
+    if config.peft.method != "none":  # order: model → teacher → (qat.prepare) → peft.apply → precision → parallel
         from hasten.methods import peft
 
         parts["model"] = peft.apply(parts["model"], config.peft)
