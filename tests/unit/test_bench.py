@@ -29,7 +29,7 @@ from hasten.bench.report import (
     write_report,
 )
 from hasten.bench.rows import ROWS, Row, combine, get_row, parse_custom_row, register
-from hasten.bench.runner import BenchSettings, other_cpu_share, parameter_bytes, train_command
+from hasten.bench.runner import BenchSettings, other_cpu_share, parameter_bytes, row_overrides, train_command
 from hasten.config import ConfigError, load_config
 
 EVALS = [dict(step=25, val_loss=6.0, elapsed_s=5.0), dict(step=50, val_loss=5.5, elapsed_s=10.0),
@@ -136,7 +136,15 @@ def test_combinations_join_overrides_and_reject_conflicts() -> None:
 @pytest.mark.parametrize("name", sorted(ROWS))
 def test_every_registered_row_is_a_valid_config(name: str) -> None:
     """Registering a row registers this test: its overrides must load over the shipped default."""
-    load_config("default", list(ROWS[name].overrides))
+    load_config("default", row_overrides(BenchSettings(), ROWS[name], Path("/tmp/bench/rows") / name))
+
+
+def test_a_distilled_row_learns_from_the_baseline_with_half_its_layers(tmp_path: Path) -> None:
+    command = train_command(BenchSettings(), ROWS["distill"], tmp_path / "rows" / "distill")
+    assert f"distill.teacher={tmp_path / 'rows' / 'baseline'}" in command
+    assert "model.n_layers=2" in command  # the default recipe's small model has 4
+    gpt2 = train_command(BenchSettings(recipe="gpt2-124m"), ROWS["distill"], tmp_path / "rows" / "distill")
+    assert "model.n_layers=6" in gpt2
 
 
 def test_default_rows_and_selection() -> None:

@@ -146,6 +146,10 @@ register(Row(name="dora", family="PEFT", benefit="memory", overrides=("model.fro
              description="DoRA (LoRA plus a learned per-row magnitude) fine-tuning the trained baseline"))
 register(Row(name="qlora", family="PEFT", benefit="memory", overrides=("model.from={baseline}", "peft.method=qlora"),
              description="LoRA on the trained baseline held in 4-bit NF4 (bitsandbytes; CUDA only)"))
+register(Row(name="distill", family="distillation", benefit="inference time",
+             overrides=("distill.teacher={baseline}", "model.n_layers={half_layers}"),
+             description="a student of half the baseline's layers trained on the trained baseline's softened "
+                         "predictions (distill.alpha 0.5, temperature 2) for the same budget"))
 register(Row(name="ac", family="activation checkpointing", benefit="memory",
              overrides=("parallel.activation_checkpointing=full",),
              description="every block recomputes its activations in the backward pass"))

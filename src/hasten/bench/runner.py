@@ -101,12 +101,26 @@ def _sets(overrides: tuple[str, ...] | list[str], key: str) -> bool:
     return any(o.split("=", 1)[0].strip() == key for o in overrides)
 
 
+def row_overrides(settings: BenchSettings, row: Row, row_dir: Path) -> list[str]:
+    """A row's overrides with its placeholders filled: `{baseline}` is the baseline row's run
+    folder (rows that start from the trained baseline, or learn from it, name it so) and
+    `{half_layers}` half the bench model's layers (a smaller student)."""
+    values = {"{baseline}": str(row_dir.parent / "baseline")}
+    if any("{half_layers}" in o for o in row.overrides):
+        layers = load_config(settings.recipe, settings.common_overrides()).model.n_layers
+        values["{half_layers}"] = str(max(1, layers // 2))
+    filled = []
+    for override in row.overrides:
+        for key, value in values.items():
+            override = override.replace(key, value)
+        filled.append(override)
+    return filled
+
+
 def train_command(settings: BenchSettings, row: Row, row_dir: Path) -> list[str]:
     """The `hasten train` command line of one row; the row's own overrides win over shared ones."""
     recipe = [settings.recipe] if settings.recipe else []
-    # `{baseline}` in a row's overrides is the baseline row's run folder: rows that start from the
-    # trained baseline (LoRA on a pretrained model) name it so.
-    own = [o.replace("{baseline}", str(row_dir.parent / "baseline")) for o in row.overrides]
+    own = row_overrides(settings, row, row_dir)
     launch = [sys.executable, "-m", "hasten"]
     if row.distributed:  # torchrun, never a launcher of hasten's own; --standalone picks a free port
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
