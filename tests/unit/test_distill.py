@@ -110,3 +110,16 @@ def test_bad_distillation_settings_fail_with_one_sentence(tiny_config, teacher, 
     with pytest.raises(hasten.ConfigError, match="with your own model, add hasten.methods.distill.kd_loss"):
         hasten.train(tiny_config(f"distill.teacher={teacher}", out="c"), model=nn.Linear(2, 2),
                      loss_fn=lambda m, b: m(b[0]).sum(), train_batches=lambda s, m: (torch.randn(1, 2),))
+
+
+def test_a_hugging_face_teacher_teaches_a_hasten_student_in_its_own_tokens(tiny_config, tmp_path):
+    pytest.importorskip("transformers")
+    from tests.unit.test_peft import make_hf_llama
+
+    make_hf_llama(tmp_path / "hf")
+    summary = hasten.train(tiny_config(f"distill.teacher={tmp_path / 'hf'}", "train.steps=4", "log.every=2",
+                                       "train.eval_every=4", out="student"))
+    assert summary["completed"] and math.isfinite(summary["final_val_loss"])
+    assert f'tokenizer = "{tmp_path / "hf"}"' in (tmp_path / "student" / "config.toml").read_text()
+    kd = [r["kd"] for r in read_log(tmp_path / "student" / "metrics.jsonl") if r["event"] == "train"]
+    assert kd and all(math.isfinite(v) and v > 0 for v in kd)
