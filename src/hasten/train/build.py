@@ -286,6 +286,9 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
     if model is not None and config.train.loss_chunk:
         raise ConfigError("train.loss_chunk applies to hasten's own decoder; a model passed in computes its "
                           "loss in its loss_fn (set train.loss_chunk=0).")
+    if model is not None and config.distill.teacher:
+        raise ConfigError("distill.teacher applies to hasten's own language models; with your own model, add "
+                          "hasten.methods.distill.kd_loss to your loss_fn.")
     device = resolve_device(config.train.device)
     init_distributed(device)  # under torchrun: start the process group from its environment
     device = rank_device(device)
@@ -311,9 +314,6 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
                      tokenizer=None, flops_per_token=None, tokens_per_micro_batch=_items_per_batch(train_batches),
                      info=dict(params=sum(p.numel() for p in model.parameters())))
     if config.distill.teacher:  # order: model → teacher → (qat.prepare) → peft.apply → precision → parallel
-        if model is not None:
-            raise ConfigError("distill.teacher applies to hasten's own language models; with your own model, add "
-                              "hasten.methods.distill.kd_loss to your loss_fn.")
         parts = _with_teacher(parts, config, device)
     if config.peft.method != "none":  # order: model → teacher → (qat.prepare) → peft.apply → precision → parallel
         from hasten.methods import peft
