@@ -98,16 +98,23 @@ FINETUNE_DEFAULTS = ("peft.method=lora", "optim.lr=2e-4", "optim.weight_decay=0.
                      "log.sample_tokens=0", "train.out_dir=runs/finetune")
 
 
-def _cmd_finetune(ns: argparse.Namespace) -> int:
+def _train_with(ns: argparse.Namespace, required: str, missing: str, defaults: tuple[str, ...]) -> int:
+    """`hasten train` that needs the user to set `required`, with `defaults` filling only what the
+    recipe and the overrides leave unset."""
     from hasten.config import explicit_keys
 
     recipe, overrides = _split_recipe(ns.args)
-    given = explicit_keys(recipe, overrides)  # finetune defaults fill only what the user did not set
-    if "model.from_path" not in given:
-        raise ConfigError("hasten finetune needs model.from=PATH (a Hugging Face Llama folder or a hasten run).")
-    defaults = [d for d in FINETUNE_DEFAULTS if d.split("=", 1)[0] not in given]
-    ns.args = ([recipe] if recipe else []) + defaults + overrides
+    given = explicit_keys(recipe, overrides)
+    if required not in given:
+        raise ConfigError(missing)
+    unset = [d for d in defaults if d.split("=", 1)[0] not in given]
+    ns.args = ([recipe] if recipe else []) + unset + overrides
     return _cmd_train(ns)
+
+
+def _cmd_finetune(ns: argparse.Namespace) -> int:
+    return _train_with(ns, "model.from_path", "hasten finetune needs model.from=PATH (a Hugging Face Llama folder "
+                       "or a hasten run).", FINETUNE_DEFAULTS)
 
 
 # What `hasten distill` sets unless the recipe or an override does.
@@ -115,16 +122,8 @@ DISTILL_DEFAULTS = ("train.out_dir=runs/distill",)
 
 
 def _cmd_distill(ns: argparse.Namespace) -> int:
-    from hasten.config import explicit_keys
-
-    recipe, overrides = _split_recipe(ns.args)
-    given = explicit_keys(recipe, overrides)
-    if "distill.teacher" not in given:
-        raise ConfigError("hasten distill needs distill.teacher=PATH (a hasten run, checkpoint or export, or a "
-                          "Hugging Face model folder).")
-    defaults = [d for d in DISTILL_DEFAULTS if d.split("=", 1)[0] not in given]
-    ns.args = ([recipe] if recipe else []) + defaults + overrides
-    return _cmd_train(ns)
+    return _train_with(ns, "distill.teacher", "hasten distill needs distill.teacher=PATH (a hasten run, checkpoint "
+                       "or export, or a Hugging Face model folder).", DISTILL_DEFAULTS)
 
 
 def _rank_prefix() -> str:
