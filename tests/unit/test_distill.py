@@ -1,6 +1,7 @@
 """Knowledge distillation: the KD term against its formula written plainly, and distilled runs
 (frozen teacher, both terms logged, plain cross-entropy for validation, exact resume)."""
 
+import json
 import math
 
 import pytest
@@ -123,3 +124,23 @@ def test_a_hugging_face_teacher_teaches_a_hasten_student_in_its_own_tokens(tiny_
     assert f'tokenizer = "{tmp_path / "hf"}"' in (tmp_path / "student" / "config.toml").read_text()
     kd = [r["kd"] for r in read_log(tmp_path / "student" / "metrics.jsonl") if r["event"] == "train"]
     assert kd and all(math.isfinite(v) and v > 0 for v in kd)
+
+
+def test_the_loss_plot_draws_the_cross_entropy_beside_the_mixed_loss(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from hasten.train.log import plot_losses
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in [
+        {"event": "train", "step": 1, "loss": 2.0, "ce": 3.0, "kd": 1.0},
+        {"event": "train", "step": 2, "loss": 1.5, "ce": 2.5, "kd": 0.5},
+        {"event": "eval", "step": 2, "val_loss": 2.6}]))
+    drawn, original = [], plt.Axes.plot
+    monkeypatch.setattr(plt.Axes, "plot", lambda self, *a, **k: drawn.append(k.get("label")) or original(self, *a, **k))
+    assert plot_losses(log, tmp_path / "loss.png") == tmp_path / "loss.png"
+    assert drawn == ["train (with its extra terms)", "train cross-entropy", "validation"]
+    assert (tmp_path / "loss.png").stat().st_size > 1000

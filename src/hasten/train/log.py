@@ -97,9 +97,12 @@ class RunLogger:
 
 
 def plot_losses(jsonl_path: Path, png_path: Path, title: str = "") -> Path | None:
-    """Training and validation loss against step, as a PNG; None when there is nothing to plot."""
+    """Training and validation loss against step, as a PNG; None when there is nothing to plot.
+    Where the training loss has extra terms (distillation, MoE auxiliary losses), its
+    cross-entropy, the quantity validation measures, is drawn too."""
     records = read_log(jsonl_path)
     train = [(r["step"], r["loss"]) for r in records if r["event"] == "train" and "loss" in r]
+    ce = [(r["step"], r["ce"]) for r in records if r["event"] == "train" and "ce" in r]
     val = [(r["step"], r["val_loss"]) for r in records if r["event"] == "eval"]
     if not train:
         return None
@@ -108,7 +111,9 @@ def plot_losses(jsonl_path: Path, png_path: Path, title: str = "") -> Path | Non
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    ax.plot(*zip(*train), label="train", linewidth=1.2)
+    ax.plot(*zip(*train), label="train (with its extra terms)" if ce else "train", linewidth=1.2)
+    if ce:
+        ax.plot(*zip(*ce), label="train cross-entropy", linewidth=1.2)
     if val:
         ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5)
     ax.set_xlabel("step")
