@@ -238,7 +238,8 @@ def _build_instruct(config: RunConfig, run_dir: Path, device: torch.device, rank
     )
 
 
-def _with_teacher(parts: dict[str, Any], config: RunConfig, device: torch.device) -> dict[str, Any]:
+def _with_teacher(parts: dict[str, Any], config: RunConfig, device: torch.device, precision: Precision
+                  ) -> dict[str, Any]:
     """Swap in the distillation loss around the frozen teacher of distill.teacher: eval mode, no
     gradients, in the run's 16-bit dtype when it has one (it only runs forward). It is not part of
     the model, so checkpoints hold the student alone; a resumed run loads the teacher again."""
@@ -257,7 +258,6 @@ def _with_teacher(parts: dict[str, Any], config: RunConfig, device: torch.device
     if is_instruct_source(config.data.source) and config.data.pack != "off" and not teacher.supports_packing():
         raise ConfigError("distill.teacher has Mamba-2 layers, which cannot read packed records; set data.pack=off.")
     teacher.requires_grad_(False)
-    precision = resolve_precision(config.precision, device)
     if precision.name != "fp32":
         teacher.to(precision.dtype)
     parts["loss_fn"] = functools.partial(distill_lm_loss, teacher=teacher, alpha=config.distill.alpha,
@@ -313,8 +313,9 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
                      sampled_loss_fn=sampled_loss_fn,
                      tokenizer=None, flops_per_token=None, tokens_per_micro_batch=_items_per_batch(train_batches),
                      info=dict(params=sum(p.numel() for p in model.parameters())))
+    precision = resolve_precision(config.precision, device)  # known first: the teacher is held in its dtype
     if config.distill.teacher:  # order: model → teacher → (qat.prepare) → peft.apply → precision → parallel
-        parts = _with_teacher(parts, config, device)
+        parts = _with_teacher(parts, config, device, precision)
     if config.peft.method != "none":  # order: model → teacher → (qat.prepare) → peft.apply → precision → parallel
         from hasten.methods import peft
 
@@ -322,7 +323,6 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
         trainable, total = peft.param_counts(parts["model"])
         parts["info"].update(trainable_params=trainable, total_params=total, peft=config.peft.method)
         parts["flops_per_token"] = None  # 6N over all weights no longer describes an adapter step
-    precision = resolve_precision(config.precision, device)
     if config.peft.method != "none" and precision.name != "fp32" and config.parallel.strategy == "none":
         peft.cast_frozen(parts["model"], precision.dtype)  # FSDP2's mixed-precision policy does this when sharded
     select_attention_backend(config.train.attention_backend, device)
