@@ -8,9 +8,10 @@ learning-rate sweep: its grid centre times `--lr-mults`; the best final validati
 run that is reported. AdamW's best final validation loss is the target:
 
     steps_to_adamw_loss_ratio[opt] = first eval step where opt's val loss <= target / AdamW's step
-    time_to_adamw_loss_ratio[opt]  = wall time to that eval / AdamW's (evaluation passes included,
-                                     at the same cadence for every optimizer; Sophia's Hessian
-                                     refreshes are inside its steps)
+    time_to_adamw_loss_ratio[opt]  = training time to that eval / AdamW's, at each run's steady
+                                     tokens/s (Sophia's Hessian refreshes are inside its steps;
+                                     compilation and evaluation passes are not: the first run of a
+                                     call pays the cold compile, which would favour every later one)
     state_bytes_ratio[opt]         = optimizer-state bytes / AdamW's
 
 Within one schedule an optimizer can hardly reach AdamW's final loss much before the end: the
@@ -30,6 +31,9 @@ repeated after a time limit):
 Smoke test on CPU (a tiny model; results go under /tmp and are not measurements):
 
     PYTHONPATH=src python benchmarks/optimizers.py --smoke
+
+After a change of the measures, `--from-json benchmarks/results/X.json` derives the summary, table
+and plot of a written result again from its recorded curves, training nothing.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ LR_CENTRE = {
     "schedulefree_adamw": 1.2e-3,  # schedule-free authors: 1-10x the scheduled AdamW rate
     "adamw8bit": 6e-4,           # same as AdamW
 }
+EMBEDDED = "the embedded corpus (the Python standard library's .py files)"
 EXTRA = {"lion": ["optim.weight_decay=0.4"]}  # ... with wd raised so that lr*wd matches AdamW's
 
 SMOKE = ["model.preset=tiny", "data.tokenizer=byte", "data.max_documents=60", "train.batch_size=4",
@@ -102,16 +107,22 @@ def run_one(name: str, lr: float, args: argparse.Namespace, horizon: float = 1.0
     curve = [dict(step=r["step"], elapsed_s=r["elapsed_s"], val_loss=r["val_loss"])
              for r in records if r["event"] == "eval"]
     return dict(optimizer=name, lr=lr, horizon=horizon, steps=steps, final_val_loss=summary["final_val_loss"], curve=curve,
-                tokens_per_second=summary["tokens_per_second"], wall_time_s=summary["wall_time_s"],
+                tokens_per_second=summary["tokens_per_second"], tokens_per_step=summary["global_batch_tokens"],
+                wall_time_s=summary["wall_time_s"],
                 optimizer_state_bytes=summary["optimizer_state_bytes"], peak_memory_gib=summary["peak_memory_gib"],
                 params=summary.get("params"), completed=summary["completed"])
 
 
+def training_seconds(run: dict[str, Any], step: int) -> float:
+    """Seconds to train `step` steps at the run's steady tokens/s (no compilation, no evaluation)."""
+    return step * run["tokens_per_step"] / run["tokens_per_second"]
+
+
 def _reach(run: dict[str, Any], target: float) -> tuple[int | None, float | None]:
-    """(step, seconds) of the first evaluation at or below `target`."""
+    """(step, training seconds) of the first evaluation at or below `target`."""
     for point in run["curve"]:
         if point["val_loss"] <= target:
-            return point["step"], point["elapsed_s"]
+            return point["step"], training_seconds(run, point["step"])
     return None, None
 
 
@@ -151,12 +162,12 @@ def summarize(best: dict[str, dict[str, Any]], grid: dict[str, list[float]]) -> 
                                       for n, r in best.items()})
 
 
-def markdown(result: dict[str, Any]) -> str:
+def markdown(result: dict[str, Any], image: str = "optimizers.png") -> str:
     """The results table (one row per optimizer at its best rate, with the sweep)."""
     s, runs = result["summary"], result["runs"]
     fmt = lambda v, digits=2: "not reached" if v is None else f"{v:.{digits}f}"  # noqa: E731
     lines = [f"# Optimizers ({result['device']}, torch {result['torch']})", "",
-             f"`{result['recipe']}` model on {result.get('data', 'recipe (stdlib)')}, "
+             f"`{result['recipe']}` model on {result.get('data', EMBEDDED)}, "
              f"{'batch ' + str(result['batch_size']) + ' x' if result['batch_size'] else 'the recipe’s batch of'} "
              f"{'1024 tokens' if not result['smoke'] else 'sequences'}, {result['steps']} steps, warmup "
              f"{result.get('warmup_frac', 0.5):g} of the run then cosine (schedule-free: warmup only), bf16, compiled; "
@@ -176,7 +187,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {lr:.3g}{edge} ({sweep}) | {finals.get('1', math.nan):.3f} | "
                      f"{fmt(s['steps_to_adamw_loss_ratio'].get(name))} | {shortest} | {fmt(horizon_time.get(name))} | "
                      f"{s['state_bytes_ratio'][name]:.3f} | {s['tokens_per_second'][name]:,.0f} |")
-    return "\n".join([*lines, "", "![validation loss by step and by time](optimizers.png)", ""])
+    return "\n".join([*lines, "", f"![validation loss by step and by training time]({image})", ""])
 
 
 def plot(best: dict[str, dict[str, Any]], path: Path) -> None:
@@ -188,14 +199,45 @@ def plot(best: dict[str, dict[str, Any]], path: Path) -> None:
     for name, run in best.items():
         label = f"{name} (lr {run['lr']:.2g})"
         by_step.plot([p["step"] for p in run["curve"]], [p["val_loss"] for p in run["curve"]], label=label)
-        by_time.plot([p["elapsed_s"] for p in run["curve"]], [p["val_loss"] for p in run["curve"]], label=label)
-    for ax, xlabel in ((by_step, "step"), (by_time, "wall time (s)")):
+        by_time.plot([training_seconds(run, p["step"]) for p in run["curve"]], [p["val_loss"] for p in run["curve"]],
+                     label=label)
+    for ax, xlabel in ((by_step, "step"), (by_time, "training time at the steady tokens/s (s)")):
         ax.axhline(best["adamw"]["final_val_loss"], color="grey", linestyle=":", linewidth=1)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss")
     by_step.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def write_report(result: dict[str, Any], best: dict[str, dict[str, Any]], path: Path) -> None:
+    """X.json, X.md (the table) and X.png (the curves) for `path` = X.json."""
+    path.write_text(json.dumps(result, indent=1))
+    path.with_suffix(".md").write_text(markdown(result, path.with_suffix(".png").name))
+    plot(best, path.with_suffix(".png"))
+
+
+def rederive(path: Path) -> None:
+    """The summary, table and plot of a written result again, from its recorded runs. Runs recorded
+    before `tokens_per_step` was kept get the result's batch times the recipe's sequence length."""
+    from hasten.config import load_config
+
+    result = json.loads(path.read_text())
+    if not result.get("runs"):
+        raise SystemExit(f"{path} records no runs (a summary only): nothing to derive again.")
+    seq_len = load_config(result["recipe"]).train.seq_len if not result["smoke"] else None
+    for run in [*result["runs"], *result["shorter_runs"]]:
+        if "tokens_per_step" not in run:
+            if seq_len is None or not result["batch_size"]:
+                raise SystemExit(f"{path}: a run without tokens_per_step, and no batch to derive it from.")
+            run["tokens_per_step"] = result["batch_size"] * seq_len
+    best = {name: next(r for r in result["runs"] if r["optimizer"] == name and r["lr"] == lr)
+            for name, lr in result["summary"]["best_lr"].items()}
+    result["summary"] = summarize(best, result["lr_grid"])
+    if result["horizons"]:
+        result["summary"].update(by_horizon(best, result["shorter_runs"]))
+    write_report(result, best, path)
+    print(json.dumps(result["summary"]["time_to_adamw_loss_ratio"]))
 
 
 def main() -> None:
@@ -226,7 +268,11 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="", help="tokenized data (default: under --workdir)")
     parser.add_argument("--reuse-only", action="store_true", help="train nothing: report the finished runs in --workdir")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run, to test the script")
+    parser.add_argument("--from-json", default="", help="train nothing: derive a written result's summary, table and "
+                        "plot again from its recorded runs")
     args = parser.parse_args()
+    if args.from_json:
+        return rederive(Path(args.from_json))
     if args.smoke:
         args.out = args.out or "/tmp/hasten-bench-optimizers-smoke"
         args.workdir = args.workdir or f"{args.out}/runs"
@@ -280,14 +326,12 @@ def main() -> None:
         result = dict(suite="optimizers", smoke=args.smoke, device=torch.cuda.get_device_name()
                       if device.type == "cuda" else platform.processor() or "cpu", torch=torch.__version__,
                       commit=_commit(), recipe="default (tiny smoke overrides)" if args.smoke else args.recipe,
-                      data=args.data_label or args.data or "recipe (stdlib)",
+                      data=args.data_label or args.data or EMBEDDED,
                       steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
                       warmup_frac=args.warmup_frac, lr_grid=grid, horizons=horizons, extra_overrides=EXTRA,
                       skipped=skipped, failed=failed, summary=summary, runs=runs, shorter_runs=shorter,
                       bench_seconds=time.perf_counter() - start)
-        (out / "optimizers.json").write_text(json.dumps(result, indent=1))
-        (out / "optimizers.md").write_text(markdown(result))
-        plot(best, out / "optimizers.png")
+        write_report(result, best, out / "optimizers.json")
         print(json.dumps(summary, indent=1), flush=True)
 
     for name, rates in grid.items():
