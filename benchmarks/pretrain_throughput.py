@@ -187,9 +187,8 @@ SIDES = {"hasten": run_hasten, "plain": run_plain, "hf": run_hf}
 # hasten runs the shipped recipe as is ("recipe"), and with single knobs changed, to show what each buys.
 VARIANTS = {"recipe": [], "flash": ["train.attention_backend=flash"], "cudnn": ["train.attention_backend=cudnn"],
             "autotune": ["train.compile_mode=max-autotune-no-cudagraphs"],
-            "bf16res": ["model.fp32_residual=false"], "losschunk": ["train.loss_chunk=8192"],
-            "fused": ["model.fuse_projections=true"],
-            "bf16res_fused": ["model.fp32_residual=false", "model.fuse_projections=true"]}  # model.* apply to plain too
+            "bf16res": ["model.fp32_residual=false"],  # model.* apply to plain too
+            "losschunk": ["train.loss_chunk=8192"]}
 TARGETS = {"ratio_vs_plain": 1.0, "ratio_vs_hf": 1.5, "hasten_mfu": 0.50}  # of the shipped recipe
 ORDER = [("plain", "recipe"), ("hasten", "recipe"), ("hasten", "cudnn"), ("hf", "recipe"), ("hasten", "autotune")]
 

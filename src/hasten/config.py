@@ -48,7 +48,7 @@ def _repeat(pattern: str, n_layers: int) -> str:
 
 # Model fields that say how a run computes, not what the weights are: a run from pretrained weights
 # (model.from) keeps its own values of these and takes the rest from the source.
-RUN_MODEL_FIELDS = ("dropout", "fp32_residual", "fuse_projections")
+RUN_MODEL_FIELDS = ("dropout", "fp32_residual")
 
 
 @dataclass(kw_only=True)
@@ -58,7 +58,7 @@ class ModelConfig:
     preset: str = _f("", "named shape to start from (tiny, small, gpt2-124m, 350m, 1b); empty = use the fields below")
     from_path: str = _f("", "start from pretrained weights (also spelled model.from): a Hugging Face Llama, "
                             "Mistral or Qwen2 folder, or a hasten run, checkpoint or export; its shape replaces the fields below "
-                            "(but for dropout, fp32_residual and fuse_projections: how this run computes) and its "
+                            "(but for dropout and fp32_residual: how this run computes) and its "
                             "tokenizer replaces data.tokenizer (docs/peft.md)")
     dim: int = _f(256, "model width d_model")
     n_layers: int = _f(4, "number of decoder blocks")
@@ -76,12 +76,6 @@ class ModelConfig:
                                    "autocast dtype (half the bytes of the saved residuals and of the element-wise "
                                    "work on them; Megatron-LM's default)")
     qkv_bias: bool = _f(False, "biases on the attention q/k/v projections (Qwen2 checkpoints)")
-    fuse_projections: bool = _f(False, "compute attention's q, k, v and the SwiGLU's gate and up as one matmul each, "
-                                       "over their weights concatenated at every forward (the parameters, and so "
-                                       "checkpoints, are unchanged); with LoRA adapters the frozen bases are one "
-                                       "matmul and the A factors another; quantized layers, DoRA and adapter "
-                                       "dropout keep their own matmuls; not with parallel.strategy=zero3; measured "
-                                       "slower for gpt2-124m pre-training on an H200 (docs/trainer.md)")
     init_std: float = _f(0.02, "std of the normal init; output projections are scaled by 1/sqrt(2*n_layers)")
     mixers: str = _f("", "sequence mixer of each layer, one letter per layer: A attention, M Mamba-2 (e.g. 'MMAM'); "
                          "a shorter pattern whose length divides n_layers repeats ('M' = all Mamba-2); empty = all A")
@@ -405,9 +399,6 @@ class RunConfig:
         _check(self.parallel.activation_checkpointing != "budget" or self.train.compile,
                "parallel.activation_checkpointing", self.parallel.activation_checkpointing,
                "budget needs train.compile=true (the torch.compile partitioner does the recomputing)")
-        _check(not (self.model.fuse_projections and self.parallel.strategy == "zero3"), "model.fuse_projections",
-               self.model.fuse_projections, "the concatenated weights it keeps for backward would hold every layer's "
-               "full weights, which parallel.strategy=zero3 shards; use it with none, ddp, zero1 or zero2")
         _check(not (self.distill.teacher and self.train.loss_chunk), "train.loss_chunk", self.train.loss_chunk,
                "distillation compares whole logits with the teacher's; set train.loss_chunk=0 with distill.teacher")
         _check(not (self.parallel.strategy == "zero1" and self.optim.name in ("sophia", "schedulefree_adamw", "muon")),
@@ -432,6 +423,11 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": 
             "parallel": ParallelConfig, "peft": PeftConfig, "distill": DistillConfig}
 # Spellings accepted in recipes and overrides for fields whose name is a Python keyword.
 KEY_ALIASES: dict[str, str] = {"model.from": "model.from_path"}
+# Keys that existed once: a saved run's config.toml that holds one at its default value still loads.
+REMOVED_KEYS: dict[str, tuple[Any, str]] = {
+    "model.fuse_projections": (False, ("q/k/v and gate/up as one matmul each measured no faster on an H200 "
+                                       "(slower for pre-training, equal with LoRA; benchmarks/README.md)")),
+}
 
 
 def field_help() -> list[tuple[str, str, Any, str]]:
@@ -519,6 +515,9 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     A model preset is applied first, so that explicit model fields override it.
     """
     values = {KEY_ALIASES.get(key, key): value for key, value in values.items()}
+    for key, (default, why) in REMOVED_KEYS.items():
+        if key in values and values.pop(key) != default:
+            raise ConfigError(f"{key} was removed: {why}. Drop it from the recipe or overrides.")
     known = set(_all_keys())
     for key in values:
         if key not in known:

@@ -109,7 +109,8 @@ def test_finetune_without_a_model_is_refused(capsys):
     assert "hasten finetune needs model.from=PATH" in capsys.readouterr().err
 
 
-def test_fused_projections_are_refused_with_zero3():
-    with pytest.raises(ConfigError, match="model.fuse_projections.*zero3 shards"):
-        load_config("default", ["model.fuse_projections=true", "parallel.strategy=zero3"])
-    assert load_config("default", ["model.fuse_projections=true", "parallel.strategy=zero2"]).model.fuse_projections
+def test_a_removed_key_loads_at_its_old_default_and_is_refused_otherwise():
+    """A saved run's config.toml from before model.fuse_projections was removed still loads; asking for it fails."""
+    assert load_config("default", ["model.fuse_projections=false"]) == load_config("default")
+    with pytest.raises(ConfigError, match="model.fuse_projections was removed: .*measured no faster"):
+        load_config("default", ["model.fuse_projections=true"])
