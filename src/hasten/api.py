@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +12,9 @@ from torch import nn
 
 from hasten.config import RunConfig, load_config
 from hasten.parallel import is_sharded, unwrap
-from hasten.train.build import BatchFn, LossFn, build_run
+from hasten.train.build import BatchFn, LossFn, Run, build_run
 from hasten.train.export import export_run, load_trained
-from hasten.train.loop import train_loop
+from hasten.train.loop import evaluate, train_loop
 
 
 def train(config: RunConfig | None = None, *, model: nn.Module | None = None, loss_fn: LossFn | None = None,
@@ -30,6 +32,8 @@ def train(config: RunConfig | None = None, *, model: nn.Module | None = None, lo
     run = build_run(config, model=model, loss_fn=loss_fn, train_batches=train_batches, val_batches=val_batches,
                     sampled_loss_fn=sampled_loss_fn)
     summary = train_loop(run)
+    if config.qat.scheme != "none" and summary["steps"]:
+        summary.update(quantize_after_training(run))
     # A sharded model's forward is a collective: every rank samples (same seed, same text), rank 0 keeps it.
     if run.tokenizer is not None and config.log.sample_tokens and summary["steps"] and (
             run.rank == 0 or is_sharded(run.model)):
@@ -37,6 +41,28 @@ def train(config: RunConfig | None = None, *, model: nn.Module | None = None, lo
         if run.rank == 0:
             summary["sample"] = text
     return summary
+
+
+def quantize_after_training(run: Run) -> dict[str, Any]:
+    """The trained model quantized in place (QAT's convert, or post-training quantization when it
+    trained in float), its validation loss and weight bytes; rank 0 saves it and adds these to
+    summary.json. Every rank converts and evaluates (the loss is averaged over ranks)."""
+    from hasten.methods import qat
+
+    model = unwrap(run.model)
+    float_bytes = qat.weight_bytes(model)
+    qat.convert(model, run.config.qat)
+    quantized = dict(qat_scheme=run.config.qat.scheme, qat_fake_quant=run.config.qat.fake_quant,
+                     quantized_val_loss=evaluate(run, functools.partial(run.loss_fn, model)),
+                     float_weight_bytes=float_bytes, quantized_weight_bytes=qat.weight_bytes(model))
+    if run.rank == 0:
+        qat.save_quantized(model, run.run_dir)
+        path = run.run_dir / "summary.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **quantized}, indent=1, default=str))
+        print(f"quantized ({run.config.qat.scheme}): val loss {quantized['quantized_val_loss']:.4f}, weights "
+              f"{float_bytes / 2**20:.1f} -> {quantized['quantized_weight_bytes'] / 2**20:.1f} MiB, "
+              f"saved {run.run_dir / qat.QUANTIZED_FILE}", flush=True)
+    return quantized
 
 
 def sample(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float = 0.8,

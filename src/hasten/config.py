@@ -370,6 +370,22 @@ class DistillConfig:
         _check(self.temperature > 0, "distill.temperature", self.temperature, "it must be > 0")
 
 
+@dataclass(kw_only=True)
+class QatConfig:
+    """Quantization-aware training through torchao: fake-quantized block linears while training, a
+    quantized model after (docs/qat.md)."""
+
+    scheme: str = _f("none", "none, or the target: int8da-int4w (int8 dynamic activations, int4 weights) or int4w "
+                             "(int4 weights); the block linears are quantized, not the embedding and output head",
+                     choices=("none", "int8da-int4w", "int4w"))
+    group_size: int = _f(32, "input channels that share one weight scale")
+    fake_quant: bool = _f(True, "train with the quantization in the forward (QAT); false trains in float and "
+                                "quantizes after (post-training quantization, the baseline QAT is measured against)")
+
+    def __post_init__(self) -> None:
+        _check(self.group_size > 0, "qat.group_size", self.group_size, "it must be > 0")
+
+
 def check_seq_len(config: RunConfig) -> None:
     """Training windows must fit the model's positions."""
     _check(config.train.seq_len <= config.model.max_seq_len, "train.seq_len", config.train.seq_len,
@@ -390,6 +406,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    qat: QatConfig = field(default_factory=QatConfig)
 
     def __post_init__(self) -> None:
         if not self.model.from_path:  # else [model] is the pretrained source's, known once resolve_pretrained reads it
@@ -401,6 +418,12 @@ class RunConfig:
                "budget needs train.compile=true (the torch.compile partitioner does the recomputing)")
         _check(not (self.distill.teacher and self.train.loss_chunk), "train.loss_chunk", self.train.loss_chunk,
                "distillation compares whole logits with the teacher's; set train.loss_chunk=0 with distill.teacher")
+        _check(self.qat.scheme == "none" or self.peft.method == "none", "qat.scheme", self.qat.scheme,
+               "quantization-aware training with adapters is not supported yet; fine-tune with qat alone, or "
+               "use peft.method=qlora for a 4-bit base")
+        _check(self.qat.scheme == "none" or self.parallel.strategy in ("none", "ddp"), "qat.scheme", self.qat.scheme,
+               f"it runs with parallel.strategy none or ddp, not {self.parallel.strategy} (fake-quantized "
+               "linears are not tested on sharded parameters)")
         _check(not (self.parallel.strategy == "zero1" and self.optim.name in ("sophia", "schedulefree_adamw", "muon")),
                "optim.name", self.optim.name, "it does not work with parallel.strategy=zero1 yet; use ddp, zero2 or zero3")
 
@@ -420,7 +443,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "precision": PrecisionConfig,
             "train": TrainConfig, "log": LogConfig, "checkpoint": CheckpointConfig,
-            "parallel": ParallelConfig, "peft": PeftConfig, "distill": DistillConfig}
+            "parallel": ParallelConfig, "peft": PeftConfig, "distill": DistillConfig,
+            "qat": QatConfig}
 # Spellings accepted in recipes and overrides for fields whose name is a Python keyword.
 KEY_ALIASES: dict[str, str] = {"model.from": "model.from_path"}
 # Keys that existed once: a saved run's config.toml that holds one at its default value still loads.

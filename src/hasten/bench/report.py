@@ -116,7 +116,7 @@ def row_metrics(result: dict[str, Any], target: float | None) -> dict[str, Any]:
         peak_memory_gib=_finite(summary.get("peak_memory_gib")),
         trainable_params=summary.get("trainable_params", summary.get("params")),
         precision=summary.get("precision"),
-        final_val_loss=_finite(summary.get("final_val_loss")),
+        final_val_loss=_finite(summary.get("quantized_val_loss", summary.get("final_val_loss"))),  # what it ships
         reached_baseline_loss=None if target is None or result.get("status") != "ok" else reached is not None,
         steps_to_baseline_loss=reached[0] if reached else None,
         time_to_baseline_loss_s=reached[1] if reached else None,

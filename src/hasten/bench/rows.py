@@ -150,6 +150,13 @@ register(Row(name="distill", family="distillation", benefit="inference time",
              overrides=("distill.teacher={baseline}", "model.n_layers={half_layers}"),
              description="a student of half the baseline's layers trained on the trained baseline's softened "
                          "predictions (distill.alpha 0.5, temperature 2) for the same budget"))
+register(Row(name="qat", family="quantization", benefit="inference time + memory", overrides=("qat.scheme=int8da-int4w",),
+             description="int8 dynamic activations and int4 weights (groups of 32) fake-quantized in the block "
+                         "linears while training, converted after: loss, inference and bytes of the quantized model"))
+register(Row(name="ptq", family="quantization", benefit="inference time + memory",
+             overrides=("qat.scheme=int8da-int4w", "qat.fake_quant=false"),
+             description="the same quantization applied after training in float (post-training quantization, "
+                         "what QAT is measured against): loss, inference and bytes of the quantized model"))
 register(Row(name="ac", family="activation checkpointing", benefit="memory",
              overrides=("parallel.activation_checkpointing=full",),
              description="every block recomputes its activations in the backward pass"))

@@ -276,14 +276,17 @@ def measure_inference(run_dir: Path, batch_size: int, repeats: int) -> dict[str,
     """Median forward-pass time of the produced model on a fixed batch, and its parameter bytes.
 
     The model is loaded as `hasten generate` would load it (eager, fp32 weights, CPU unless a GPU
-    is present), so the number says what the method left behind, not how it trained.
+    is present), so the number says what the method left behind, not how it trained. A run that
+    quantized its model (qat.scheme) is measured quantized.
     """
     import torch
 
+    from hasten.methods import qat
     from hasten.train.export import load_trained
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _, _ = load_trained(run_dir, device)
+    quantized = (run_dir / qat.QUANTIZED_FILE).exists()
+    model = qat.load_quantized(run_dir, device)[0] if quantized else load_trained(run_dir, device)[0]
     seq_len = load_config(run_dir / "config.toml").train.seq_len
     vocab = model.tok_embeddings.num_embeddings if hasattr(model, "tok_embeddings") else 256
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
@@ -298,7 +301,8 @@ def measure_inference(run_dir: Path, batch_size: int, repeats: int) -> dict[str,
                 torch.cuda.synchronize(device)
             if i >= 3:
                 times.append(time.perf_counter() - start)
-    return dict(inference_ms=statistics.median(times) * 1e3, model_bytes=parameter_bytes(model),
+    return dict(inference_ms=statistics.median(times) * 1e3,
+                model_bytes=qat.weight_bytes(model) if quantized else parameter_bytes(model),
                 inference_shape=[batch_size, seq_len], inference_device=str(device))
 
 

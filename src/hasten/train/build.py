@@ -316,6 +316,10 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
     precision = resolve_precision(config.precision, device)  # known first: the teacher is held in its dtype
     if config.distill.teacher:  # order: model → teacher → (qat.prepare) → peft.apply → precision → parallel
         parts = _with_teacher(parts, config, device, precision)
+    if config.qat.scheme != "none" and config.qat.fake_quant:  # order: model → teacher → qat.prepare → peft.apply
+        from hasten.methods import qat
+
+        qat.prepare(parts["model"], config.qat)
     if config.peft.method != "none":  # order: model → teacher → (qat.prepare) → peft.apply → precision → parallel
         from hasten.methods import peft
 

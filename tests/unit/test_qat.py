@@ -1,0 +1,120 @@
+"""Quantization-aware training: torchao's fake-quantized linears in the blocks, a quantized model
+after, and post-training quantization as the baseline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import hasten
+from hasten.config import ConfigError, QatConfig, load_config
+from hasten.train.build import build_run
+from tests.unit.test_models import batch, tiny_model
+
+pytest.importorskip("torchao")
+
+from hasten.methods import qat
+
+INT4 = QatConfig(scheme="int4w", group_size=32)
+INT8DA = QatConfig(scheme="int8da-int4w", group_size=32)
+
+
+def test_prepare_fake_quantizes_the_block_linears_only_and_keeps_the_parameter_names():
+    model = tiny_model()
+    names, keys = qat.quantized_linears(model, 32), set(model.state_dict())
+    qat.prepare(model, INT8DA)
+    fake = {n for n, m in model.named_modules() if type(m).__name__ == "FakeQuantizedLinear"}
+    assert fake == set(names) and fake and not any(n in ("output", "tok_embeddings") for n in fake)
+    assert set(model.state_dict()) == keys  # checkpoints and resume see float weights under the same names
+
+
+def test_fake_quantization_changes_the_forward_and_passes_gradients_straight_through():
+    model, float_model = tiny_model(), tiny_model()
+    qat.prepare(model, INT4)
+    idx = batch(2, 16)
+    logits = model(idx)
+    assert not torch.allclose(logits, float_model(idx), atol=1e-4)
+    torch.testing.assert_close(logits, float_model(idx), atol=0.5, rtol=0)  # close: the same weights, rounded
+    logits.float().pow(2).mean().backward()
+    grads = [m.weight.grad for m in model.modules() if type(m).__name__ == "FakeQuantizedLinear"]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("cfg", [INT4, INT8DA], ids=lambda c: c.scheme)
+def test_convert_gives_the_fake_quantized_forward_with_real_int4_weights(cfg):
+    model = tiny_model()
+    qat.prepare(model, cfg)
+    idx = batch(2, 16)
+    with torch.no_grad():
+        fake = model(idx)
+        reference = model.layers[0].mixer.wq.weight.detach().clone()
+    qat.convert(model, cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), fake, atol=1e-5, rtol=1e-5)
+    weight = model.layers[0].mixer.wq.weight
+    q, scale = weight.qdata, weight.scale  # per row and group of 32 inputs: w ~ q * scale
+    assert q.dtype == torch.int8 and int(q.min()) >= -8 and int(q.max()) <= 7  # int4 values
+    rows, cols = reference.shape
+    dequantized = (q.float().view(rows, cols // 32, 32) - weight.zero_point.float().unsqueeze(-1)) * scale.unsqueeze(-1)
+    error = (dequantized.view(rows, cols) - reference).abs()
+    assert (error <= scale.repeat_interleave(32, dim=1) / 2 + 1e-6).all()  # rounding to the nearest level
+
+
+def test_post_training_quantization_of_a_float_model_quantizes_the_same_linears():
+    model = tiny_model()
+    float_bytes = qat.weight_bytes(model)
+    qat.convert(model, INT8DA)  # no prepare: post-training quantization
+    kinds = {n: type(m.weight).__name__ for n, m in model.named_modules() if n in qat.quantized_linears(tiny_model(), 32)}
+    assert set(kinds.values()) == {"IntxUnpackedToInt8Tensor"}
+    assert type(model.output.weight).__name__ in ("Parameter", "Tensor")  # the tied head stays float
+    assert qat.weight_bytes(model) < float_bytes
+
+
+def test_a_group_size_that_does_not_divide_is_refused():
+    with pytest.raises(ConfigError, match="qat.group_size=48 does not divide"):
+        qat.quantized_linears(tiny_model(), 48)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("peft.method=lora", "with adapters is not supported yet"),
+    ("parallel.strategy=zero2", "not zero2"),
+    ("qat.scheme=int3", "choose one of none, int8da-int4w, int4w"),
+])
+def test_unsupported_combinations_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("default", ["qat.scheme=int4w", override] if "scheme" not in override else [override])
+
+
+def test_a_qat_run_saves_a_quantized_model_whose_loss_is_the_fake_quantized_one(tiny_config, tmp_path):
+    summary = hasten.train(tiny_config("qat.scheme=int8da-int4w", "train.steps=12", "train.eval_every=12",
+                                       "train.compile=false"))
+    run_dir = tmp_path / "run"
+    assert summary["quantized_val_loss"] == pytest.approx(summary["final_val_loss"], abs=1e-5)
+    assert summary["quantized_weight_bytes"] < summary["float_weight_bytes"]
+    assert json.loads((run_dir / "summary.json").read_text())["quantized_val_loss"] == summary["quantized_val_loss"]
+    model, _ = qat.load_quantized(run_dir)
+    float_model, _, _ = hasten.api.load_trained(run_dir)  # the checkpoint: float weights, as trained
+    idx = batch(2, 16)
+    with torch.no_grad():
+        qat.convert(float_model, INT8DA)
+        torch.testing.assert_close(model(idx), float_model(idx))
+    assert type(model.layers[0].mixer.wq.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert model.output.weight is model.tok_embeddings.weight  # still tied after loading
+    from hasten.bench.runner import (
+        measure_inference,  # hasten bench measures the quantized model
+    )
+
+    measured = measure_inference(run_dir, batch_size=2, repeats=2)
+    assert measured["model_bytes"] == summary["quantized_weight_bytes"] < summary["float_weight_bytes"]
+
+
+def test_post_training_quantization_trains_in_float_and_reports_the_quantized_loss(tiny_config):
+    cfg = tiny_config("qat.scheme=int8da-int4w", "qat.fake_quant=false", "train.steps=12", "train.eval_every=12",
+                      "train.compile=false")
+    run = build_run(cfg)
+    assert not any(type(m).__name__ == "FakeQuantizedLinear" for m in run.model.modules())
+    summary = hasten.train(cfg)
+    assert summary["quantized_val_loss"] != pytest.approx(summary["final_val_loss"], abs=1e-6)
+    assert summary["qat_fake_quant"] is False
