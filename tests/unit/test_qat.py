@@ -118,3 +118,16 @@ def test_post_training_quantization_trains_in_float_and_reports_the_quantized_lo
     summary = hasten.train(cfg)
     assert summary["quantized_val_loss"] != pytest.approx(summary["final_val_loss"], abs=1e-6)
     assert summary["qat_fake_quant"] is False
+
+
+@pytest.mark.parametrize("layers", [dict(ffns="E"), dict(mixers="M")], ids=["moe", "mamba"])
+def test_moe_routers_stay_float_and_other_architectures_prepare_and_convert(layers):
+    model = tiny_model(**layers)
+    names = qat.quantized_linears(model, 32)
+    assert names and not any(n.endswith("router") for n in names)
+    idx = batch(2, 16)
+    qat.prepare(model, INT8DA)
+    with torch.no_grad():
+        fake = model(idx)
+        qat.convert(model, INT8DA)
+        torch.testing.assert_close(model(idx), fake, atol=1e-5, rtol=1e-5)

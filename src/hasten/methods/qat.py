@@ -15,9 +15,9 @@ Schemes (symmetric, per group of `group_size` input channels along each weight r
   recipe for Llama-style models; ExecuTorch's CPU kernels run it);
 - `int4w`: int4 weights, float activations.
 
-Quantized: every `nn.Linear` of the decoder blocks. Not quantized: the token embedding and the
-output head (tied to it by default), which hold most of the quantization error for a small model
-(the usual choice of int4 recipes).
+Quantized: every `nn.Linear` of the decoder blocks but MoE routers. Not quantized: the token
+embedding and the output head (tied to it by default), as in the usual int4 recipes; MoE experts'
+stacked weights (not `nn.Linear`) stay float too.
 """
 
 from __future__ import annotations
@@ -52,14 +52,15 @@ def base_config(cfg: QatConfig) -> Any:
 
 
 def quantized_linears(model: nn.Module, group_size: int) -> list[str]:
-    """Names of the linears a scheme quantizes: those inside the decoder blocks (not the head),
-    whose input width divides into groups; refuses a model where some cannot."""
+    """Names of the linears a scheme quantizes: every nn.Linear but the output head and MoE routers
+    (whose few logits pick the experts); refuses a model where one's input width does not divide
+    into groups."""
     from hasten.optim.muon import output_head
 
     head = output_head(model)
     names, odd = [], []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module is not head:
+        if isinstance(module, nn.Linear) and module is not head and not name.endswith("router"):
             (names if module.in_features % group_size == 0 else odd).append(name)
     if odd:
         raise ConfigError(f"qat.group_size={group_size} does not divide the input width of {', '.join(odd[:3])}"
