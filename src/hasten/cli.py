@@ -1,4 +1,4 @@
-"""The `hasten` command: train, finetune, distill, generate, export, recipes, bench."""
+"""The `hasten` command: train, finetune, distill, nas, generate, export, recipes, bench."""
 
 from __future__ import annotations
 
@@ -46,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
                                       "distill.temperature), and the data is read with the teacher's tokenizer. "
                                       "Defaults: " + " ".join(DISTILL_DEFAULTS) + " (a recipe or an override wins).")
     dist.add_argument("args", nargs="*", metavar="RECIPE | key=value", help="recipe first (optional), then overrides")
+    nas = sub.add_parser("nas", help="search each layer's mixer (attention or Mamba-2) for low inference latency "
+                         "at a given quality (differentiable, latency-aware)", epilog=_fields_epilog(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="First-order DARTS over each layer's mixer among nas.candidates, with the "
+                                     "expected latency, measured on this device, in the architecture's loss "
+                                     "(nas.latency_weight). Writes nas.json with the derived model.mixers pattern. "
+                                     "Defaults: " + " ".join(NAS_DEFAULTS) + " (a recipe or an override wins).")
+    nas.add_argument("args", nargs="*", metavar="RECIPE | key=value", help="recipe first (optional), then overrides")
     gen = sub.add_parser("generate", help="sample text from a run, checkpoint or export folder")
     gen.add_argument("path")
     gen.add_argument("--prompt", default="def ")
@@ -126,6 +134,21 @@ def _cmd_distill(ns: argparse.Namespace) -> int:
                        "or export, or a Hugging Face model folder).", DISTILL_DEFAULTS)
 
 
+# What `hasten nas` sets unless the recipe or an override does.
+NAS_DEFAULTS = ("train.out_dir=runs/nas",)
+
+
+def _cmd_nas(ns: argparse.Namespace) -> int:
+    from hasten.config import explicit_keys
+    from hasten.nas import search
+
+    recipe, overrides = _split_recipe(ns.args)
+    given = explicit_keys(recipe, overrides)
+    config = load_config(recipe, [d for d in NAS_DEFAULTS if d.split("=", 1)[0] not in given] + overrides)
+    search(config)
+    return 0
+
+
 def _rank_prefix() -> str:
     """'rank R/N: ' in a multi-process launch, so that each rank's error says which rank it is."""
     import os
@@ -190,7 +213,8 @@ def _cmd_recipes(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
-    handler = {"train": _cmd_train, "finetune": _cmd_finetune, "distill": _cmd_distill, "generate": _cmd_generate,
+    handler = {"train": _cmd_train, "finetune": _cmd_finetune, "distill": _cmd_distill, "nas": _cmd_nas,
+               "generate": _cmd_generate,
                "export": _cmd_export, "recipes": _cmd_recipes, "bench": run_bench}
     try:
         return handler[ns.command](ns)

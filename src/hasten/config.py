@@ -386,6 +386,30 @@ class QatConfig:
         _check(self.group_size > 0, "qat.group_size", self.group_size, "it must be > 0")
 
 
+@dataclass(kw_only=True)
+class NasConfig:
+    """Gradient-based architecture search, latency-aware: each layer's mixer chosen among candidates
+    (`hasten nas`, docs/nas.md)."""
+
+    candidates: str = _f("AM", "mixer letters each layer chooses among (A attention, M Mamba-2)")
+    steps: int = _f(300, "search steps; each trains the weights on one batch and the architecture on another")
+    warmup_steps: int = _f(100, "steps that train the weights alone before the architecture starts to move")
+    alpha_lr: float = _f(3e-3, "Adam learning rate of the architecture parameters (DARTS's)")
+    latency_weight: float = _f(0.5, "lambda: the architecture loss is cross-entropy + lambda * expected latency / "
+                                    "the latency of an all-first-candidate model")
+    latency_batch: int = _f(1, "batch of the inference the latency table times")
+    latency_seq_len: int = _f(0, "sequence length of that inference; 0 = train.seq_len")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "latency_batch"):
+            _check(getattr(self, name) > 0, f"nas.{name}", getattr(self, name), "it must be > 0")
+        _check(0 <= self.warmup_steps < self.steps, "nas.warmup_steps", self.warmup_steps,
+               "it must be >= 0 and below nas.steps")
+        _check(self.alpha_lr > 0, "nas.alpha_lr", self.alpha_lr, "it must be > 0")
+        _check(self.latency_weight >= 0, "nas.latency_weight", self.latency_weight, "it must be >= 0")
+        _check(self.latency_seq_len >= 0, "nas.latency_seq_len", self.latency_seq_len, "it must be >= 0")
+
+
 def check_seq_len(config: RunConfig) -> None:
     """Training windows must fit the model's positions."""
     _check(config.train.seq_len <= config.model.max_seq_len, "train.seq_len", config.train.seq_len,
@@ -407,6 +431,7 @@ class RunConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     qat: QatConfig = field(default_factory=QatConfig)
+    nas: NasConfig = field(default_factory=NasConfig)
 
     def __post_init__(self) -> None:
         if not self.model.from_path:  # else [model] is the pretrained source's, known once resolve_pretrained reads it
@@ -444,7 +469,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "precision": PrecisionConfig,
             "train": TrainConfig, "log": LogConfig, "checkpoint": CheckpointConfig,
             "parallel": ParallelConfig, "peft": PeftConfig, "distill": DistillConfig,
-            "qat": QatConfig}
+            "qat": QatConfig, "nas": NasConfig}
 # Spellings accepted in recipes and overrides for fields whose name is a Python keyword.
 KEY_ALIASES: dict[str, str] = {"model.from": "model.from_path"}
 # Keys that existed once: a saved run's config.toml that holds one at its default value still loads.

@@ -43,6 +43,18 @@ def test_distill_a_student_from_a_trained_teacher(tmp_path, env):
     assert missing.returncode == 2 and "hasten distill needs distill.teacher=PATH" in missing.stderr
 
 
+def test_nas_searches_and_writes_a_pattern_that_trains(tmp_path, env):
+    out = tmp_path / "nas"
+    proc = hasten("nas", *TINY, "nas.steps=6", "nas.warmup_steps=2", "log.every=3", f"train.out_dir={out}", env=env)
+    result = json.loads((out / "nas.json").read_text())
+    pattern = result["derived_mixers"]
+    assert len(pattern) == 2 and set(pattern) <= {"A", "M"} and f"model.mixers={pattern}" in proc.stdout
+    assert set(result["latency_ms"]) == {"A", "M"} and len(result["history"]) == 2
+    hasten("train", *TINY, f"model.mixers={pattern}", "train.steps=2", f"train.out_dir={tmp_path / 'derived'}", env=env)
+    bad = hasten("nas", *TINY, "nas.candidates=AX", f"train.out_dir={out}", env=env, check=False)
+    assert bad.returncode == 2 and "nas.candidates='AX'" in bad.stderr
+
+
 def test_recipe_file_with_overrides(tmp_path, env):
     recipe = tmp_path / "mine.toml"
     recipe.write_text('[model]\npreset = "tiny"\n[train]\nsteps = 3\nbatch_size = 2\nseq_len = 16\n'

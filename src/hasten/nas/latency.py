@@ -1,0 +1,46 @@
+"""The latency table: each candidate mixer's inference time, measured on the device the model will run on.
+
+A FLOP count is a poor proxy for latency (attention's cost grows with the sequence, Mamba-2's scan
+is memory-bound, kernels differ by device), so, as in FBNet and ProxylessNAS, each candidate is
+timed directly: one layer's mixer, eval mode, no gradients, at the inference batch and sequence
+length, the median of repeated forwards after warm-up passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from hasten.config import ModelConfig
+from hasten.train.metrics import synchronize
+
+
+def measure_mixer_ms(config: ModelConfig, letter: str, batch: int, seq_len: int, device: torch.device,
+                     dtype: torch.dtype = torch.float32, repeats: int = 20, warmup: int = 3) -> float:
+    """Median forward time (ms) of one layer's `letter` mixer of a decoder shaped by `config`."""
+    from hasten.models import build_model
+
+    model = build_model(dataclasses.replace(config, mixers=letter, n_layers=1), vocab_size=64, device=device)
+    mixer = model.layers[0].mixer.to(dtype).eval()
+    x_BTD = torch.randn(batch, seq_len, config.dim, device=device, dtype=dtype,
+                        generator=torch.Generator(device).manual_seed(0))
+    rope = (model.rope_cos[:seq_len].to(dtype), model.rope_sin[:seq_len].to(dtype))
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            mixer(x_BTD, rope=rope)
+            synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def latency_table(config: ModelConfig, letters: str, batch: int, seq_len: int, device: torch.device,
+                  dtype: torch.dtype = torch.float32, repeats: int = 20) -> dict[str, float]:
+    """{letter: ms} for every candidate."""
+    return {letter: measure_mixer_ms(config, letter, batch, seq_len, device, dtype, repeats) for letter in letters}
