@@ -9,7 +9,14 @@ import torch
 
 from hasten.config import ConfigError, ModelConfig, load_config
 from hasten.models import build_model
-from hasten.nas import MixedMixer, build_supernet, derive, expected_latency, latency_table, search
+from hasten.nas import (
+    MixedMixer,
+    build_supernet,
+    derive,
+    expected_latency,
+    latency_table,
+    search,
+)
 from hasten.nas.supernet import architecture_parameters, weight_parameters
 
 SHAPE = ModelConfig(preset="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
@@ -87,3 +94,5 @@ def test_a_heavy_latency_weight_derives_the_faster_mixer_everywhere(tiny_config,
 def test_nas_config_is_checked():
     with pytest.raises(ConfigError, match="nas.warmup_steps"):
         load_config("default", ["nas.steps=10", "nas.warmup_steps=10"])
+    with pytest.raises(ConfigError, match="hasten nas runs in one process"):
+        search(load_config("default", ["parallel.strategy=ddp"]))

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from hasten.config import RunConfig
+from hasten.config import ConfigError, RunConfig
 from hasten.nas.latency import latency_table
 from hasten.nas.supernet import (architecture_parameters, build_supernet, check_candidates, derive,
                                  expected_latency, mixed_layers, weight_parameters)
@@ -36,6 +36,9 @@ def search(config: RunConfig, latency_ms: dict[str, float] | None = None) -> dic
 
     nas = config.nas
     letters = check_candidates(nas.candidates)
+    if config.parallel.strategy != "none":
+        raise ConfigError(f"hasten nas runs in one process; parallel.strategy={config.parallel.strategy} is not "
+                          "supported (set none).")
     # The run gives data, tokenizer, device and precision; its own model and optimizer are not used.
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, compile=False),
                                  checkpoint=dataclasses.replace(config.checkpoint, every=0, at_end=False))
