@@ -378,12 +378,12 @@ class QatConfig:
     scheme: str = _f("none", "none, or the target: int8da-int4w (int8 dynamic activations, int4 weights) or int4w "
                              "(int4 weights); the block linears are quantized, not the embedding and output head",
                      choices=("none", "int8da-int4w", "int4w"))
-    group_size: int = _f(32, "input channels that share one weight scale")
+    group_size: int = _f(32, "input channels that share one weight scale; 0 = one scale per output channel (row)")
     fake_quant: bool = _f(True, "train with the quantization in the forward (QAT); false trains in float and "
                                 "quantizes after (post-training quantization, the baseline QAT is measured against)")
 
     def __post_init__(self) -> None:
-        _check(self.group_size > 0, "qat.group_size", self.group_size, "it must be > 0")
+        _check(self.group_size >= 0, "qat.group_size", self.group_size, "it must be >= 0")
 
 
 @dataclass(kw_only=True)

@@ -42,7 +42,8 @@ def test_fake_quantization_changes_the_forward_and_passes_gradients_straight_thr
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("cfg", [INT4, INT8DA], ids=lambda c: c.scheme)
+@pytest.mark.parametrize("cfg", [INT4, INT8DA, QatConfig(scheme="int4w", group_size=0)],
+                         ids=["int4w", "int8da-int4w", "int4w-per-row"])
 def test_convert_gives_the_fake_quantized_forward_with_real_int4_weights(cfg):
     model = tiny_model()
     qat.prepare(model, cfg)
@@ -54,12 +55,14 @@ def test_convert_gives_the_fake_quantized_forward_with_real_int4_weights(cfg):
     with torch.no_grad():
         torch.testing.assert_close(model(idx), fake, atol=1e-5, rtol=1e-5)
     weight = model.layers[0].mixer.wq.weight
-    q, scale = weight.qdata, weight.scale  # per row and group of 32 inputs: w ~ q * scale
+    q, scale = weight.qdata, weight.scale  # per row and group of g inputs: w ~ (q - zero point) * scale
     assert q.dtype == torch.int8 and int(q.min()) >= -8 and int(q.max()) <= 7  # int4 values
     rows, cols = reference.shape
-    dequantized = (q.float().view(rows, cols // 32, 32) - weight.zero_point.float().unsqueeze(-1)) * scale.unsqueeze(-1)
+    g = cfg.group_size or cols
+    scale, zero = scale.reshape(rows, cols // g), weight.zero_point.reshape(rows, cols // g)
+    dequantized = (q.float().view(rows, cols // g, g) - zero.float().unsqueeze(-1)) * scale.unsqueeze(-1)
     error = (dequantized.view(rows, cols) - reference).abs()
-    assert (error <= scale.repeat_interleave(32, dim=1) / 2 + 1e-6).all()  # rounding to the nearest level
+    assert (error <= scale.repeat_interleave(g, dim=1) / 2 + 1e-6).all()  # rounding to the nearest level
 
 
 def test_post_training_quantization_of_a_float_model_quantizes_the_same_linears():

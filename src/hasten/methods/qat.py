@@ -41,13 +41,14 @@ def base_config(cfg: QatConfig) -> Any:
             Int8DynamicActivationIntxWeightConfig,
             IntxWeightOnlyConfig,
         )
-        from torchao.quantization.granularity import PerGroup
+        from torchao.quantization.granularity import PerAxis, PerGroup
     except ImportError as err:
         raise ConfigError(f"qat.scheme={cfg.scheme} needs torchao (pip install torchao): {err}") from None
+    granularity = PerGroup(cfg.group_size) if cfg.group_size else PerAxis(0)  # 0: one scale per output row
     if cfg.scheme == "int8da-int4w":
-        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(cfg.group_size))
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=granularity)
     if cfg.scheme == "int4w":
-        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(cfg.group_size))
+        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=granularity)
     raise ConfigError(f"qat.scheme={cfg.scheme!r} is not one of {', '.join(SCHEMES)}.")
 
 
@@ -61,7 +62,7 @@ def quantized_linears(model: nn.Module, group_size: int) -> list[str]:
     names, odd = [], []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and module is not head and not name.endswith("router"):
-            (names if module.in_features % group_size == 0 else odd).append(name)
+            (names if not group_size or module.in_features % group_size == 0 else odd).append(name)
     if odd:
         raise ConfigError(f"qat.group_size={group_size} does not divide the input width of {', '.join(odd[:3])}"
                           f"{' ...' if len(odd) > 3 else ''}; choose a divisor (32 and 64 divide hasten's presets).")
