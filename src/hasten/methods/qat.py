@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hasten.config import ConfigError, QatConfig
+from hasten.config import ConfigError, QatConfig, load_config
 
 SCHEMES = ("int8da-int4w", "int4w")
 QUANTIZED_FILE = "quantized.pt"
@@ -37,10 +37,7 @@ QUANTIZED_FILE = "quantized.pt"
 def base_config(cfg: QatConfig) -> Any:
     """torchao's quantization config of `cfg.scheme`: what `convert` applies and `prepare` imitates."""
     try:
-        from torchao.quantization import (
-            Int8DynamicActivationIntxWeightConfig,
-            IntxWeightOnlyConfig,
-        )
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
         from torchao.quantization.granularity import PerAxis, PerGroup
     except ImportError as err:
         raise ConfigError(f"qat.scheme={cfg.scheme} needs torchao (pip install torchao): {err}") from None
@@ -79,7 +76,8 @@ def prepare(model: nn.Module, cfg: QatConfig) -> nn.Module:
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
-    quantize_(model, QATConfig(base_config(cfg), step="prepare"), filter_fn=_filter(quantized_linears(model, cfg.group_size)))
+    names = quantized_linears(model, cfg.group_size)
+    quantize_(model, QATConfig(base_config(cfg), step="prepare"), filter_fn=_filter(names))
     return model
 
 
@@ -122,8 +120,6 @@ def load_quantized(run_dir: str | Path, device: str | torch.device = "cpu") -> t
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: the run did not finish with qat.scheme set.")
     model, tokenizer, _ = load_trained(run_dir, device)
-    from hasten.config import load_config
-
     convert(model, load_config(run_dir / "config.toml").qat)  # the quantized tensors' layout, then their values
     tied = _tied_names(model)
     model.load_state_dict(torch.load(path, map_location=device, weights_only=False), assign=True)
