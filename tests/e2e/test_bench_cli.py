@@ -32,7 +32,7 @@ def _run(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Compl
 def test_bench_runs_rows_records_failures_and_resumes(tmp_path: Path) -> None:
     env = {**os.environ, "HASTEN_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
     out = tmp_path / "bench"
-    command = [*_bench_command(), *TINY, "--budget-steps", "10", "--rows", "baseline,wsd,lora",
+    command = [*_bench_command(), *TINY, "--budget-steps", "10", "--rows", "baseline,wsd,lora,ptq",
                "--row", "broken:optim.lr=-1", "--out", str(out)]
     first = _run(command, env, tmp_path)
 
@@ -46,6 +46,9 @@ def test_bench_runs_rows_records_failures_and_resumes(tmp_path: Path) -> None:
     assert "optim.lr" in rows["broken"]["error"]
     assert rows["lora"]["status"] == "ok"  # LoRA fine-tunes the trained baseline: few trainable weights
     assert rows["lora"]["trainable_params"] < rows["baseline"]["trainable_params"] / 4
+    # post-training quantization: the int4 model's loss, size and inference are what the row reports
+    assert rows["ptq"]["status"] == "ok" and 0 < rows["ptq"]["model_mb"] < rows["baseline"]["model_mb"]
+    assert abs(rows["ptq"]["final_val_loss"] - rows["baseline"]["final_val_loss"]) < 0.5
     for name in ("baseline", "wsd"):
         row = rows[name]
         assert row["steps"] == 10 and row["final_val_loss"] > 0 and row["inference_ms"] > 0
