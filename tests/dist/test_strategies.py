@@ -119,3 +119,20 @@ def test_zero_accounting_is_16_bytes_per_parameter_divided_as_the_paper_says():
     assert zero_memory_bytes(n, "none", 1) == zero_memory_bytes(n, "ddp", 1)
     with pytest.raises(ValueError, match="strategy"):
         zero_memory_bytes(n, "zero4", 2)
+
+
+def test_quantization_aware_training_under_ddp_matches_one_process(cache):
+    """QAT's fake quantization is per token (activations) and per weight row (weights), so two DDP
+    ranks train like one process; rank 0 writes the quantized model, evaluated over both ranks."""
+    qat = ["qat.scheme=int8da-int4w"]
+    ref = cache / "single-qat"
+    hasten.train(hasten.load_config("default", [*COMMON, *qat, f"train.batch_size={2 * B}", f"train.out_dir={ref}"]))
+    out = cache / "ddp-qat"
+    spawn(train_ranks, [*COMMON, *qat, f"train.batch_size={B}", f"train.out_dir={out}", "parallel.strategy=ddp"])
+    assert losses(out) == pytest.approx(losses(ref), rel=LOSS_RTOL)
+    got, want = (json.loads((d / "summary.json").read_text()) for d in (out, ref))
+    # The order of the gradient sums moves the weights by float rounding; a weight that sits near a
+    # rounding boundary can then land on the other int4 level. Measured: 1e-4 relative on the
+    # validation loss (the training losses agree to 3e-5), against the 1e-2 of a real bug.
+    assert got["quantized_val_loss"] == pytest.approx(want["quantized_val_loss"], rel=1e-3)
+    assert (out / "quantized.pt").exists()
