@@ -134,3 +134,18 @@ def test_moe_routers_stay_float_and_other_architectures_prepare_and_convert(laye
         fake = model(idx)
         qat.convert(model, INT8DA)
         torch.testing.assert_close(model(idx), fake, atol=1e-5, rtol=1e-5)
+
+
+def test_qat_fine_tunes_a_hugging_face_folder(tiny_config, tmp_path):
+    """model.from a Hugging Face Llama folder (Qwen2's q/k/v biases included): QAT trains from its
+    weights and writes the quantized model; the float checkpoint stays a plain hasten run."""
+    pytest.importorskip("transformers")
+    from tests.unit.test_peft import make_hf_llama
+
+    make_hf_llama(tmp_path / "hf", arch="Qwen2", tie=True)
+    summary = hasten.train(tiny_config(f"model.from={tmp_path / 'hf'}", "qat.scheme=int4w", "train.steps=4",
+                                       "train.eval_every=4", "train.compile=false"))
+    assert summary["quantized_val_loss"] == pytest.approx(summary["final_val_loss"], abs=1e-5)
+    model, _ = qat.load_quantized(tmp_path / "run")
+    assert model.layers[0].mixer.wq.bias is not None  # the biases came along, unquantized
+    assert type(model.layers[0].mixer.wq.weight).__name__ == "IntxUnpackedToInt8Tensor"
