@@ -188,7 +188,8 @@ SIDES = {"hasten": run_hasten, "plain": run_plain, "hf": run_hf}
 VARIANTS = {"recipe": [], "flash": ["train.attention_backend=flash"], "cudnn": ["train.attention_backend=cudnn"],
             "autotune": ["train.compile_mode=max-autotune-no-cudagraphs"],
             "bf16res": ["model.fp32_residual=false"],  # model.* apply to plain too
-            "losschunk": ["train.loss_chunk=8192"]}
+            "losschunk": ["train.loss_chunk=8192"],
+            "fp8": ["precision.fp8=rowwise"], "fp8_tensorwise": ["precision.fp8=tensorwise"]}
 TARGETS = {"ratio_vs_plain": 1.0, "ratio_vs_hf": 1.5, "hasten_mfu": 0.50}  # of the shipped recipe
 ORDER = [("plain", "recipe"), ("hasten", "recipe"), ("hasten", "cudnn"), ("hf", "recipe"), ("hasten", "autotune")]
 

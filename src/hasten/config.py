@@ -222,6 +222,10 @@ class PrecisionConfig:
     """Numeric precision of the forward/backward pass (weights and optimizer stay fp32)."""
 
     dtype: str = _f("auto", "autocast precision: auto = bf16 on GPUs that support it, else fp32", choices=("auto", "fp32", "bf16", "fp16"))
+    fp8: str = _f("none", "fp8 matmuls in the block linears through torchao.float8 (dynamic scaling, forward and "
+                          "backward), on top of dtype: tensorwise (one scale per tensor) or rowwise (per row, "
+                          "more accurate); needs an sm89+ GPU (Ada, Hopper) or the CPU (for tests, slow)",
+                  choices=("none", "tensorwise", "rowwise"))
     loss_scale_init: float = _f(2.0**16, "initial loss scale for fp16")
     loss_scale_growth_interval: int = _f(2000, "steps without overflow before the fp16 loss scale doubles")
 
@@ -443,6 +447,12 @@ class RunConfig:
                "budget needs train.compile=true (the torch.compile partitioner does the recomputing)")
         _check(not (self.distill.teacher and self.train.loss_chunk), "train.loss_chunk", self.train.loss_chunk,
                "distillation compares whole logits with the teacher's; set train.loss_chunk=0 with distill.teacher")
+        _check(self.precision.fp8 == "none" or (self.peft.method == "none" and self.qat.scheme == "none"),
+               "precision.fp8", self.precision.fp8, "fp8 linears replace the linears that adapters (peft.method) "
+               "and quantization-aware training (qat.scheme) also replace; use one of them")
+        _check(self.precision.fp8 == "none" or self.parallel.strategy in ("none", "ddp"), "precision.fp8",
+               self.precision.fp8, f"it runs with parallel.strategy none or ddp, not {self.parallel.strategy} "
+               "(fp8 linears over sharded parameters are not tested here)")
         _check(self.qat.scheme == "none" or self.peft.method == "none", "qat.scheme", self.qat.scheme,
                "quantization-aware training with adapters is not supported yet; fine-tune with qat alone, or "
                "use peft.method=qlora for a 4-bit base")

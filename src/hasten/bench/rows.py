@@ -96,7 +96,7 @@ def default_row_names(device_type: str, nproc: int = 1) -> list[str]:
     """
     several = ["ddp", "zero2", "zero3"] if nproc > 1 else []  # the distributed rows need several processes
     if device_type == "cuda":
-        return ["baseline", "fp32", "fp16", "compile", "wsd", "bf16+compile", "sophia", "muon", "moe", "hybrid",
+        return ["baseline", "fp32", "fp16", "fp8", "compile", "wsd", "bf16+compile", "sophia", "muon", "moe", "hybrid",
                 "lora", *several]
     return ["baseline", "bf16", "compile", "wsd", "sophia", "muon", "moe", "lora", *several]
 
@@ -120,6 +120,9 @@ register(Row(name="bf16", family="mixed precision", benefit="training time", ove
 register(Row(name="bf16-residual", family="mixed precision", benefit="training time + memory",
              overrides=("precision.dtype=bf16", "model.fp32_residual=false"),
              description="bf16 autocast with the residual stream kept in bf16 too (Megatron-LM's default)"))
+register(Row(name="fp8", family="mixed precision", benefit="training time", overrides=("precision.fp8=rowwise",),
+             description="the block linears' matmuls in fp8 with per-row dynamic scales (torchao.float8), over "
+                         "the baseline's autocast; sm89+ GPUs (on a CPU it runs, slowly, for testing)"))
 register(Row(name="fp16", family="mixed precision", benefit="training time", overrides=("precision.dtype=fp16",),
              description="fp16 autocast with dynamic loss scaling"))
 register(Row(name="compile", family="compilation", benefit="training time", overrides=("train.compile=true",),

@@ -45,6 +45,33 @@ def resolve_precision(cfg: PrecisionConfig, device: torch.device) -> Precision:
     return Precision(name=name, device_type=device.type)
 
 
+def fp8_linears(model: torch.nn.Module) -> list[str]:
+    """Names of the linears fp8 training converts: every nn.Linear but the output head (whose
+    precision matters most for the loss, as torchtitan leaves it), with both dimensions multiples
+    of 16 (what fp8 matmul kernels require)."""
+    from hasten.optim.muon import output_head
+
+    head = output_head(model)
+    return [name for name, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head
+            and m.in_features % 16 == 0 and m.out_features % 16 == 0]
+
+
+def convert_fp8(model: torch.nn.Module, recipe: str, device: torch.device) -> list[str]:
+    """Swap the `fp8_linears` for torchao's Float8Linear (fp8 matmuls with dynamic scales in forward
+    and backward, fp32 weights kept); returns their names. Refused on GPUs older than sm89."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ConfigError(f"precision.fp8={recipe} needs fp8 tensor cores (sm89+: Ada, Hopper); this GPU is "
+                          f"sm{''.join(map(str, torch.cuda.get_device_capability(device)))}. Use precision.fp8=none.")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as err:
+        raise ConfigError(f"precision.fp8={recipe} needs torchao (pip install torchao): {err}") from None
+    names = set(fp8_linears(model))
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                               module_filter_fn=lambda module, fqn: fqn in names)
+    return sorted(names)
+
+
 def make_grad_scaler(precision: Precision, cfg: PrecisionConfig) -> torch.amp.GradScaler | None:
     """A GradScaler for fp16, None otherwise."""
     if precision.name != "fp16":

@@ -327,6 +327,10 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
         trainable, total = peft.param_counts(parts["model"])
         parts["info"].update(trainable_params=trainable, total_params=total, peft=config.peft.method)
         parts["flops_per_token"] = None  # 6N over all weights no longer describes an adapter step
+    if config.precision.fp8 != "none":  # order: ... → peft.apply → precision (fp8 linears) → parallel
+        from hasten.methods.precision import convert_fp8
+
+        parts["info"]["fp8_linears"] = len(convert_fp8(parts["model"], config.precision.fp8, device))
     if config.peft.method != "none" and precision.name != "fp32" and config.parallel.strategy == "none":
         peft.cast_frozen(parts["model"], precision.dtype)  # FSDP2's mixed-precision policy does this when sharded
     select_attention_backend(config.train.attention_backend, device)
