@@ -396,11 +396,13 @@ class NasConfig:
     (`hasten nas`, docs/nas.md)."""
 
     candidates: str = _f("AM", "mixer letters each layer chooses among (A attention, M Mamba-2)")
+    ffn_candidates: str = _f("", "FFN letters each layer chooses among too (D dense SwiGLU, E mixture of experts, "
+                                 "as model.moe_* set it); empty = the recipe's FFNs, not searched")
     steps: int = _f(300, "search steps; each trains the weights on one batch and the architecture on another")
     warmup_steps: int = _f(100, "steps that train the weights alone before the architecture starts to move")
     alpha_lr: float = _f(3e-3, "Adam learning rate of the architecture parameters (DARTS's)")
     latency_weight: float = _f(0.5, "lambda: the architecture loss is cross-entropy + lambda * expected latency / "
-                                    "the latency of an all-first-candidate model")
+                                    "the latency of an all-first-candidates model")
     latency_batch: int = _f(1, "batch of the inference the latency table times")
     latency_seq_len: int = _f(0, "sequence length of that inference; 0 = train.seq_len")
 

@@ -10,7 +10,7 @@ import torch
 from hasten.config import ConfigError, ModelConfig, load_config
 from hasten.models import build_model
 from hasten.nas import (
-    MixedMixer,
+    MixedOp,
     build_supernet,
     derive,
     expected_latency,
@@ -65,7 +65,7 @@ def test_derive_takes_each_layers_most_probable_candidate():
         model.layers[0].mixer.alpha.copy_(torch.tensor([0.1, 0.2]))
         model.layers[1].mixer.alpha.copy_(torch.tensor([0.5, -0.2]))
     assert derive(model) == "MA"
-    assert isinstance(model.layers[0].mixer, MixedMixer)
+    assert isinstance(model.layers[0].mixer, MixedOp)
 
 
 @pytest.mark.parametrize("letters", ["A", "AA", "AX"])
@@ -75,8 +75,8 @@ def test_bad_candidates_are_refused(letters):
 
 
 def test_the_latency_table_times_every_candidate():
-    table = latency_table(SHAPE, "AM", batch=1, seq_len=16, device=torch.device("cpu"), repeats=3)
-    assert set(table) == {"A", "M"} and all(v > 0 for v in table.values())
+    table = latency_table(SHAPE, "AMDE", batch=1, seq_len=16, device=torch.device("cpu"), repeats=3)
+    assert set(table) == {"A", "M", "D", "E"} and all(v > 0 for v in table.values())
 
 
 @pytest.mark.parametrize("table,expected", [({"A": 1.0, "M": 10.0}, "AA"), ({"A": 10.0, "M": 1.0}, "MM")])
@@ -96,3 +96,25 @@ def test_nas_config_is_checked():
         load_config("default", ["nas.steps=10", "nas.warmup_steps=10"])
     with pytest.raises(ConfigError, match="hasten nas runs in one process"):
         search(load_config("default", ["parallel.strategy=ddp"]))
+
+
+def test_ffn_candidates_mix_dense_and_mixture_of_experts_layers():
+    torch.manual_seed(0)
+    model = build_supernet(SHAPE, 64, "AM", ffn_letters="DE")
+    ffn = model.layers[0].ffn
+    assert isinstance(ffn, MixedOp) and ffn.letters == "DE" and len(architecture_parameters(model)) == 4
+    x = torch.randn(2, 8, SHAPE.dim)
+    p = torch.softmax(ffn.alpha.detach(), 0)
+    torch.testing.assert_close(ffn(x), p[0] * ffn.candidates["D"](x) + p[1] * ffn.candidates["E"](x))
+    assert (derive(model), derive(model, "ffn")) == ("AA", "DD")  # uniform: the first candidates
+    with pytest.raises(ConfigError, match="nas.ffn_candidates='DX'"):
+        build_supernet(SHAPE, 64, "AM", ffn_letters="DX")
+
+
+def test_the_search_also_picks_each_layers_ffn(tiny_config, tmp_path):
+    cfg = tiny_config("nas.steps=30", "nas.warmup_steps=5", "nas.latency_weight=20", "nas.alpha_lr=0.05",
+                      "nas.ffn_candidates=DE", "log.every=30")
+    result = search(cfg, latency_ms={"A": 1.0, "M": 10.0, "D": 10.0, "E": 1.0})
+    assert (result["derived_mixers"], result["derived_ffns"]) == ("AA", "EE")
+    assert result["train_command"].endswith("model.mixers=AA model.ffns=EE")
+    load_config("default", ["model.mixers=AA", "model.ffns=EE", "model.preset=tiny"])

@@ -4,12 +4,13 @@ Each step (1) trains the supernet's weights on a training batch, and, after `nas
 (2) trains the architecture parameters on another training batch (never the validation set,
 which stays for judging the result) with
 
-    loss_alpha = cross-entropy + latency_weight * E[latency] / latency(all first candidate),
+    loss_alpha = cross-entropy + latency_weight * E[latency] / latency(all first candidates),
 
-E[latency] being sum over layers of sum_k p_k * measured latency_k (supernet.expected_latency). The
+E[latency] being the sum over layers and searched slots (mixer, and FFN with nas.ffn_candidates) of
+sum_k p_k * measured latency_k (supernet.expected_latency). The
 first-order approximation (alpha's gradient taken at the current weights, not through a virtual
 weight step) is DARTS's cheaper variant, which its authors found close to the second-order one.
-The derived pattern (each layer's argmax) and everything measured go to `<out_dir>/nas.json`.
+The derived patterns (each layer's argmax) and everything measured go to `<out_dir>/nas.json`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def search(config: RunConfig, latency_ms: dict[str, float] | None = None) -> dic
 
     nas = config.nas
     letters = check_candidates(nas.candidates)
+    ffn_letters = check_candidates(nas.ffn_candidates, ffn=True) if nas.ffn_candidates else ""
     if config.parallel.strategy != "none":
         raise ConfigError(f"hasten nas runs in one process; parallel.strategy={config.parallel.strategy} is not "
                           "supported (set none).")
@@ -48,16 +50,18 @@ def search(config: RunConfig, latency_ms: dict[str, float] | None = None) -> dic
     seq_len = nas.latency_seq_len or config.train.seq_len
     inference_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if latency_ms is None:
-        latency_ms = latency_table(model_cfg, letters, nas.latency_batch, seq_len, device, inference_dtype)
-    missing = [c for c in letters if c not in latency_ms]
+        latency_ms = latency_table(model_cfg, letters + ffn_letters, nas.latency_batch, seq_len, device,
+                                   inference_dtype)
+    missing = [c for c in letters + ffn_letters if c not in latency_ms]
     if missing:
         raise ValueError(f"the latency table has no entry for {missing}")
-    base_ms = model_cfg.n_layers * latency_ms[letters[0]]
-    _print(f"latency of one mixer (batch {nas.latency_batch}, seq {seq_len}, {device}): "
-           + ", ".join(f"{c} {latency_ms[c]:.3f} ms" for c in letters))
+    first = letters[0] + ffn_letters[:1]
+    base_ms = model_cfg.n_layers * sum(latency_ms[c] for c in first)
+    _print(f"latency of one layer's module (batch {nas.latency_batch}, seq {seq_len}, {device}): "
+           + ", ".join(f"{c} {latency_ms[c]:.3f} ms" for c in letters + ffn_letters))
 
     torch.manual_seed(config.train.seed)
-    model = build_supernet(model_cfg, vocab, letters, device)
+    model = build_supernet(model_cfg, vocab, letters, device, ffn_letters)
     o = config.optim
     weights_opt = torch.optim.AdamW(weight_parameters(model), lr=o.lr, betas=(o.beta1, o.beta2),
                                     weight_decay=o.weight_decay)
@@ -94,28 +98,31 @@ def search(config: RunConfig, latency_ms: dict[str, float] | None = None) -> dic
             raise FloatingPointError(f"the search loss is {loss.item()} at step {step}; lower optim.lr")
         if (step + 1) % config.log.every == 0 or step + 1 == nas.steps:
             record = dict(step=step + 1, loss=loss.item(), expected_latency_ms=latency.item(),
-                          pattern=derive(model), elapsed_s=time.perf_counter() - start)
+                          pattern=derive(model), ffn_pattern=derive(model, "ffn"), elapsed_s=time.perf_counter() - start)
             history.append(record)
             _print(f"step {step + 1:>5}  loss {loss.item():.4f}  expected latency {latency.item():.3f} ms  "
-                   f"argmax {record['pattern']}")
+                   f"argmax {record['pattern']} {record['ffn_pattern']}".rstrip())
 
-    pattern = derive(model)
+    pattern, ffn_pattern = derive(model), derive(model, "ffn")
+    overrides = f"model.mixers={pattern}" + (f" model.ffns={ffn_pattern}" if ffn_pattern else "")
     result = dict(
-        derived_mixers=pattern, candidates=letters, latency_ms=latency_ms,
+        derived_mixers=pattern, derived_ffns=ffn_pattern, candidates=letters, ffn_candidates=ffn_letters,
+        latency_ms=latency_ms,
         latency_setting=dict(batch=nas.latency_batch, seq_len=seq_len, device=str(device),
                              dtype=str(inference_dtype).removeprefix("torch.")),
-        derived_latency_ms=sum(latency_ms[c] for c in pattern),
+        derived_latency_ms=sum(latency_ms[c] for c in pattern + ffn_pattern),
         all_first_latency_ms=base_ms,
-        probabilities=[[round(float(p), 4) for p in m.probabilities().detach()] for m in mixed_layers(model)],
+        probabilities=[[round(float(p), 4) for p in m.probabilities().detach()] for m in mixed_layers(model, "mixer")],
+        ffn_probabilities=[[round(float(p), 4) for p in m.probabilities().detach()]
+                           for m in mixed_layers(model, "ffn")],
         latency_weight=nas.latency_weight, steps=nas.steps, warmup_steps=nas.warmup_steps, history=history,
         search_seconds=time.perf_counter() - start,
-        train_command=f"hasten train RECIPE model.mixers={pattern}",
+        train_command=f"hasten train RECIPE {overrides}",
     )
     if run.rank == 0:
         (run.run_dir / "nas.json").write_text(json.dumps(result, indent=1))
-        _print(f"derived mixers: {pattern} (mixer latency {result['derived_latency_ms']:.3f} ms against "
-               f"{base_ms:.3f} ms all-{letters[0]}); train it with model.mixers={pattern}; "
-               f"{run.run_dir / 'nas.json'}")
+        _print(f"derived: {overrides} (latency {result['derived_latency_ms']:.3f} ms against {base_ms:.3f} ms "
+               f"all-{first}); train it with these overrides; {run.run_dir / 'nas.json'}")
     return result
 
 
