@@ -25,8 +25,15 @@ import torch
 
 from hasten.config import ConfigError, RunConfig
 from hasten.nas.latency import latency_table
-from hasten.nas.supernet import (architecture_parameters, build_supernet, check_candidates, derive,
-                                 expected_latency, mixed_layers, weight_parameters)
+from hasten.nas.supernet import (
+    architecture_parameters,
+    build_supernet,
+    check_candidates,
+    derive,
+    expected_latency,
+    mixed_layers,
+    weight_parameters,
+)
 
 
 def search(config: RunConfig, latency_ms: dict[str, float] | None = None) -> dict[str, Any]:
