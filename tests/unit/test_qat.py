@@ -115,7 +115,7 @@ def test_a_qat_run_saves_a_quantized_model_whose_loss_is_the_fake_quantized_one(
 
 def test_post_training_quantization_trains_in_float_and_reports_the_quantized_loss(tiny_config):
     cfg = tiny_config("qat.scheme=int8da-int4w", "qat.fake_quant=false", "train.steps=12", "train.eval_every=12",
-                      "train.compile=false")
+                      "train.compile=false", "precision.dtype=bf16")  # quantized under bf16 autocast too
     run = build_run(cfg)
     assert not any(type(m).__name__ == "FakeQuantizedLinear" for m in run.model.modules())
     summary = hasten.train(cfg)
@@ -149,3 +149,14 @@ def test_qat_fine_tunes_a_hugging_face_folder(tiny_config, tmp_path):
     model, _ = qat.load_quantized(tmp_path / "run")
     assert model.layers[0].mixer.wq.bias is not None  # the biases came along, unquantized
     assert type(model.layers[0].mixer.wq.weight).__name__ == "IntxUnpackedToInt8Tensor"
+
+
+def test_fake_quantized_training_compiles():
+    model, reference = tiny_model(n_layers=1), tiny_model(n_layers=1)
+    qat.prepare(model, INT8DA)
+    qat.prepare(reference, INT8DA)
+    idx = batch(2, 16)
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(idx), reference(idx), atol=1e-4, rtol=1e-4)
+    compiled(idx).float().pow(2).mean().backward()
+    assert model.layers[0].mixer.wq.weight.grad is not None
