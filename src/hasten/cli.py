@@ -46,12 +46,13 @@ def _parser() -> argparse.ArgumentParser:
                                       "distill.temperature), and the data is read with the teacher's tokenizer. "
                                       "Defaults: " + " ".join(DISTILL_DEFAULTS) + " (a recipe or an override wins).")
     dist.add_argument("args", nargs="*", metavar="RECIPE | key=value", help="recipe first (optional), then overrides")
-    nas = sub.add_parser("nas", help="search each layer's mixer (attention or Mamba-2) for low inference latency "
-                         "at a given quality (differentiable, latency-aware)", epilog=_fields_epilog(),
+    nas = sub.add_parser("nas", help="search each layer's mixer (attention or Mamba-2) and FFN (dense or MoE) for "
+                         "quality at low inference latency (differentiable, latency-aware)", epilog=_fields_epilog(),
                          formatter_class=argparse.RawDescriptionHelpFormatter,
-                         description="First-order DARTS over each layer's mixer among nas.candidates, with the "
-                                     "expected latency, measured on this device, in the architecture's loss "
-                                     "(nas.latency_weight). Writes nas.json with the derived model.mixers pattern. "
+                         description="First-order DARTS over each layer's mixer among nas.candidates (and FFN among "
+                                     "nas.ffn_candidates), with the expected latency, measured on this device, in the "
+                                     "architecture's loss (nas.latency_weight). Writes nas.json with the derived "
+                                     "model.mixers (and model.ffns) pattern. "
                                      "Defaults: " + " ".join(NAS_DEFAULTS) + " (a recipe or an override wins).")
     nas.add_argument("args", nargs="*", metavar="RECIPE | key=value", help="recipe first (optional), then overrides")
     gen = sub.add_parser("generate", help="sample text from a run, checkpoint or export folder")
