@@ -25,7 +25,8 @@ def measure_ms(config: ModelConfig, letter: str, batch: int, seq_len: int, devic
     from hasten.models import build_model
 
     is_ffn = letter in FFN_LETTERS
-    shape = dataclasses.replace(config, n_layers=1, **({"ffns": letter} if is_ffn else {"mixers": letter}))
+    # One layer: the measured letter in its slot, the plain kind in the other (it is not timed).
+    shape = dataclasses.replace(config, n_layers=1, mixers="A" if is_ffn else letter, ffns=letter if is_ffn else "D")
     model = build_model(shape, vocab_size=64, device=device)
     module = (model.layers[0].ffn if is_ffn else model.layers[0].mixer).to(dtype).eval()
     x_BTD = torch.randn(batch, seq_len, config.dim, device=device, dtype=dtype,
