@@ -15,6 +15,7 @@ from hasten.parallel import is_sharded, unwrap
 from hasten.train.build import BatchFn, LossFn, Run, build_run
 from hasten.train.export import export_run, load_trained
 from hasten.train.loop import evaluate, train_loop
+from hasten.train.metrics import parameter_bytes
 
 
 def train(config: RunConfig | None = None, *, model: nn.Module | None = None, loss_fn: LossFn | None = None,
@@ -50,11 +51,11 @@ def quantize_after_training(run: Run) -> dict[str, Any]:
     from hasten.methods import qat
 
     model = unwrap(run.model)
-    float_bytes = qat.weight_bytes(model)
+    float_bytes = parameter_bytes(model)
     qat.convert(model, run.config.qat)
     quantized = dict(qat_scheme=run.config.qat.scheme, qat_fake_quant=run.config.qat.fake_quant,
                      quantized_val_loss=evaluate(run, functools.partial(run.loss_fn, model)),
-                     float_weight_bytes=float_bytes, quantized_weight_bytes=qat.weight_bytes(model))
+                     float_weight_bytes=float_bytes, quantized_weight_bytes=parameter_bytes(model))
     if run.rank == 0:
         qat.save_quantized(model, run.run_dir)
         path = run.run_dir / "summary.json"

@@ -7,6 +7,7 @@ import math
 import sys
 import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 from hasten.bench.cli import add_parser as add_bench_parser
 from hasten.bench.cli import run as run_bench
@@ -24,37 +25,25 @@ def _fields_epilog() -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hasten", description="Cheaper training, measured on your own hardware.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a model from a recipe", epilog=_fields_epilog(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter,
-                           description="Train from a TOML recipe (a file, or a shipped name such as default or "
-                                       "gpt2-124m), with section.field=value overrides.")
-    train.add_argument("args", nargs="*", metavar="RECIPE | key=value", help="recipe first (optional), then overrides")
-    ft = sub.add_parser("finetune", help="fine-tune a pretrained model (model.from=PATH), LoRA by default",
-                        epilog=_fields_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
-                        description="Like train, starting from model.from=PATH (a Hugging Face Llama, Mistral or "
-                                    "Qwen2 folder, or a hasten run/export) with fine-tuning defaults: "
-                                    + " ".join(FINETUNE_DEFAULTS) + " (a recipe or an override wins). "
-                                    "data.source may be JSONL with prompt/response records or chat 'messages' (loss on "
-                                    "responses only; records packed per data.pack).")
-    ft.add_argument("args", nargs="*", metavar="RECIPE | key=value", help="recipe first (optional), then overrides")
-    dist = sub.add_parser("distill", help="train a (smaller) student on a frozen teacher's predictions "
-                          "(distill.teacher=PATH)", epilog=_fields_epilog(),
-                          formatter_class=argparse.RawDescriptionHelpFormatter,
-                          description="Like train, with distill.teacher=PATH (a hasten run, checkpoint or export, or "
-                                      "a Hugging Face Llama-family folder): the loss mixes cross-entropy with the KL "
-                                      "divergence from the teacher's softened predictions (distill.alpha, "
-                                      "distill.temperature), and the data is read with the teacher's tokenizer. "
-                                      "Defaults: " + " ".join(DISTILL_DEFAULTS) + " (a recipe or an override wins).")
-    dist.add_argument("args", nargs="*", metavar="RECIPE | key=value", help="recipe first (optional), then overrides")
-    nas = sub.add_parser("nas", help="search each layer's mixer (attention or Mamba-2) and FFN (dense or MoE) for "
-                         "quality at low inference latency (differentiable, latency-aware)", epilog=_fields_epilog(),
-                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                         description="First-order DARTS over each layer's mixer among nas.candidates (and FFN among "
-                                     "nas.ffn_candidates), with the expected latency, measured on this device, in the "
-                                     "architecture's loss (nas.latency_weight). Writes nas.json with the derived "
-                                     "model.mixers (and model.ffns) pattern. "
-                                     "Defaults: " + " ".join(NAS_DEFAULTS) + " (a recipe or an override wins).")
-    nas.add_argument("args", nargs="*", metavar="RECIPE | key=value", help="recipe first (optional), then overrides")
+    _recipe_command(sub, "train", "train a model from a recipe",
+                    "Train from a TOML recipe (a file, or a shipped name such as default or gpt2-124m), with "
+                    "section.field=value overrides.")
+    _recipe_command(sub, "finetune", "fine-tune a pretrained model (model.from=PATH), LoRA by default",
+                    "Like train, starting from model.from=PATH (a Hugging Face Llama, Mistral or Qwen2 folder, or a "
+                    "hasten run/export) with fine-tuning defaults: " + " ".join(FINETUNE_DEFAULTS) + " (a recipe or "
+                    "an override wins). data.source may be JSONL with prompt/response records or chat 'messages' "
+                    "(loss on responses only; records packed per data.pack).")
+    _recipe_command(sub, "distill", "train a (smaller) student on a frozen teacher's predictions (distill.teacher=PATH)",
+                    "Like train, with distill.teacher=PATH (a hasten run, checkpoint or export, or a Hugging Face "
+                    "Llama-family folder): the loss mixes cross-entropy with the KL divergence from the teacher's "
+                    "softened predictions (distill.alpha, distill.temperature), and the data is read with the "
+                    "teacher's tokenizer. Defaults: " + " ".join(DISTILL_DEFAULTS) + " (a recipe or an override wins).")
+    _recipe_command(sub, "nas", "search each layer's mixer (attention or Mamba-2) and FFN (dense or MoE) for quality "
+                    "at low inference latency (differentiable, latency-aware)",
+                    "First-order DARTS over each layer's mixer among nas.candidates (and FFN among "
+                    "nas.ffn_candidates), with the expected latency, measured on this device, in the architecture's "
+                    "loss (nas.latency_weight). Writes nas.json with the derived model.mixers (and model.ffns) "
+                    "pattern. Defaults: " + " ".join(NAS_DEFAULTS) + " (a recipe or an override wins).")
     gen = sub.add_parser("generate", help="sample text from a run, checkpoint or export folder")
     gen.add_argument("path")
     gen.add_argument("--prompt", default="def ")
@@ -107,17 +96,22 @@ FINETUNE_DEFAULTS = ("peft.method=lora", "optim.lr=2e-4", "optim.weight_decay=0.
                      "log.sample_tokens=0", "train.out_dir=runs/finetune")
 
 
-def _train_with(ns: argparse.Namespace, required: str, missing: str, defaults: tuple[str, ...]) -> int:
-    """`hasten train` that needs the user to set `required`, with `defaults` filling only what the
-    recipe and the overrides leave unset."""
+def _with_defaults(args: list[str], defaults: tuple[str, ...]) -> tuple[str | None, list[str], set[str]]:
+    """(recipe, overrides, keys the user set): `defaults` fill only what the recipe and the
+    user's overrides leave unset, and come before the user's overrides."""
     from hasten.config import explicit_keys
 
-    recipe, overrides = _split_recipe(ns.args)
+    recipe, overrides = _split_recipe(args)
     given = explicit_keys(recipe, overrides)
+    return recipe, [d for d in defaults if d.split("=", 1)[0] not in given] + overrides, given
+
+
+def _train_with(ns: argparse.Namespace, required: str, missing: str, defaults: tuple[str, ...]) -> int:
+    """`hasten train` that needs the user to set `required`, with `defaults` (`_with_defaults`)."""
+    recipe, overrides, given = _with_defaults(ns.args, defaults)
     if required not in given:
         raise ConfigError(missing)
-    unset = [d for d in defaults if d.split("=", 1)[0] not in given]
-    ns.args = ([recipe] if recipe else []) + unset + overrides
+    ns.args = ([recipe] if recipe else []) + overrides
     return _cmd_train(ns)
 
 
@@ -140,14 +134,18 @@ NAS_DEFAULTS = ("train.out_dir=runs/nas",)
 
 
 def _cmd_nas(ns: argparse.Namespace) -> int:
-    from hasten.config import explicit_keys
     from hasten.nas import search
 
-    recipe, overrides = _split_recipe(ns.args)
-    given = explicit_keys(recipe, overrides)
-    config = load_config(recipe, [d for d in NAS_DEFAULTS if d.split("=", 1)[0] not in given] + overrides)
-    search(config)
+    recipe, overrides, _ = _with_defaults(ns.args, NAS_DEFAULTS)
+    search(load_config(recipe, overrides))
     return 0
+
+
+def _recipe_command(sub: Any, name: str, help_text: str, description: str) -> None:
+    """A subcommand that takes a recipe and key=value overrides, the config fields listed in its help."""
+    cmd = sub.add_parser(name, help=help_text, description=description, epilog=_fields_epilog(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd.add_argument("args", nargs="*", metavar="RECIPE | key=value", help="recipe first (optional), then overrides")
 
 
 def _rank_prefix() -> str:

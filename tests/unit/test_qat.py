@@ -11,6 +11,7 @@ import torch
 import hasten
 from hasten.config import ConfigError, QatConfig, load_config
 from hasten.train.build import build_run
+from hasten.train.metrics import parameter_bytes
 from tests.unit.test_models import batch, tiny_model
 
 pytest.importorskip("torchao")
@@ -67,12 +68,12 @@ def test_convert_gives_the_fake_quantized_forward_with_real_int4_weights(cfg):
 
 def test_post_training_quantization_of_a_float_model_quantizes_the_same_linears():
     model = tiny_model()
-    float_bytes = qat.weight_bytes(model)
+    float_bytes = parameter_bytes(model)
     qat.convert(model, INT8DA)  # no prepare: post-training quantization
     kinds = {n: type(m.weight).__name__ for n, m in model.named_modules() if n in qat.quantized_linears(tiny_model(), 32)}
     assert set(kinds.values()) == {"IntxUnpackedToInt8Tensor"}
     assert type(model.output.weight).__name__ in ("Parameter", "Tensor")  # the tied head stays float
-    assert qat.weight_bytes(model) < float_bytes
+    assert parameter_bytes(model) < float_bytes
 
 
 def test_a_group_size_that_does_not_divide_is_refused():

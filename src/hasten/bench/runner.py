@@ -28,6 +28,7 @@ from typing import Any
 
 from hasten.bench.rows import Row
 from hasten.config import ConfigError, load_config
+from hasten.train.metrics import parameter_bytes
 
 ROW_RESULT = "bench_row.json"
 ERROR_LINES = 20  # lines of a failed row's stderr kept in its result
@@ -301,17 +302,7 @@ def measure_inference(run_dir: Path, batch_size: int, repeats: int) -> dict[str,
                 torch.cuda.synchronize(device)
             if i >= 3:
                 times.append(time.perf_counter() - start)
-    return dict(inference_ms=statistics.median(times) * 1e3,
-                model_bytes=qat.weight_bytes(model) if quantized else parameter_bytes(model),
+    return dict(inference_ms=statistics.median(times) * 1e3, model_bytes=parameter_bytes(model),
                 inference_shape=[batch_size, seq_len], inference_device=str(device))
 
 
-def parameter_bytes(model: Any) -> int:
-    """Bytes of the model's parameters, each tensor once (tied embedding and head count once)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total

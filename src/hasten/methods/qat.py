@@ -94,16 +94,6 @@ def convert(model: nn.Module, cfg: QatConfig) -> nn.Module:
     return model
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter's storage (a quantized weight: its integer data, scales and zero points)."""
-    total = 0
-    for param in model.parameters():
-        inner = getattr(param, "__tensor_flatten__", None)
-        parts = [getattr(param, n) for n in inner()[0]] if inner else [param]
-        total += sum(p.numel() * p.element_size() for p in parts)
-    return total
-
-
 def save_quantized(model: nn.Module, folder: Path) -> Path:
     """The quantized state dict (torchao tensors; torch.save, as safetensors holds plain tensors only)."""
     path = Path(folder) / QUANTIZED_FILE

@@ -70,7 +70,8 @@ def search(config: RunConfig, latency_ms: dict[str, float] | None = None) -> dic
     torch.manual_seed(config.train.seed)
     model = build_supernet(model_cfg, vocab, letters, device, ffn_letters)
     o = config.optim
-    weights_opt = torch.optim.AdamW(weight_parameters(model), lr=o.lr, betas=(o.beta1, o.beta2),
+    weights = weight_parameters(model)
+    weights_opt = torch.optim.AdamW(weights, lr=o.lr, betas=(o.beta1, o.beta2),
                                     weight_decay=o.weight_decay)
     alpha_opt = torch.optim.Adam(architecture_parameters(model), lr=nas.alpha_lr, betas=(0.5, 0.999),
                                  weight_decay=1e-3)  # DARTS's settings for alpha
@@ -88,7 +89,7 @@ def search(config: RunConfig, latency_ms: dict[str, float] | None = None) -> dic
             group["lr"] = lr
         loss = loss_on(2 * step)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(weight_parameters(model), config.train.grad_clip or math.inf)
+        torch.nn.utils.clip_grad_norm_(weights, config.train.grad_clip or math.inf)
         weights_opt.step()
         weights_opt.zero_grad(set_to_none=True)
         alpha_opt.zero_grad(set_to_none=True)

@@ -43,6 +43,17 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak: float | None) ->
     return tokens_per_second * flops_per_token / peak
 
 
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters, each once (a tied embedding and head count once); a
+    quantized weight (a tensor subclass) counts its integer data, scales and zero points."""
+    total = 0
+    for param in model.parameters():
+        flatten = getattr(param, "__tensor_flatten__", None)
+        parts = [getattr(param, name) for name in flatten()[0]] if flatten else [param]
+        total += sum(p.numel() * p.element_size() for p in parts)
+    return total
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak accelerator memory allocated by tensors; on CPU the process's peak resident set."""
     if device.type == "cuda":
