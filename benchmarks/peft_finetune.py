@@ -207,6 +207,10 @@ def summarize(rows: list[dict]) -> dict:
     return summary
 
 
+def _number(value: float | list[float]) -> str:
+    return ", ".join(f"{v:.3f}" for v in value) if isinstance(value, list) else f"{value:.3f}"
+
+
 def markdown(result: dict) -> str:
     lines = [f"# LoRA / QLoRA fine-tuning: hasten vs HF Trainer + peft ({result['device']}, torch {result['torch']})",
              "", f"Llama {result['shape']['num_hidden_layers']} layers, d {result['shape']['hidden_size']}, random init,"
@@ -224,7 +228,9 @@ def markdown(result: dict) -> str:
                      f"{r['trainable_params']:,} / {r['total_params']:,} | {r['first_loss']:.3f} -> "
                      f"{r['final_loss']:.3f} |")
     lines.append("")
-    lines += [f"- {key}: **{value:.3f}**" for key, value in result["summary"].items()]
+    lines += [f"- {key}: **{_number(value)}**" for key, value in result["summary"].items()]
+    if result.get("note"):
+        lines += ["", result["note"]]
     return "\n".join(lines) + "\n"
 
 

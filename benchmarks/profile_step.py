@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,6 +37,28 @@ def family(name: str) -> str:
     return "other (element-wise, norms, copies)"
 
 
+def idle_gaps(prof: profile, min_us: float = 20.0) -> dict:
+    """Where the GPU waited: the gaps between consecutive kernels (and copies) longer than `min_us`,
+    with the kernels around each and the host operations that began during it."""
+    device, host = [], []
+    for e in prof.events():
+        kind = getattr(e, "device_type", None)
+        (device if kind == torch.autograd.DeviceType.CUDA else host).append(e)
+    device.sort(key=lambda e: e.time_range.start)
+    host.sort(key=lambda e: e.time_range.start)
+    found, end, last = [], None, None
+    for e in device:
+        if end is not None and e.time_range.start - end > min_us:
+            found.append((e.time_range.start - end, end, e.time_range.start, last.name, e.name))
+        if end is None or e.time_range.end > end:
+            end, last = e.time_range.end, e
+    longest = []
+    for us, lo, hi, before, after in sorted(found, reverse=True)[:25]:
+        during = [h.name for h in host if lo <= h.time_range.start < hi][:6]
+        longest.append(dict(ms=us / 1000, after=before, before=after, host=", ".join(during)))
+    return dict(idle_ms_total=sum(g[0] for g in found) / 1000, count=len(found), longest=longest)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", nargs="?", default="gpt2-124m")
@@ -43,6 +66,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default="/tmp/hasten-profile")
+    parser.add_argument("--gaps", action="store_true", help="also record the host side and report where the GPU "
+                        "sat idle between kernels (wall time per step against kernel time, the longest gaps)")
     args = parser.parse_args()
     out = Path(args.out)
     cfg = load_config(args.recipe, ["data.tokenizer=byte", "model.vocab_size=50304", f"train.out_dir={out}/run",
@@ -54,11 +79,19 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     sync()
-    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]
+    if args.gaps and gpu:
+        activities.append(ProfilerActivity.CPU)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
         for step in range(args.warmup, args.warmup + args.steps):
             train_step(run, forward_loss, step)
         sync()
+        wall_ms = (time.perf_counter() - start) * 1000 / args.steps
+    gaps = idle_gaps(prof) if args.gaps and gpu else None
     events = [e for e in prof.key_averages() if (e.device_time_total if gpu else e.self_cpu_time_total) > 0]
+    if gpu:  # kernels only (with the host side recorded, host operations carry their kernels' time too)
+        events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
     if not gpu:  # a CPU run only checks the script: rank operators by their own CPU time
         for e in events:
             e.device_time_total = e.self_cpu_time_total
@@ -68,16 +101,22 @@ def main() -> None:
         by_family[family(e.key)] += e.device_time_total
     rows = sorted(events, key=lambda e: -e.device_time_total)[:30]
     report = dict(recipe=args.recipe, overrides=args.overrides, steps=args.steps, device=torch.cuda.get_device_name() if gpu else "cpu",
-                  gpu_ms_per_step=total / 1000 / args.steps,
+                  gpu_ms_per_step=total / 1000 / args.steps, wall_ms_per_step=wall_ms, gaps=gaps,
+                  peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
                   families={k: dict(ms_per_step=v / 1000 / args.steps, share=v / total) for k, v in by_family.items()},
                   top_kernels=[dict(name=e.key[:120], ms_per_step=e.device_time_total / 1000 / args.steps,
                                     calls_per_step=e.count / args.steps, share=e.device_time_total / total)
                                for e in rows])
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile_step.json").write_text(json.dumps(report, indent=1))
-    print(f"GPU time per step: {report['gpu_ms_per_step']:.1f} ms")
+    print(f"GPU time per step: {report['gpu_ms_per_step']:.1f} ms, peak memory {report['peak_memory_gib'] or 0:.2f} GiB")
     for name, v in sorted(report["families"].items(), key=lambda kv: -kv[1]["ms_per_step"]):
         print(f"  {name:<40} {v['ms_per_step']:7.2f} ms  {100 * v['share']:5.1f} %")
+    print(f"wall time per step: {wall_ms:.1f} ms (under the profiler)")
+    if gaps:
+        print(f"GPU idle: {gaps['idle_ms_total'] / args.steps:.2f} ms per step in gaps over 20 us; longest:")
+        for g in gaps["longest"][:12]:
+            print(f"  {g['ms']:6.2f} ms after {g['after'][:50]} before {g['before'][:50]} | host: {g['host'][:120]}")
     for k in report["top_kernels"]:
         print(f"  {k['ms_per_step']:7.2f} ms {100 * k['share']:5.1f} % x{k['calls_per_step']:<5.0f} {k['name'][:90]}")
 

@@ -119,6 +119,17 @@ class Timer:
         return statistics.median(rates) if rates else 0.0
 
 
+# torch.compile modes that replay the compiled graphs as CUDA graphs (no launch gap between kernels)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def _mark_graph_step(run: Run) -> None:
+    """Tell torch.compile's CUDA graphs that a new forward begins: the previous one's outputs have
+    been read and their memory may be reused."""
+    if run.config.train.compile and run.config.train.compile_mode in CUDA_GRAPH_MODES:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
@@ -144,6 +155,7 @@ def train_step(run: Run, forward_loss: Any, step: int,
     set_learning_rate(run.optimizer, lr)  # times each group's lr_scale
     step_loss = torch.zeros((), device=run.device)
     for micro in range(accum):
+        _mark_graph_step(run)
         batch = _to_device(run.train_batches(step, micro), run.device)
         # Ranks exchange gradients only after the last micro-batch; earlier ones accumulate locally.
         with gradient_sync(run.model, enabled=micro == accum - 1):
@@ -185,6 +197,7 @@ def evaluate(run: Run, forward_loss: Any) -> float:
     total = torch.zeros((), device=run.device)
     with evaluation_weights(run.optimizer):  # schedule-free: evaluate the averaged weights
         for i in range(run.config.train.eval_batches):
+            _mark_graph_step(run)
             with run.precision.autocast():
                 total += split_loss(forward_loss(_to_device(run.val_batches(i, 0), run.device)))[0].float()
     run.model.train()
