@@ -379,9 +379,10 @@ class QatConfig:
     """Quantization-aware training through torchao: fake-quantized block linears while training, a
     quantized model after (docs/qat.md)."""
 
-    scheme: str = _f("none", "none, or the target: int8da-int4w (int8 dynamic activations, int4 weights) or int4w "
-                             "(int4 weights); the block linears are quantized, not the embedding and output head",
-                     choices=("none", "int8da-int4w", "int4w"))
+    scheme: str = _f("none", "none, or the target: int8da-int4w (int8 dynamic activations, int4 weights), int4w "
+                             "(int4 weights), int8da-int8w (int8 activations and weights) or int8w (int8 weights); "
+                             "the block linears are quantized, not the embedding and output head",
+                     choices=("none", "int8da-int4w", "int4w", "int8da-int8w", "int8w"))
     group_size: int = _f(32, "input channels that share one weight scale; 0 = one scale per output channel (row)")
     fake_quant: bool = _f(True, "train with the quantization in the forward (QAT); false trains in float and "
                                 "quantizes after (post-training quantization, the baseline QAT is measured against)")

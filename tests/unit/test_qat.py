@@ -43,9 +43,10 @@ def test_fake_quantization_changes_the_forward_and_passes_gradients_straight_thr
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("cfg", [INT4, INT8DA, QatConfig(scheme="int4w", group_size=0)],
-                         ids=["int4w", "int8da-int4w", "int4w-per-row"])
-def test_convert_gives_the_fake_quantized_forward_with_real_int4_weights(cfg):
+@pytest.mark.parametrize("cfg", [INT4, INT8DA, QatConfig(scheme="int4w", group_size=0),
+                                 QatConfig(scheme="int8w", group_size=0), QatConfig(scheme="int8da-int8w", group_size=32)],
+                         ids=["int4w", "int8da-int4w", "int4w-per-row", "int8w-per-row", "int8da-int8w"])
+def test_convert_gives_the_fake_quantized_forward_with_real_integer_weights(cfg):
     model = tiny_model()
     qat.prepare(model, cfg)
     idx = batch(2, 16)
@@ -57,7 +58,9 @@ def test_convert_gives_the_fake_quantized_forward_with_real_int4_weights(cfg):
         torch.testing.assert_close(model(idx), fake, atol=1e-5, rtol=1e-5)
     weight = model.layers[0].mixer.wq.weight
     q, scale = weight.qdata, weight.scale  # per row and group of g inputs: w ~ (q - zero point) * scale
-    assert q.dtype == torch.int8 and int(q.min()) >= -8 and int(q.max()) <= 7  # int4 values
+    low, high = (-8, 7) if cfg.scheme.endswith("int4w") else (-128, 127)
+    assert q.dtype == torch.int8 and int(q.min()) >= low and int(q.max()) <= high  # the scheme's integer range
+    assert int(q.abs().max()) >= high  # each group's largest weight sits at the end of the range (symmetric)
     rows, cols = reference.shape
     g = cfg.group_size or cols
     scale, zero = scale.reshape(rows, cols // g), weight.zero_point.reshape(rows, cols // g)
@@ -84,7 +87,7 @@ def test_a_group_size_that_does_not_divide_is_refused():
 @pytest.mark.parametrize("override,message", [
     ("peft.method=lora", "with adapters is not supported yet"),
     ("parallel.strategy=zero2", "not zero2"),
-    ("qat.scheme=int3", "choose one of none, int8da-int4w, int4w"),
+    ("qat.scheme=int3", "choose one of none, int8da-int4w, int4w, int8da-int8w, int8w"),
 ])
 def test_unsupported_combinations_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):

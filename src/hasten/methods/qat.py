@@ -13,7 +13,9 @@ Schemes (symmetric, per group of `group_size` input channels along each weight r
 
 - `int8da-int4w`: int8 per-token dynamic activations, int4 weights (torchao's and torchtune's QAT
   recipe for Llama-style models; ExecuTorch's CPU kernels run it);
-- `int4w`: int4 weights, float activations.
+- `int4w`: int4 weights, float activations;
+- `int8da-int8w`: int8 per-token dynamic activations, int8 weights (W8A8);
+- `int8w`: int8 weights, float activations (half the bf16 weight bytes, close to lossless).
 
 Quantized: every `nn.Linear` of the decoder blocks but MoE routers. Not quantized: the token
 embedding and the output head (tied to it by default), as in the usual int4 recipes; MoE experts'
@@ -30,7 +32,7 @@ from torch import nn
 
 from hasten.config import ConfigError, QatConfig, load_config
 
-SCHEMES = ("int8da-int4w", "int4w")
+SCHEMES = ("int8da-int4w", "int4w", "int8da-int8w", "int8w")
 QUANTIZED_FILE = "quantized.pt"
 
 
@@ -41,12 +43,13 @@ def base_config(cfg: QatConfig) -> Any:
         from torchao.quantization.granularity import PerAxis, PerGroup
     except ImportError as err:
         raise ConfigError(f"qat.scheme={cfg.scheme} needs torchao (pip install torchao): {err}") from None
+    if cfg.scheme not in SCHEMES:
+        raise ConfigError(f"qat.scheme={cfg.scheme!r} is not one of {', '.join(SCHEMES)}.")
     granularity = PerGroup(cfg.group_size) if cfg.group_size else PerAxis(0)  # 0: one scale per output row
-    if cfg.scheme == "int8da-int4w":
-        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=granularity)
-    if cfg.scheme == "int4w":
-        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=granularity)
-    raise ConfigError(f"qat.scheme={cfg.scheme!r} is not one of {', '.join(SCHEMES)}.")
+    weight_dtype = torch.int4 if cfg.scheme.endswith("int4w") else torch.int8
+    if cfg.scheme.startswith("int8da-"):  # int8 activations, quantized per token at each forward
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=weight_dtype, weight_granularity=granularity)
+    return IntxWeightOnlyConfig(weight_dtype=weight_dtype, granularity=granularity)
 
 
 def quantized_linears(model: nn.Module, group_size: int) -> list[str]:
