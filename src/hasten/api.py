@@ -78,11 +78,17 @@ def sample(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int, t
 
 
 def generate_text(path: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-                  top_k: int = 50, seed: int = 0, device: str = "auto") -> str:
-    """Sample from a trained run, checkpoint or export folder."""
+                  top_k: int = 50, seed: int = 0, device: str = "auto", quantized: bool = False) -> str:
+    """Sample from a trained run, checkpoint or export folder; `quantized`: from the quantized model
+    a `qat.scheme` run saved (quantized.pt), the one it would deploy."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, _ = load_trained(path, device)
+    if quantized:
+        from hasten.methods.qat import load_quantized
+
+        model, tokenizer = load_quantized(path, device)
+    else:
+        model, tokenizer, _ = load_trained(path, device)
     return sample(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed)
 
 

@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto")
+    gen.add_argument("--quantized", action="store_true", help="sample from the quantized model of a qat.scheme run "
+                     "(its quantized.pt) instead of the float weights")
     exp = sub.add_parser("export", help="write a run's weights as safetensors + config + tokenizer")
     exp.add_argument("path")
     exp.add_argument("--out", default=None, help="output folder (default: RUN/export, or RUN/export-hf)")
@@ -187,7 +189,8 @@ def _print_summary(summary: dict, out_dir: str) -> None:
 def _cmd_generate(ns: argparse.Namespace) -> int:
     from hasten.api import generate_text
 
-    print(generate_text(ns.path, ns.prompt, ns.tokens, ns.temperature, ns.top_k, ns.seed, ns.device))
+    print(generate_text(ns.path, ns.prompt, ns.tokens, ns.temperature, ns.top_k, ns.seed, ns.device,
+                        quantized=ns.quantized))
     return 0
 
 

@@ -115,6 +115,18 @@ def test_a_qat_run_saves_a_quantized_model_whose_loss_is_the_fake_quantized_one(
 
     measured = measure_inference(run_dir, batch_size=2, repeats=2)
     assert measured["model_bytes"] == summary["quantized_weight_bytes"] < summary["float_weight_bytes"]
+    # `hasten generate --quantized` samples from the quantized model: greedy, its tokens are the argmax
+    # of the quantized logits step by step (the float model's differ in general)
+    text = hasten.api.generate_text(run_dir, "def ", max_new_tokens=8, temperature=0.0, quantized=True)
+    tokenizer = hasten.api.load_trained(run_dir)[1]
+    ids = tokenizer.encode("def ")
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert text == tokenizer.decode(ids)
+    (run_dir / qat.QUANTIZED_FILE).rename(tmp_path / "moved.pt")  # the flag reads quantized.pt, nothing else
+    with pytest.raises(FileNotFoundError, match="did not finish with qat.scheme set"):
+        hasten.api.generate_text(run_dir, "def ", max_new_tokens=2, quantized=True)
 
 
 def test_post_training_quantization_trains_in_float_and_reports_the_quantized_loss(tiny_config):
