@@ -91,6 +91,28 @@ def test_help_documents_every_field(env):
         assert key in text
 
 
+def test_a_search_stopped_by_sigterm_keeps_its_state_and_resumes(tmp_path, env):
+    out = tmp_path / "nas"
+    args = [sys.executable, "-m", "hasten", "nas", *TINY, "nas.steps=100000", "nas.warmup_steps=1", "log.every=1",
+            "checkpoint.every=1", f"train.out_dir={out}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "nas_state.pt").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "stopped by SIGTERM" in stdout
+    partial = json.loads((out / "nas.json").read_text())
+    stopped_at = partial["steps_done"]
+    assert 0 < stopped_at < 100000 and not partial["complete"]
+    hasten("nas", *TINY, f"nas.steps={stopped_at + 2}", "nas.warmup_steps=1", "train.resume=auto",
+           f"train.out_dir={out}", env=env)
+    resumed = json.loads((out / "nas.json").read_text())
+    assert resumed["complete"] and resumed["steps_done"] == stopped_at + 2
+    assert resumed["latency_ms"] == partial["latency_ms"]  # the table measured at the start, kept
+
+
 def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path, env):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "hasten", "train", *TINY, "train.steps=100000", "log.every=5",

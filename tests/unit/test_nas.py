@@ -92,6 +92,24 @@ def test_a_heavy_latency_weight_derives_the_faster_mixer_everywhere(tiny_config,
     load_config("default", [f"model.mixers={expected}", "model.preset=tiny"])  # a pattern hasten train accepts
 
 
+def test_a_search_continued_from_its_saved_state_ends_as_an_uninterrupted_one(tiny_config):
+    table = {"A": 1.0, "M": 3.0}
+    common = ("nas.warmup_steps=2", "nas.latency_weight=1", "nas.alpha_lr=0.05", "log.every=2")
+    straight = search(tiny_config("nas.steps=8", *common, out="straight"), latency_ms=table)
+    first = search(tiny_config("nas.steps=4", *common, out="split"), latency_ms=table)
+    assert first["steps_done"] == 4 and first["complete"]
+    # no table passed: the resumed search uses the one saved with its state
+    resumed = search(tiny_config("nas.steps=8", *common, "train.resume=auto", out="split"))
+    assert resumed["steps_done"] == 8 and resumed["latency_ms"] == table
+    assert resumed["probabilities"] == straight["probabilities"]
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    with pytest.raises(ConfigError, match="searched AM/- over 2 layers, not AM/DE"):
+        search(tiny_config("nas.steps=8", *common, "nas.ffn_candidates=DE", "train.resume=auto", out="split"),
+               latency_ms={**table, "D": 1.0, "E": 2.0})
+    fresh = search(tiny_config("nas.steps=3", *common, out="split"), latency_ms=table)  # resume=none starts over
+    assert [h["step"] for h in fresh["history"]] == [2, 3]
+
+
 def test_nas_config_is_checked():
     with pytest.raises(ConfigError, match="nas.warmup_steps"):
         load_config("default", ["nas.steps=10", "nas.warmup_steps=10"])
