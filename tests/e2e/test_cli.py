@@ -91,17 +91,24 @@ def test_help_documents_every_field(env):
         assert key in text
 
 
-def test_a_search_stopped_by_sigterm_keeps_its_state_and_resumes(tmp_path, env):
-    out = tmp_path / "nas"
-    args = [sys.executable, "-m", "hasten", "nas", *TINY, "nas.steps=100000", "nas.warmup_steps=1", "log.every=1",
-            "checkpoint.every=1", f"train.out_dir={out}"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+def _sigterm_once_started(args: list[str], env: dict[str, str], started) -> tuple[str, str]:
+    """Run `hasten ARGS`, send SIGTERM once `started()` holds, and return its output; it must exit 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "hasten", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / "nas_state.pt").exists():
+    while time.time() < deadline and not started():
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
+    return stdout, stderr
+
+
+def test_a_search_stopped_by_sigterm_keeps_its_state_and_resumes(tmp_path, env):
+    out = tmp_path / "nas"
+    stdout, _ = _sigterm_once_started(["nas", *TINY, "nas.steps=100000", "nas.warmup_steps=1", "log.every=1",
+                                       "checkpoint.every=1", f"train.out_dir={out}"], env,
+                                      started=lambda: (out / "nas_state.pt").exists())
     assert "stopped by SIGTERM" in stdout
     partial = json.loads((out / "nas.json").read_text())
     stopped_at = partial["steps_done"]
@@ -115,15 +122,10 @@ def test_a_search_stopped_by_sigterm_keeps_its_state_and_resumes(tmp_path, env):
 
 def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path, env):
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "hasten", "train", *TINY, "train.steps=100000", "log.every=5",
-            "checkpoint.every=0", "train.eval_every=0", f"train.out_dir={run}"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]
+    log = run / "metrics.jsonl"
+    _, stderr = _sigterm_once_started(["train", *TINY, "train.steps=100000", "log.every=5", "checkpoint.every=0",
+                                       "train.eval_every=0", f"train.out_dir={run}"], env,
+                                      started=lambda: log.exists() and bool(log.read_text()))
     assert "received SIGTERM" in stderr
     summary = json.loads((run / "summary.json").read_text())
     stopped_at = summary["steps"]
