@@ -124,8 +124,8 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def _mark_graph_step(run: Run) -> None:
-    """Tell torch.compile's CUDA graphs that a new forward begins: the previous one's outputs have
-    been read and their memory may be reused."""
+    """Tell torch.compile's CUDA graphs that a new iteration begins (PyTorch's advice for training
+    loops): the previous one's outputs have been read and their memory may be reused."""
     if run.config.train.compile and run.config.train.compile_mode in CUDA_GRAPH_MODES:
         torch.compiler.cudagraph_mark_step_begin()
 
@@ -154,8 +154,8 @@ def train_step(run: Run, forward_loss: Any, step: int,
     lr = run.config.optim.lr * run.schedule(step)
     set_learning_rate(run.optimizer, lr)  # times each group's lr_scale
     step_loss = torch.zeros((), device=run.device)
+    _mark_graph_step(run)  # a new iteration (its micro-batches accumulate into the same gradients)
     for micro in range(accum):
-        _mark_graph_step(run)
         batch = _to_device(run.train_batches(step, micro), run.device)
         # Ranks exchange gradients only after the last micro-batch; earlier ones accumulate locally.
         with gradient_sync(run.model, enabled=micro == accum - 1):
