@@ -160,6 +160,10 @@ register(Row(name="ptq", family="quantization", benefit="inference time + memory
              overrides=("qat.scheme=int8da-int4w", "qat.fake_quant=false"),
              description="the same quantization applied after training in float (post-training quantization, "
                          "what QAT is measured against): loss, inference and bytes of the quantized model"))
+register(Row(name="ptq-int8", family="quantization", benefit="memory",
+             overrides=("qat.scheme=int8w", "qat.group_size=0", "qat.fake_quant=false"),
+             description="int8 weights (one scale per row) applied after training in float: the near-lossless "
+                         "option, against int4's smaller error budget"))
 register(Row(name="ac", family="activation checkpointing", benefit="memory",
              overrides=("parallel.activation_checkpointing=full",),
              description="every block recomputes its activations in the backward pass"))
