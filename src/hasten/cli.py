@@ -223,8 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"hasten: error: {_rank_prefix()}{err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
-        print(f"hasten: error: {_rank_prefix()}{err.strerror}: {err.filename}", file=sys.stderr)
+    except FileNotFoundError as err:  # the OS's (strerror: filename) or hasten's own sentence
+        message = f"{err.strerror}: {err.filename}" if err.filename else str(err)
+        print(f"hasten: error: {_rank_prefix()}{message}", file=sys.stderr)
         return 2
 
 

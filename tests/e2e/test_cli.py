@@ -81,6 +81,10 @@ def test_bad_input_fails_at_once_with_one_sentence(env, args, message):
 def test_generate_from_a_folder_that_is_not_a_run(tmp_path, env):
     proc = hasten("generate", str(tmp_path), env=env, check=False)
     assert proc.returncode == 2 and "is not a hasten run folder" in proc.stderr
+    quantized = hasten("generate", str(tmp_path), "--quantized", env=env, check=False)
+    assert quantized.returncode == 2
+    assert f"hasten: error: {tmp_path / 'quantized.pt'} does not exist: the run did not finish with qat.scheme set" \
+        in quantized.stderr
 
 
 def test_help_documents_every_field(env):
