@@ -44,13 +44,30 @@ def train(config: RunConfig | None = None, *, model: nn.Module | None = None, lo
     return summary
 
 
+def _gathered_copy(run: Run) -> nn.Module:
+    """A plain (unsharded) copy of a sharded language model with its trained weights, on every rank:
+    quantized tensors are made from whole weights. Costs one whole model per rank, once."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from hasten.methods import qat
+    from hasten.train.build import lm_model
+
+    full = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True))  # a collective
+    model = lm_model(run.config, run.info["vocab_size"], run.device)
+    if run.config.qat.fake_quant:
+        qat.prepare(model, run.config.qat)  # the trained modules, so QAT's own convert step applies
+    model.load_state_dict(full)
+    return model
+
+
 def quantize_after_training(run: Run) -> dict[str, Any]:
     """The trained model quantized in place (QAT's convert, or post-training quantization when it
     trained in float), its validation loss and weight bytes; rank 0 saves it and adds these to
-    summary.json. Every rank converts and evaluates (the loss is averaged over ranks)."""
+    summary.json. Every rank converts and evaluates (the loss is averaged over ranks); a sharded
+    model (zero2, zero3) is first gathered into a plain copy on every rank."""
     from hasten.methods import qat
 
-    model = unwrap(run.model)
+    model = _gathered_copy(run) if is_sharded(run.model) else unwrap(run.model)
     float_bytes = parameter_bytes(model)
     qat.convert(model, run.config.qat)
     quantized = dict(qat_scheme=run.config.qat.scheme, qat_fake_quant=run.config.qat.fake_quant,

@@ -459,9 +459,6 @@ class RunConfig:
         _check(self.qat.scheme == "none" or self.peft.method == "none", "qat.scheme", self.qat.scheme,
                "quantization-aware training with adapters is not supported yet; fine-tune with qat alone, or "
                "use peft.method=qlora for a 4-bit base")
-        _check(self.qat.scheme == "none" or self.parallel.strategy in ("none", "ddp"), "qat.scheme", self.qat.scheme,
-               f"it runs with parallel.strategy none or ddp, not {self.parallel.strategy} (fake-quantized "
-               "linears are not tested on sharded parameters)")
         _check(not (self.parallel.strategy == "zero1" and self.optim.name in ("sophia", "schedulefree_adamw", "muon")),
                "optim.name", self.optim.name, "it does not work with parallel.strategy=zero1 yet; use ddp, zero2 or zero3")
 

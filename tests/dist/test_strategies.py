@@ -136,3 +136,30 @@ def test_quantization_aware_training_under_ddp_matches_one_process(cache):
     # validation loss (the training losses agree to 3e-5), against the 1e-2 of a real bug.
     assert got["quantized_val_loss"] == pytest.approx(want["quantized_val_loss"], rel=1e-3)
     assert (out / "quantized.pt").exists()
+
+
+@pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
+def test_quantization_aware_training_on_sharded_parameters_matches_one_process(cache, strategy):
+    """FSDP2 gathers each block's weights for its forward, so the fake quantization sees whole
+    weights as in one process; after training the trained weights are gathered into a plain copy
+    on every rank, converted there and evaluated over both ranks. (zero1 shards only the optimizer
+    states: its model is whole, as under DDP.)"""
+    qat = ["qat.scheme=int8da-int4w"]
+    ref = cache / "single-qat"
+    if not (ref / "summary.json").exists():
+        hasten.train(hasten.load_config("default", [*COMMON, *qat, f"train.batch_size={2 * B}",
+                                                    f"train.out_dir={ref}"]))
+    out = cache / f"{strategy}-qat"
+    spawn(train_ranks, [*COMMON, *qat, f"train.batch_size={B}", f"train.out_dir={out}",
+                        f"parallel.strategy={strategy}"])
+    # Reduce-scatter sums in yet another order; a weight near an int4 rounding boundary then lands
+    # on the other level and the gap grows a little each step. Measured: at most 1.5e-4 relative
+    # over 5 steps (DDP: 8.5e-5), an order of magnitude below the tolerance, two below a real bug.
+    assert losses(out) == pytest.approx(losses(ref), rel=1e-3)
+    got, want = (json.loads((d / "summary.json").read_text()) for d in (out, ref))
+    assert got["quantized_val_loss"] == pytest.approx(want["quantized_val_loss"], rel=1e-3)  # as under DDP
+    assert got["quantized_weight_bytes"] == want["quantized_weight_bytes"]
+    from hasten.methods import qat as qat_method
+
+    model, _ = qat_method.load_quantized(out)  # the saved quantized model is a whole one
+    assert type(model.layers[0].mixer.wq.weight).__name__ == "IntxUnpackedToInt8Tensor"

@@ -86,12 +86,17 @@ def test_a_group_size_that_does_not_divide_is_refused():
 
 @pytest.mark.parametrize("override,message", [
     ("peft.method=lora", "with adapters is not supported yet"),
-    ("parallel.strategy=zero2", "not zero2"),
     ("qat.scheme=int3", "choose one of none, int8da-int4w, int4w, int8da-int8w, int8w"),
 ])
 def test_unsupported_combinations_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("default", ["qat.scheme=int4w", override] if "scheme" not in override else [override])
+
+
+def test_sharded_qat_of_your_own_model_is_refused(tiny_config):
+    with pytest.raises(ConfigError, match="with your own model use none, ddp or zero1"):
+        build_run(tiny_config("qat.scheme=int4w", "parallel.strategy=zero3"), model=torch.nn.Linear(4, 4),
+                  loss_fn=lambda m, b: m(b[0]).sum(), train_batches=lambda step, micro: (torch.zeros(1, 4),))
 
 
 def test_a_qat_run_saves_a_quantized_model_whose_loss_is_the_fake_quantized_one(tiny_config, tmp_path):

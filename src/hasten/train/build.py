@@ -177,7 +177,7 @@ def _build_lm(config: RunConfig, run_dir: Path, device: torch.device, rank: int,
         data.tokenizer.save(run_dir / "tokenizer")
     vocab_size = resolve_vocab_size(config.model, data.tokenizer.vocab_size)
     torch.manual_seed(config.train.seed)
-    model = _lm_model(config, vocab_size, device)
+    model = lm_model(config, vocab_size, device)
     pin = device.type == "cuda"
     return dict(
         model=model, tokenizer=data.tokenizer, loss_fn=_lm_loss_fn(config), sampled_loss_fn=lm_sampled_loss,
@@ -194,7 +194,7 @@ def _lm_loss_fn(config: RunConfig) -> LossFn:
     return functools.partial(lm_loss, loss_chunk=config.train.loss_chunk)
 
 
-def _lm_model(config: RunConfig, vocab_size: int, device: torch.device) -> nn.Module:
+def lm_model(config: RunConfig, vocab_size: int, device: torch.device) -> nn.Module:
     """A fresh decoder, or the pretrained one of model.from (docs/peft.md)."""
     from hasten.models import build_model
     from hasten.models.hf import load_pretrained
@@ -219,7 +219,7 @@ def _build_instruct(config: RunConfig, run_dir: Path, device: torch.device, rank
     train_recs, val_recs = split_records(load_records(config.data.source, folder), config.data.val_fraction)
     vocab_size = resolve_vocab_size(config.model, tokenizer.vocab_size)
     torch.manual_seed(config.train.seed)
-    model = _lm_model(config, vocab_size, device)
+    model = lm_model(config, vocab_size, device)
     seq, bs, seed = config.train.seq_len, config.train.batch_size, config.train.seed
     packable = model.supports_packing()
     if config.data.pack == "on" and not packable:
@@ -289,6 +289,9 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
     if model is not None and config.distill.teacher:
         raise ConfigError("distill.teacher applies to hasten's own language models; with your own model, add "
                           "hasten.methods.distill.kd_loss to your loss_fn.")
+    if model is not None and config.qat.scheme != "none" and config.parallel.strategy in ("zero2", "zero3"):
+        raise ConfigError(f"qat.scheme with parallel.strategy={config.parallel.strategy} quantizes a whole copy of "
+                          "hasten's own model after training; with your own model use none, ddp or zero1.")
     device = resolve_device(config.train.device)
     init_distributed(device)  # under torchrun: start the process group from its environment
     device = rank_device(device)
