@@ -453,9 +453,6 @@ class RunConfig:
         _check(self.precision.fp8 == "none" or (self.peft.method == "none" and self.qat.scheme == "none"),
                "precision.fp8", self.precision.fp8, "fp8 linears replace the linears that adapters (peft.method) "
                "and quantization-aware training (qat.scheme) also replace; use one of them")
-        _check(self.precision.fp8 == "none" or self.parallel.strategy in ("none", "ddp"), "precision.fp8",
-               self.precision.fp8, f"it runs with parallel.strategy none or ddp, not {self.parallel.strategy} "
-               "(fp8 linears over sharded parameters are not tested here)")
         _check(self.qat.scheme == "none" or self.peft.method == "none", "qat.scheme", self.qat.scheme,
                "quantization-aware training with adapters is not supported yet; fine-tune with qat alone, or "
                "use peft.method=qlora for a 4-bit base")

@@ -124,11 +124,7 @@ def test_zero_accounting_is_16_bytes_per_parameter_divided_as_the_paper_says():
 def test_quantization_aware_training_under_ddp_matches_one_process(cache):
     """QAT's fake quantization is per token (activations) and per weight row (weights), so two DDP
     ranks train like one process; rank 0 writes the quantized model, evaluated over both ranks."""
-    qat = ["qat.scheme=int8da-int4w"]
-    ref = cache / "single-qat"
-    hasten.train(hasten.load_config("default", [*COMMON, *qat, f"train.batch_size={2 * B}", f"train.out_dir={ref}"]))
-    out = cache / "ddp-qat"
-    spawn(train_ranks, [*COMMON, *qat, f"train.batch_size={B}", f"train.out_dir={out}", "parallel.strategy=ddp"])
+    out, ref = _two_ranks_and_one_process(cache, "qat", ["qat.scheme=int8da-int4w"], "ddp")
     assert losses(out) == pytest.approx(losses(ref), rel=LOSS_RTOL)
     got, want = (json.loads((d / "summary.json").read_text()) for d in (out, ref))
     # The order of the gradient sums moves the weights by float rounding; a weight that sits near a
@@ -138,20 +134,25 @@ def test_quantization_aware_training_under_ddp_matches_one_process(cache):
     assert (out / "quantized.pt").exists()
 
 
+def _two_ranks_and_one_process(cache, name: str, overrides: list[str], strategy: str):
+    """(run folder of 2 ranks under `strategy`, of one process on the same global batch; made once)."""
+    ref = cache / f"single-{name}"
+    if not (ref / "summary.json").exists():
+        hasten.train(hasten.load_config("default", [*COMMON, *overrides, f"train.batch_size={2 * B}",
+                                                    f"train.out_dir={ref}"]))
+    out = cache / f"{strategy}-{name}"
+    spawn(train_ranks, [*COMMON, *overrides, f"train.batch_size={B}", f"train.out_dir={out}",
+                        f"parallel.strategy={strategy}"])
+    return out, ref
+
+
 @pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
 def test_quantization_aware_training_on_sharded_parameters_matches_one_process(cache, strategy):
     """FSDP2 gathers each block's weights for its forward, so the fake quantization sees whole
     weights as in one process; after training the trained weights are gathered into a plain copy
     on every rank, converted there and evaluated over both ranks. (zero1 shards only the optimizer
     states: its model is whole, as under DDP.)"""
-    qat = ["qat.scheme=int8da-int4w"]
-    ref = cache / "single-qat"
-    if not (ref / "summary.json").exists():
-        hasten.train(hasten.load_config("default", [*COMMON, *qat, f"train.batch_size={2 * B}",
-                                                    f"train.out_dir={ref}"]))
-    out = cache / f"{strategy}-qat"
-    spawn(train_ranks, [*COMMON, *qat, f"train.batch_size={B}", f"train.out_dir={out}",
-                        f"parallel.strategy={strategy}"])
+    out, ref = _two_ranks_and_one_process(cache, "qat", ["qat.scheme=int8da-int4w"], strategy)
     # Reduce-scatter sums in yet another order; a weight near an int4 rounding boundary then lands
     # on the other level and the gap grows a little each step. Measured: at most 1.5e-4 relative
     # over 5 steps (DDP: 8.5e-5), an order of magnitude below the tolerance, two below a real bug.
@@ -163,3 +164,11 @@ def test_quantization_aware_training_on_sharded_parameters_matches_one_process(c
 
     model, _ = qat_method.load_quantized(out)  # the saved quantized model is a whole one
     assert type(model.layers[0].mixer.wq.weight).__name__ == "IntxUnpackedToInt8Tensor"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3"])
+def test_fp8_linears_train_on_two_ranks_like_one_process(cache, strategy):
+    """torchao's Float8Linear under DDP and FSDP2: each block's weights are gathered (in fp32 here)
+    and cast to fp8 with the same dynamic scales as in one process. Measured: 3e-5 relative."""
+    out, ref = _two_ranks_and_one_process(cache, "fp8", ["precision.fp8=rowwise"], strategy)
+    assert losses(out) == pytest.approx(losses(ref), rel=LOSS_RTOL)

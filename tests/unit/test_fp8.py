@@ -55,8 +55,7 @@ def test_an_fp8_run_trains_and_its_checkpoint_loads_as_a_plain_model(tiny_config
 
 
 @pytest.mark.parametrize("override,message", [("peft.method=lora", "use one of them"),
-                                              ("qat.scheme=int4w", "use one of them"),
-                                              ("parallel.strategy=zero3", "not zero3")])
+                                              ("qat.scheme=int4w", "use one of them")])
 def test_fp8_refuses_what_it_cannot_run_with(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("default", ["precision.fp8=rowwise", override])
