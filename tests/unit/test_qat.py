@@ -44,7 +44,8 @@ def test_fake_quantization_changes_the_forward_and_passes_gradients_straight_thr
 
 
 @pytest.mark.parametrize("cfg", [INT4, INT8DA, QatConfig(scheme="int4w", group_size=0),
-                                 QatConfig(scheme="int8w", group_size=0), QatConfig(scheme="int8da-int8w", group_size=32)],
+                                 QatConfig(scheme="int8w", group_size=0),
+                                 QatConfig(scheme="int8da-int8w", group_size=32)],
                          ids=["int4w", "int8da-int4w", "int4w-per-row", "int8w-per-row", "int8da-int8w"])
 def test_convert_gives_the_fake_quantized_forward_with_real_integer_weights(cfg):
     model = tiny_model()

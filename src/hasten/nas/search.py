@@ -179,8 +179,8 @@ def search(config: RunConfig, latency_ms: dict[str, float] | None = None) -> dic
     )
     if run.rank == 0:
         (run.run_dir / "nas.json").write_text(json.dumps(result, indent=1))
-        _print(f"derived{' so far' if stopped else ''}: {overrides} (latency {result['derived_latency_ms']:.3f} ms against {base_ms:.3f} ms "
-               f"all-{first}); train it with these overrides; {run.run_dir / 'nas.json'}")
+        _print(f"derived{' so far' if stopped else ''}: {overrides} (latency {result['derived_latency_ms']:.3f} ms "
+               f"against {base_ms:.3f} ms all-{first}); train it with these overrides; {run.run_dir / 'nas.json'}")
     return result
 
 
