@@ -59,3 +59,20 @@ def test_pretrain_summary_reports_variants_without_the_recipe_row_and_lists_fail
     assert summary["targets_met"] == {}  # the recipe's row did not run: no target is judged
     text = pt._markdown(dict(device="cpu", torch="x", steps=1, warmup=1, rows=rows, summary=summary))
     assert "hasten[bf16res] / HF Trainer: **1.500**" in text and "Failed (error kept in the JSON): plain." in text
+
+
+def test_ptq_schemes_quantizes_a_trained_run_at_each_scheme(tiny_config, tmp_path):
+    import hasten
+
+    hasten.train(tiny_config("train.steps=4", "train.eval_every=4", "train.compile=false"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HASTEN_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ptq_schemes.py"), str(tmp_path / "run"),
+                           "--schemes", "int8w:0,int4w:32"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [line.split() for line in done.stdout.splitlines() if "val loss" in line]
+    assert [line[0] for line in lines] == ["float", "int8w", "int4w"]
+    float_loss, int8_loss, int4_loss = (float(line[-1]) for line in lines)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert float_loss == pytest.approx(summary["final_val_loss"], abs=1e-4)  # the run's own evaluation
+    assert abs(int8_loss - float_loss) < abs(int4_loss - float_loss) + 1e-3 < 0.5  # int8 at least as close
