@@ -17,7 +17,6 @@ import json
 import math
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Any
 
 from hasten.bench.rows import Row
 from hasten.config import ConfigError, load_config
-from hasten.train.metrics import parameter_bytes
+from hasten.train.metrics import median_ms, parameter_bytes
 
 ROW_RESULT = "bench_row.json"
 ERROR_LINES = 20  # lines of a failed row's stderr kept in its result
@@ -291,18 +290,7 @@ def measure_inference(run_dir: Path, batch_size: int, repeats: int) -> dict[str,
     seq_len = load_config(run_dir / "config.toml").train.seq_len
     vocab = model.tok_embeddings.num_embeddings if hasattr(model, "tok_embeddings") else 256
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
-    times = []
-    with torch.inference_mode():
-        for i in range(3 + repeats):  # 3 warm-up passes are left out
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            model(ids)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= 3:
-                times.append(time.perf_counter() - start)
-    return dict(inference_ms=statistics.median(times) * 1e3, model_bytes=parameter_bytes(model),
+    return dict(inference_ms=median_ms(lambda: model(ids), device, repeats), model_bytes=parameter_bytes(model),
                 inference_shape=[batch_size, seq_len], inference_device=str(device))
 
 

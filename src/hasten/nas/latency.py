@@ -9,13 +9,11 @@ length, the median of repeated forwards after warm-up passes.
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 
 import torch
 
 from hasten.config import FFN_LETTERS, ModelConfig
-from hasten.train.metrics import synchronize
+from hasten.train.metrics import median_ms
 
 
 def measure_ms(config: ModelConfig, letter: str, batch: int, seq_len: int, device: torch.device,
@@ -32,16 +30,7 @@ def measure_ms(config: ModelConfig, letter: str, batch: int, seq_len: int, devic
     x_BTD = torch.randn(batch, seq_len, config.dim, device=device, dtype=dtype,
                         generator=torch.Generator(device).manual_seed(0))
     kwargs = {} if is_ffn else {"rope": (model.rope_cos[:seq_len].to(dtype), model.rope_sin[:seq_len].to(dtype))}
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            module(x_BTD, **kwargs)
-            synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return median_ms(lambda: module(x_BTD, **kwargs), device, repeats, warmup)
 
 
 def latency_table(config: ModelConfig, letters: str, batch: int, seq_len: int, device: torch.device,

@@ -120,7 +120,6 @@ def search(config: RunConfig, latency_ms: dict[str, float] | None = None) -> dic
         weights_opt.zero_grad(set_to_none=True)
         alpha_opt.zero_grad(set_to_none=True)
         latency = expected_latency(model, latency_ms)
-        arch_loss = None
         if step >= nas.warmup_steps:
             ce = loss_on(2 * step + 1)
             arch_loss = ce + nas.latency_weight * latency.to(ce.device) / base_ms
@@ -128,13 +127,14 @@ def search(config: RunConfig, latency_ms: dict[str, float] | None = None) -> dic
             alpha_opt.step()
             alpha_opt.zero_grad(set_to_none=True)
             weights_opt.zero_grad(set_to_none=True)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"the search loss is {loss.item()} at step {step}; lower optim.lr")
+        value = loss.item()  # one host sync per step: the search stops at once on a non-finite loss
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the search loss is {value} at step {step}; lower optim.lr")
         if (step + 1) % config.log.every == 0 or step + 1 == nas.steps:
-            record = dict(step=step + 1, loss=loss.item(), expected_latency_ms=latency.item(),
+            record = dict(step=step + 1, loss=value, expected_latency_ms=latency.item(),
                           pattern=derive(model), ffn_pattern=derive(model, "ffn"), elapsed_s=time.perf_counter() - start)
             history.append(record)
-            _print(f"step {step + 1:>5}  loss {loss.item():.4f}  expected latency {latency.item():.3f} ms  "
+            _print(f"step {step + 1:>5}  loss {value:.4f}  expected latency {latency.item():.3f} ms  "
                    f"argmax {record['pattern']} {record['ffn_pattern']}".rstrip())
         return step + 1
 

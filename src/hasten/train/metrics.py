@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import resource
+import statistics
 import sys
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -70,3 +73,18 @@ def reset_peak_memory(device: torch.device) -> None:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 20, warmup: int = 3) -> float:
+    """Median time of `fn()` in ms over `repeats` calls after `warmup` uncounted ones, each between
+    two device synchronizations, under inference mode (how latency is timed for NAS and the bench)."""
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
