@@ -16,7 +16,10 @@ hybrid language models at equal wall time.
     optionally moe-shared (moe plus one shared expert every token uses, DeepSeekMoE; each of the
     three experts a token uses is a third of the dense width, so active parameters still match);
     Mamba-2 (every mixer); hybrid (hybrid-gpu recipe). Each reports steady
-    tokens/s and the validation loss at the end of its budget.
+    tokens/s and the validation loss at the end of its budget. With --horizon time (the default)
+    each model's cosine spans its time budget (optim.horizon=time), so every model ends decayed
+    however fast it steps; rows run with --horizon steps (the cosine over 10^6 steps: the rate
+    stays at its peak) compare only with each other.
     -> summary.moe_tokens_per_second_ratio (MoE / dense), summary.moe_val_loss_delta_at_equal_time
        (MoE - dense; negative = MoE better)
 (c) One MoE layer forward+backward: grouped dispatch (torch._grouped_mm) vs the per-expert loop.
@@ -163,7 +166,8 @@ def bench_model(args, name: str) -> dict:
     data = [f"data.source={args.data}", f"data.max_documents={args.max_documents}"] if args.data else []
     # Smoke runs count steps, not seconds: on a loaded machine a few seconds can hold too few steps
     # to see the loss fall, and the check below would fail for no fault of the code.
-    budget = ["train.steps=24"] if args.smoke else ["train.steps=1000000", f"train.time_limit_s={args.seconds}"]
+    budget = ["train.steps=24"] if args.smoke else ["train.steps=1000000", f"train.time_limit_s={args.seconds}",
+                                                    f"optim.horizon={args.horizon}"]
     cfg = load_config(recipe, [*overrides, *data, f"train.out_dir={out}", f"data.cache_dir={args.workdir}/cache",
                                *budget, "train.eval_every=0",
                                "train.eval_batches=20", "checkpoint.every=0", "checkpoint.at_end=false",
@@ -174,6 +178,7 @@ def bench_model(args, name: str) -> dict:
     if not losses or not all(math.isfinite(v) for v in losses) or not losses[-1] < losses[0]:
         raise SystemExit(f"{name}: loss is not finite and falling: {losses[:3]} ... {losses[-3:]}")
     return dict(name=name, data=args.data_label or args.data or "recipe (stdlib)", seconds=args.seconds,
+                horizon="steps" if args.smoke else args.horizon,
                 tokens_per_second=summary["tokens_per_second"], val_loss=summary["final_val_loss"],
                 steps=summary["steps"], wall_time_s=summary["wall_time_s"], params=summary["params"],
                 flops_per_token=summary["flops_per_token"], mfu=summary["mfu"],
@@ -203,11 +208,12 @@ def _markdown(result: dict) -> str:
               "Data: " + "; ".join(f"{source} ({', '.join(r['name'] for r in result['models'] if r.get('data', 'recipe (stdlib)') == source)})"
                                    for source in dict.fromkeys(r.get("data", "recipe (stdlib)") for r in result["models"])) + ".",
               "",
-              "| model | training s | params | tokens/s | MFU | val loss | steps | peak GiB | commit |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| model | training s | lr decay | params | tokens/s | MFU | val loss | steps | peak GiB | commit |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["models"]:
         mfu = f"{r['mfu']:.3f}" if r.get("mfu") else "-"
-        lines.append(f"| {r['name']} | {r.get('seconds', result['seconds']):g} | {r['params'] / 1e6:.1f}M | {r['tokens_per_second']:,.0f} | {mfu} | "
+        decay = "over its time" if r.get("horizon") == "time" else "none"
+        lines.append(f"| {r['name']} | {r.get('seconds', result['seconds']):g} | {decay} | {r['params'] / 1e6:.1f}M | {r['tokens_per_second']:,.0f} | {mfu} | "
                      f"{r['val_loss']:.3f} | {r['steps']} | {r['peak_memory_gib']:.1f} | {r.get('commit', result['commit'][:7])} |")
     g = result["grouped"]
     lines += ["", f"MoE tokens/s over dense: **{s['moe_tokens_per_second_ratio']:.3f}**; MoE val loss minus dense "
@@ -227,6 +233,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results", help="folder for architectures.json and .md")
     parser.add_argument("--workdir", default="/tmp/hasten-arch-bench", help="run folders and token cache")
     parser.add_argument("--seconds", type=float, default=300, help="training budget of each model in (b) (--smoke: 24 steps instead)")
+    parser.add_argument("--horizon", choices=("time", "steps"), default="time",
+                        help="what each model's lr decay spans in (b): its time budget, or 10^6 steps (no decay)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device (CPU ok): checks the script")
@@ -270,7 +278,8 @@ def main() -> None:
     def against_dense(name: str) -> tuple[float, float]:
         """(tokens/s ratio, val loss delta) of a model against dense, when both ran on the same data and budget."""
         other, dense = models.get(name), models.get("dense")
-        if not other or not dense or any(other.get(k) != dense.get(k) for k in ("data", "seconds")):
+        if not other or not dense or any(other.get(k) != dense.get(k) for k in ("data", "seconds")) \
+                or other.get("horizon", "steps") != dense.get("horizon", "steps"):
             return math.nan, math.nan
         return other["tokens_per_second"] / dense["tokens_per_second"], other["val_loss"] - dense["val_loss"]
 

@@ -178,6 +178,9 @@ class OptimConfig:
     eps: float = _f(1e-8, "denominator epsilon")
     fused: str = _f("auto", "fused optimizer kernel: auto (on when on GPU), on, off", choices=("auto", "on", "off"))
     schedule: str = _f("cosine", "learning-rate schedule", choices=("cosine", "wsd", "constant"))
+    horizon: str = _f("steps", "what the schedule's decay spans: steps (train.steps) or time (train.time_limit_s "
+                               "of training in all: the rate reaches its end as the time runs out, for runs "
+                               "compared at equal wall time; the warmup stays in steps)", choices=("steps", "time"))
     warmup_steps: int = _f(100, "linear warmup steps")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak (cosine, wsd)")
     decay_fraction: float = _f(0.2, "fraction of the run spent decaying in warmup-stable-decay")
@@ -258,7 +261,9 @@ class TrainConfig:
     out_dir: str = _f("runs/default", "run folder: config, logs, checkpoints, plots, exported weights")
     resume: str = _f("none", "'none', 'auto' (newest complete checkpoint in the run folder), or a checkpoint folder")
     time_limit_s: float = _f(0.0, "stop (after saving) once training has run this many seconds after its first "
-                                  "step, which holds compilation and warm-up (0 = no limit)")
+                                  "step, which holds compilation and warm-up, in this process; with "
+                                  "optim.horizon=time, in all (a resumed run counts the seconds before it) "
+                                  "(0 = no limit)")
     max_bad_steps: int = _f(5, "stop (after saving) when this many consecutive steps have a non-finite loss")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
 
@@ -453,6 +458,8 @@ class RunConfig:
         _check(self.precision.fp8 == "none" or (self.peft.method == "none" and self.qat.scheme == "none"),
                "precision.fp8", self.precision.fp8, "fp8 linears replace the linears that adapters (peft.method) "
                "and quantization-aware training (qat.scheme) also replace; use one of them")
+        _check(self.optim.horizon == "steps" or self.train.time_limit_s > 0, "optim.horizon", self.optim.horizon,
+               "a schedule over time needs the time it spans: set train.time_limit_s")
         _check(self.qat.scheme == "none" or self.peft.method == "none", "qat.scheme", self.qat.scheme,
                "quantization-aware training with adapters is not supported yet; fine-tune with qat alone, or "
                "use peft.method=qlora for a 4-bit base")

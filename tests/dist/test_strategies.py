@@ -12,6 +12,7 @@ more than 1e-2.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -172,3 +173,32 @@ def test_fp8_linears_train_on_two_ranks_like_one_process(cache, strategy):
     and cast to fp8 with the same dynamic scales as in one process. Measured: 3e-5 relative."""
     out, ref = _two_ranks_and_one_process(cache, "fp8", ["precision.fp8=rowwise"], strategy)
     assert losses(out) == pytest.approx(losses(ref), rel=LOSS_RTOL)
+
+
+def _read_agreed_seconds(out: str) -> None:
+    """Each rank offers another reading of the clock; every rank must get the same one back."""
+    import types
+
+    import torch
+    import torch.distributed as dist
+
+    from hasten.train.loop import _agreed_seconds
+
+    rank = dist.get_rank()
+    run = types.SimpleNamespace(world_size=dist.get_world_size(), device=torch.device("cpu"))
+    (Path(out) / f"rank{rank}").write_text(repr(_agreed_seconds(run, 10.0 + rank)))
+
+
+def test_ranks_agree_on_the_clock_of_a_schedule_over_time(cache, tmp_path):
+    """optim.horizon=time on 2 DDP ranks: the ranks read one clock (the largest reading), so they set
+    the same rates; the run stops together at the time limit with its rate decayed."""
+    spawn(_read_agreed_seconds, str(tmp_path))
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["11.0", "11.0"]
+    out = cache / "by-time"
+    spawn(train_ranks, [*COMMON, f"train.batch_size={B}", f"train.out_dir={out}", "parallel.strategy=ddp",
+                        "train.steps=1000000", "train.time_limit_s=3", "optim.horizon=time", "optim.warmup_steps=1",
+                        "optim.min_lr_ratio=0.1", "train.eval_every=0"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and "time limit" in summary["stop_reason"]
+    lrs = [r["lr"] for r in read_log(out / "metrics.jsonl") if r["event"] == "train"]
+    assert len(lrs) > 3 and lrs[-1] < 0.3 * max(lrs)

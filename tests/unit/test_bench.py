@@ -170,6 +170,9 @@ def test_settings_order_budget_and_fingerprint(tmp_path: Path) -> None:
     assert overrides[-2:] == ["optim.schedule=wsd", f"train.out_dir={tmp_path / 'wsd'}"]
     timed = BenchSettings(budget_seconds=30.0).common_overrides()
     assert "train.time_limit_s=30.0" in timed and "train.steps=1000000" in timed
+    assert "optim.horizon=time" in timed  # each row's schedule ends with its time
+    assert "optim.horizon=time" not in BenchSettings(budget_seconds=30.0,
+                                                     overrides=("optim.horizon=steps",)).common_overrides()
     assert settings.fingerprint(ROWS["wsd"]) != BenchSettings(budget_steps=41).fingerprint(ROWS["wsd"])
     assert settings.fingerprint(ROWS["wsd"]) != settings.fingerprint(ROWS["bf16"])
     with pytest.raises(ConfigError, match="not both"):

@@ -185,6 +185,28 @@ def test_time_limit_stops_with_a_checkpoint_and_a_final_eval(tiny_config, tmp_pa
     assert list_checkpoints(tmp_path / "timed")[-1].name == f"step_{summary['steps']:07d}"
 
 
+def _lrs(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["lr"] for r in records if r.get("event") == "train"]
+
+
+def test_schedule_over_time_decays_to_the_time_limit_and_continues_on_resume(tiny_config, tmp_path):
+    """optim.horizon=time: the cosine spans train.time_limit_s, so a run cut by its time limit ends
+    decayed; the seconds spent are checkpointed and a resumed run continues the decay from them."""
+    timed = ["train.steps=1000000", "optim.horizon=time", "optim.lr=1e-3", "optim.warmup_steps=2",
+             "optim.min_lr_ratio=0.1", "log.every=1", "train.eval_every=0", "checkpoint.every=0"]
+    first = hasten.train(tiny_config(*timed, "train.time_limit_s=2", out="by_time"))
+    lrs = _lrs(tmp_path / "by_time")
+    assert "time limit" in first["stop_reason"] and len(lrs) > 10
+    assert lrs[2] > 0.75e-3 and lrs[-1] < 0.2e-3  # from the peak to near the floor as the time runs out
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    resumed = hasten.train(tiny_config(*timed, "train.time_limit_s=4", "train.resume=auto", out="by_time"))
+    lrs = _lrs(tmp_path / "by_time")[first["steps"]:]
+    assert resumed["steps"] > first["steps"] and "time limit" in resumed["stop_reason"]
+    assert 0.4e-3 < lrs[0] < 0.65e-3  # half the 4 s already spent: the cosine resumes mid-way
+    assert lrs[-1] < 0.2e-3
+
+
 def test_memory_budget_mode_is_checked_and_reaches_the_compiler():
     """`budget` needs compile; its fraction reaches torch.compile's partitioner, which then keeps fewer
     activations for the backward (counted from the partitioned forward graph's saved outputs)."""

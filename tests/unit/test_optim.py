@@ -6,7 +6,7 @@ from torch import nn
 
 from hasten.config import ConfigError, OptimConfig
 from hasten.optim import build_optimizer, build_schedule, optimizer_state_bytes, param_groups
-from hasten.optim.schedule import warmup_cosine, warmup_stable_decay
+from hasten.optim.schedule import over_time, warmup_cosine, warmup_stable_decay
 
 
 def test_warmup_cosine_endpoints():
@@ -30,6 +30,29 @@ def test_schedule_choice():
         fn = build_schedule(OptimConfig(schedule=name, warmup_steps=5), total_steps=50)
         assert fn(0) == pytest.approx(0.2) and 0 < fn(49) <= 1.0
     assert build_schedule(OptimConfig(schedule="constant", warmup_steps=5), 50)(49) == 1.0
+
+
+def test_schedule_over_time_follows_the_time_spent_after_a_warmup_in_steps():
+    fn = build_schedule(OptimConfig(schedule="cosine", horizon="time", warmup_steps=4, min_lr_ratio=0.1),
+                        total_steps=10**6)
+    assert fn(0, 0.9) == pytest.approx(0.25) and fn(3, 0.9) == pytest.approx(1.0)  # warmup ignores the clock
+    assert fn(4, 0.0) == pytest.approx(1.0) and fn(4, 0.5) == pytest.approx(0.55) and fn(4, 1.0) == pytest.approx(0.1)
+    assert fn(10**5, 0.5) == fn(10, 0.5)  # the step no longer places the rate
+    assert fn(10, 3.0) == pytest.approx(0.1) and fn(10, -1.0) == pytest.approx(1.0)  # clamped
+    same_steps = [warmup_stable_decay(s, total=100, warmup=0, min_ratio=0.0, decay_fraction=0.2) for s in range(100)]
+    same_time = [over_time(1, (s + 1) / 100, schedule="wsd", warmup=0, min_ratio=0.0, decay_fraction=0.2)
+                 for s in range(100)]
+    assert same_time == pytest.approx(same_steps)  # one shape, steps or time
+    constant = build_schedule(OptimConfig(schedule="constant", horizon="time", warmup_steps=0), 10)
+    assert constant(5, 0.99) == 1.0
+
+
+def test_schedule_over_time_needs_a_time_limit():
+    from hasten.config import load_config
+
+    with pytest.raises(ConfigError, match="optim.horizon.*train.time_limit_s"):
+        load_config("default", ["optim.horizon=time"])
+    assert load_config("default", ["optim.horizon=time", "train.time_limit_s=60"]).optim.horizon == "time"
 
 
 class Net(nn.Module):

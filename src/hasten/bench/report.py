@@ -179,7 +179,8 @@ def _notes(report: dict[str, Any]) -> list[str]:
         notes.append("On CPU, peak memory is the process's peak resident set and MFU is n/a; "
                      "timings are noisy, so compare ratios rather than absolute seconds.")
     if budget.get("kind") == "seconds":
-        notes.append("Under a time budget the lr schedules span train.steps, so decay phases may not be reached.")
+        notes.append("Under a time budget each row's learning-rate schedule spans its time (optim.horizon=time, "
+                     "unless set otherwise), so every row ends its decay as its time runs out.")
     busy = [f"{r['name']} ({r['other_cpu_share']:.0%})" for r in report["rows"]
             if (r.get("other_cpu_share") or 0) > BUSY_SHARE]
     if busy:

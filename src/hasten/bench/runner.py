@@ -87,6 +87,8 @@ class BenchSettings:
             budget.append(f"train.time_limit_s={self.budget_seconds}")
             if not _sets(self.overrides, "train.steps"):
                 budget.append(f"train.steps={UNBOUNDED_STEPS}")
+            if not _sets(self.overrides, "optim.horizon"):  # every row ends its decay as its time runs out
+                budget.append("optim.horizon=time")
         elif (steps := self.resolved_steps()) is not None:
             budget.append(f"train.steps={steps}")
         return [*defaults, *QUIET, *self.overrides, *budget]

@@ -2,6 +2,12 @@
 
 A schedule is a multiplier of the peak learning rate. Being a pure function of the step, it needs
 no state of its own in a checkpoint: resuming at step s gives the same rate as running through s.
+
+With `optim.horizon = "time"` the decay spans a time budget instead of a step count (budgeted
+training, Li et al. 2020: a schedule that ends when the budget does beats one cut short): after
+the warmup (in steps) the rate is the same shape as a function of the fraction of
+`train.time_limit_s` spent, which the loop passes in. Runs compared at equal wall time then all
+end with their rate decayed, whatever their speed.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from collections.abc import Callable
 
 from hasten.config import OptimConfig
 
-Schedule = Callable[[int], float]
+Schedule = Callable[..., float]  # (step, time_fraction=0.0) -> multiplier of the peak rate
 
 
 def warmup_cosine(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
@@ -40,18 +46,40 @@ def constant_with_warmup(step: int, *, warmup: int) -> float:
     return (step + 1) / warmup if step < warmup else 1.0
 
 
+def over_time(step: int, time_fraction: float, *, schedule: str, warmup: int, min_ratio: float,
+              decay_fraction: float) -> float:
+    """The schedule's shape over a time budget: linear warmup over `warmup` steps, then cosine (or
+    plateau and linear decay over the last `decay_fraction` of the time, or constant) as a function
+    of the fraction of the budget spent (clamped to [0, 1])."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, max(0.0, time_fraction))
+    if schedule == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "wsd":
+        decay_start = 1.0 - decay_fraction
+        return 1.0 if progress < decay_start else 1.0 - (1.0 - min_ratio) * (progress - decay_start) / decay_fraction
+    return 1.0
+
+
 def build_schedule(cfg: OptimConfig, total_steps: int) -> Schedule:
-    """The configured schedule as a function step -> multiplier of `cfg.lr`.
+    """The configured schedule as a function (step, time_fraction) -> multiplier of `cfg.lr`;
+    time_fraction (the share of train.time_limit_s spent) is read only with optim.horizon=time.
 
     A schedule-free optimizer replaces the decay, so for it only the warmup is kept."""
     from hasten.optim.registry import optimizer_spec
 
     warmup = min(cfg.warmup_steps, max(0, total_steps - 1))
     if optimizer_spec(cfg.name).schedule_free:
-        return lambda s: constant_with_warmup(s, warmup=warmup)
+        return lambda s, time_fraction=0.0: constant_with_warmup(s, warmup=warmup)
+    if cfg.horizon == "time":
+        return lambda s, time_fraction=0.0: over_time(s, time_fraction, schedule=cfg.schedule, warmup=warmup,
+                                                      min_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
     if cfg.schedule == "cosine":
-        return lambda s: warmup_cosine(s, total=total_steps, warmup=warmup, min_ratio=cfg.min_lr_ratio)
+        return lambda s, time_fraction=0.0: warmup_cosine(s, total=total_steps, warmup=warmup,
+                                                          min_ratio=cfg.min_lr_ratio)
     if cfg.schedule == "wsd":
-        return lambda s: warmup_stable_decay(s, total=total_steps, warmup=warmup, min_ratio=cfg.min_lr_ratio,
-                                             decay_fraction=cfg.decay_fraction)
-    return lambda s: constant_with_warmup(s, warmup=warmup)
+        return lambda s, time_fraction=0.0: warmup_stable_decay(s, total=total_steps, warmup=warmup,
+                                                                min_ratio=cfg.min_lr_ratio,
+                                                                decay_fraction=cfg.decay_fraction)
+    return lambda s, time_fraction=0.0: constant_with_warmup(s, warmup=warmup)

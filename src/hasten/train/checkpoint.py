@@ -39,6 +39,7 @@ class TrainerState:
     tokens_seen: int = 0
     skipped_steps: int = 0
     bad_loss_streak: int = 0
+    train_seconds: float = 0.0  # training seconds in all (a schedule over time continues from them)
     scaler: dict[str, Any] = field(default_factory=dict)
 
 

@@ -1,7 +1,7 @@
 """The training loop, explicit and in one place.
 
     for step in range(start, steps):
-        lr ← peak · schedule(step)
+        lr ← peak · schedule(step)                        # or of the time spent (optim.horizon=time)
         for micro in range(grad_accum):                  # accumulate
             loss ← loss_fn(model, batch(step, micro))     # under autocast; may also return
                                                           #   {name: term} to log (e.g. MoE aux losses)
@@ -119,6 +119,35 @@ class Timer:
         return statistics.median(rates) if rates else 0.0
 
 
+@dataclass
+class BudgetClock:
+    """Training seconds in all, earlier processes' included: what a schedule over time
+    (optim.horizon=time) reads. Measured at log steps, where every rank takes the largest reading,
+    and extrapolated between them at the last interval's seconds per step, so that every rank
+    gives the same step the same rate and no step waits on the device to read a clock."""
+
+    seconds: float  # at anchor_step
+    anchor_step: int
+    seconds_per_step: float = 0.0
+
+    def at(self, step: int) -> float:
+        return self.seconds + (step - self.anchor_step) * self.seconds_per_step
+
+    def observe(self, step: int, seconds: float) -> None:
+        if step > self.anchor_step:
+            self.seconds_per_step = max(0.0, seconds - self.seconds) / (step - self.anchor_step)
+        self.seconds, self.anchor_step = seconds, step
+
+
+def _agreed_seconds(run: Run, seconds: float) -> float:
+    """The largest of the ranks' readings (a log-step collective; one process: its own)."""
+    if run.world_size == 1:
+        return seconds
+    value = torch.tensor(seconds, device=run.device, dtype=torch.float64)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return value.item()
+
+
 # torch.compile modes that replay the compiled graphs as CUDA graphs (no launch gap between kernels)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
@@ -146,12 +175,13 @@ def split_loss(out: torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]
     return out if isinstance(out, tuple) else (out, {})
 
 
-def train_step(run: Run, forward_loss: Any, step: int,
-               terms: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(run: Run, forward_loss: Any, step: int, terms: dict[str, torch.Tensor] | None = None,
+               time_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `grad_accum` micro-batches; returns (mean loss, skipped flag).
-    The loss function's extra terms, averaged over the micro-batches, are added to `terms`."""
+    The loss function's extra terms, averaged over the micro-batches, are added to `terms`.
+    `time_fraction`, the share of train.time_limit_s spent, places a schedule over time."""
     accum = run.config.train.grad_accum
-    lr = run.config.optim.lr * run.schedule(step)
+    lr = run.config.optim.lr * run.schedule(step, time_fraction)
     set_learning_rate(run.optimizer, lr)  # times each group's lr_scale
     step_loss = torch.zeros((), device=run.device)
     _mark_graph_step(run)  # a new iteration (its micro-batches accumulate into the same gradients)
@@ -272,12 +302,17 @@ def train_loop(run: Run) -> dict[str, Any]:
     peak = peak_flops(run.device, run.precision.name)
     last = dict(loss=math.nan, val_loss=math.nan, tokens_per_second=0.0)
     stop_reason = ""
+    # A schedule over time spans the time limit in all: earlier processes' seconds count.
+    by_time = cfg.optim.horizon == "time"
+    seconds_before = state.train_seconds
+    clock = BudgetClock(seconds_before, state.step)
     reset_peak_memory(run.device)
     run.model.train()
     with StopSignal() as stop:
         while state.step < cfg.train.steps and not stop_reason:
             terms: dict[str, torch.Tensor] = {}
-            loss, skipped = train_step(run, forward_loss, state.step, terms)
+            time_fraction = clock.at(state.step) / cfg.train.time_limit_s if by_time else 0.0
+            loss, skipped = train_step(run, forward_loss, state.step, terms, time_fraction)
             counters.add_step(loss, skipped)
             counters.add_terms(terms)
             state.step += 1
@@ -290,7 +325,10 @@ def train_loop(run: Run) -> dict[str, Any]:
                 stop_reason = _log_interval(run, state, counters, timer, logger, tokens_per_step, peak, last)
             if stop.requested and not stop_reason:
                 stop_reason = f"received {stop.signal_name}"
-            if cfg.train.time_limit_s and timer.training_seconds() >= cfg.train.time_limit_s:
+            spent = timer.training_seconds() + (seconds_before if by_time else 0.0)
+            if by_time and log_step:
+                clock.observe(state.step, _agreed_seconds(run, spent))
+            if cfg.train.time_limit_s and spent >= cfg.train.time_limit_s:
                 stop_reason = stop_reason or f"time limit of {cfg.train.time_limit_s:g} s reached"
             if run.world_size > 1:  # ranks stop together, at a log step, or the next collective hangs
                 stop_reason = _agree_to_stop(run, stop_reason) if log_step else ""
@@ -300,6 +338,7 @@ def train_loop(run: Run) -> dict[str, Any]:
                 timer.restart_interval()
             if stop_reason or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or (
                     state.step == cfg.train.steps and cfg.checkpoint.at_end):
+                state.train_seconds = seconds_before + timer.training_seconds()
                 _save(run, state)
                 timer.restart_interval()
     set_train_mode(run.optimizer, False)  # the trained model keeps the evaluation weights (schedule-free)
