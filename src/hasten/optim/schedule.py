@@ -4,10 +4,10 @@ A schedule is a multiplier of the peak learning rate. Being a pure function of t
 no state of its own in a checkpoint: resuming at step s gives the same rate as running through s.
 
 With `optim.horizon = "time"` the decay spans a time budget instead of a step count (budgeted
-training, Li et al. 2020: a schedule that ends when the budget does beats one cut short): after
-the warmup (in steps) the rate is the same shape as a function of the fraction of
-`train.time_limit_s` spent, which the loop passes in. Runs compared at equal wall time then all
-end with their rate decayed, whatever their speed.
+training, Li et al. 2020, found that a schedule ending with the budget beats one cut short;
+docs/trainer.md has what hasten measured): after the warmup (in steps) the rate is the same shape
+as a function of the fraction of `train.time_limit_s` spent, which the loop passes in. Runs
+compared at equal wall time then all end with their rate decayed, whatever their speed.
 """
 
 from __future__ import annotations
@@ -20,12 +20,16 @@ from hasten.config import OptimConfig
 Schedule = Callable[..., float]  # (step, time_fraction=0.0) -> multiplier of the peak rate
 
 
+def cosine_decay(progress: float, min_ratio: float) -> float:
+    """From 1 at progress 0 down a half cosine to `min_ratio` at progress 1."""
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def warmup_cosine(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
     """Linear warmup to 1, then a cosine down to `min_ratio` at `total`."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cosine_decay(min(1.0, (step - warmup) / max(1, total - warmup)), min_ratio)
 
 
 def warmup_stable_decay(step: int, *, total: int, warmup: int, min_ratio: float, decay_fraction: float) -> float:
@@ -55,7 +59,7 @@ def over_time(step: int, time_fraction: float, *, schedule: str, warmup: int, mi
         return (step + 1) / warmup
     progress = min(1.0, max(0.0, time_fraction))
     if schedule == "cosine":
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cosine_decay(progress, min_ratio)
     if schedule == "wsd":
         decay_start = 1.0 - decay_fraction
         return 1.0 if progress < decay_start else 1.0 - (1.0 - min_ratio) * (progress - decay_start) / decay_fraction
