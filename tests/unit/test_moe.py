@@ -10,7 +10,7 @@ import torch
 
 from hasten.config import ModelConfig
 from hasten.models import MoE, build_model, load_balancing_loss, route, router_z_loss
-from hasten.models.moe import auxiliary_losses, dispatch_plan
+from hasten.models.moe import auxiliary_losses, dispatch_plan, top_k_of
 from hasten.models.ops import expert_swiglu_ref
 
 
@@ -136,6 +136,20 @@ def test_grouped_expert_swiglu_matches_per_group_matmuls_with_gradients():
     for got, want in zip(*results):
         torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
     assert results[0][3][1].abs().sum() == 0  # no rows, no gradient for the empty expert
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_k_of_equals_torch_topk_with_gradients(k):
+    torch.manual_seed(k)
+    scores = torch.randn(64, 8).softmax(-1).requires_grad_()
+    ref = scores.detach().clone().requires_grad_()
+    values, idx = top_k_of(scores, k)
+    ref_values, ref_idx = ref.topk(k, dim=-1)
+    assert torch.equal(idx, ref_idx) and torch.equal(values, ref_values)
+    weights = torch.randn(64, k)
+    (values * weights).sum().backward()
+    (ref_values * weights).sum().backward()
+    assert torch.equal(scores.grad, ref.grad)
 
 
 def test_dispatch_plan_compiles_without_graph_breaks():

@@ -45,6 +45,20 @@ def router_z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_NE.float(), dim=-1).pow(2).mean()
 
 
+def top_k_of(scores_NE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of each row's k largest scores, largest first, as `torch.topk`. For k <= 2
+    as max reductions (the second after masking the first), which torch.compile fuses with the
+    softmax around them; `topk` is a separate sorting kernel per layer on the GPU."""
+    if k > 2:
+        return scores_NE.topk(k, dim=-1)
+    first_N, first_idx_N = scores_NE.max(dim=-1)
+    if k == 1:
+        return first_N[:, None], first_idx_N[:, None]
+    rest_NE = scores_NE.scatter(1, first_idx_N[:, None], float("-inf"))
+    second_N, second_idx_N = rest_NE.max(dim=-1)
+    return torch.stack([first_N, second_N], dim=1), torch.stack([first_idx_N, second_idx_N], dim=1)
+
+
 def route(logits_NE: torch.Tensor, top_k: int, router: str = "softmax"
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(weights_NK, experts_NK, probs_NE). Softmax: top-k of the softmax, renormalized over the k
@@ -53,12 +67,12 @@ def route(logits_NE: torch.Tensor, top_k: int, router: str = "softmax"
     logits_NE = logits_NE.float()
     if router == "softmax":
         probs_NE = logits_NE.softmax(dim=-1)
-        weights_NK, experts_NK = probs_NE.topk(top_k, dim=-1)
+        weights_NK, experts_NK = top_k_of(probs_NE, top_k)
         if top_k > 1:
             weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
     elif router == "sigmoid":
         scores_NE = logits_NE.sigmoid()
-        weights_NK, experts_NK = scores_NE.topk(top_k, dim=-1)
+        weights_NK, experts_NK = top_k_of(scores_NE, top_k)
         weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
         probs_NE = scores_NE / scores_NE.sum(-1, keepdim=True)
     else:
