@@ -247,3 +247,27 @@ def test_memory_budget_mode_is_checked_and_reaches_the_compiler():
     finally:
         set_memory_budget(1.0)
         torch._dynamo.reset()
+
+
+def test_a_time_limited_progress_bar_ends_where_the_time_runs_out(tmp_path, monkeypatch):
+    """With train.steps unbounded and a time limit, the bar's end is the step the time should run
+    out at, at the current speed, not train.steps."""
+    import importlib
+    import io
+
+    from rich.console import Console
+
+    from hasten.train.loop import expected_last_step
+
+    log = importlib.import_module("hasten.train.log")  # `hasten.train` is also the function
+    assert expected_last_step(100, 10**6, seconds_left=50.0, tokens_per_second=1000.0, tokens_per_step=100) == 600
+    assert expected_last_step(100, 300, seconds_left=50.0, tokens_per_second=1000.0, tokens_per_step=100) == 300
+    assert expected_last_step(100, 10**6, seconds_left=-2.0, tokens_per_second=1000.0, tokens_per_step=100) == 100
+    assert expected_last_step(100, 10**6, seconds_left=50.0, tokens_per_second=0.0, tokens_per_step=100) == 10**6
+    monkeypatch.setattr(log, "Console", lambda **kw: Console(file=io.StringIO(), force_terminal=True, **kw))
+    logger = log.RunLogger(tmp_path, total_steps=10**6, start_step=0, tensorboard=False)
+    logger.advance(10, 5.0, 1000.0, total=600)
+    assert logger._progress.tasks[0].total == 600 and logger._progress.tasks[0].completed == 10
+    logger.advance(20, 4.0, 1000.0)  # no estimate: the end stays
+    assert logger._progress.tasks[0].total == 600
+    logger.close()

@@ -65,16 +65,20 @@ class RunLogger:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self._tb.add_scalar(f"{event}/{key}", value, step)
 
-    def advance(self, step: int, loss: float | None = None, tokens_per_second: float | None = None) -> None:
-        """Move the progress bar to `step`; on a non-interactive stream print a line instead."""
+    def advance(self, step: int, loss: float | None = None, tokens_per_second: float | None = None,
+                total: int | None = None) -> None:
+        """Move the progress bar to `step` (and its end to `total`, when given: a time-limited run's
+        expected last step); on a non-interactive stream print a line instead."""
         if not self.enabled:
             return
         if self._progress is not None:
-            fields = {}
+            fields: dict[str, Any] = {}
             if loss is not None:
                 fields["loss"] = f"{loss:.4f}"
             if tokens_per_second is not None:
                 fields["tps"] = f"{tokens_per_second:,.0f}"
+            if total is not None:
+                fields["total"] = total
             self._progress.update(self._task, completed=step, **fields)
         elif loss is not None:
             tps = f"{tokens_per_second:,.0f}" if tokens_per_second else "-"

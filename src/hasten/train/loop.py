@@ -322,7 +322,8 @@ def train_loop(run: Run) -> dict[str, Any]:
                 timer.first_step_s = time.perf_counter() - timer.start
             log_step = state.step % cfg.log.every == 0 or state.step == cfg.train.steps
             if log_step or (stop.requested and run.world_size == 1):
-                stop_reason = _log_interval(run, state, counters, timer, logger, tokens_per_step, peak, last)
+                stop_reason = _log_interval(run, state, counters, timer, logger, tokens_per_step, peak, last,
+                                            seconds_before if by_time else 0.0)
             if stop.requested and not stop_reason:
                 stop_reason = f"received {stop.signal_name}"
             spent = timer.training_seconds() + (seconds_before if by_time else 0.0)
@@ -345,9 +346,19 @@ def train_loop(run: Run) -> dict[str, Any]:
     return _finish(run, state, logger, timer, peak, last, stop_reason)
 
 
+def expected_last_step(step: int, steps: int, seconds_left: float, tokens_per_second: float,
+                       tokens_per_step: int) -> int:
+    """The step a time-limited run should stop at, at its current speed (at most train.steps)."""
+    if tokens_per_second <= 0:
+        return steps
+    return min(steps, step + math.ceil(max(0.0, seconds_left) * tokens_per_second / tokens_per_step))
+
+
 def _log_interval(run: Run, state: TrainerState, counters: DeviceCounters, timer: Timer, logger: RunLogger,
-                  tokens_per_step: int, peak: float | None, last: dict[str, Any]) -> str:
-    """Read the device counters, log them; return a stop reason when the guard trips."""
+                  tokens_per_step: int, peak: float | None, last: dict[str, Any], seconds_before: float = 0.0) -> str:
+    """Read the device counters, log them; return a stop reason when the guard trips. Under a time
+    limit the progress bar's end moves to the step the time should run out at (seconds_before:
+    the earlier processes' seconds that count against the limit)."""
     values = counters.read_and_reset()
     values["loss"] = _mean_over_ranks(run, values["loss"])  # the loss of the global batch
     rate = timer.close_interval(tokens_per_step)
@@ -362,7 +373,10 @@ def _log_interval(run: Run, state: TrainerState, counters: DeviceCounters, timer
     if (utilization := mfu(rate, run.flops_per_token or 0.0, peak)) is not None:
         record["mfu"] = utilization
     logger.log("train", state.step, **record)
-    logger.advance(state.step, values["loss"], rate)
+    limit = run.config.train.time_limit_s
+    total = expected_last_step(state.step, run.config.train.steps, limit - seconds_before - timer.training_seconds(),
+                               rate, tokens_per_step) if limit else None
+    logger.advance(state.step, values["loss"], rate, total=total)
     last.update(loss=values["loss"], tokens_per_second=rate)
     if values["worst"] >= run.config.train.max_bad_steps:
         return (f"stopped: {int(values['worst'])} consecutive steps had a non-finite loss (limit "
