@@ -302,9 +302,10 @@ def train_loop(run: Run) -> dict[str, Any]:
     peak = peak_flops(run.device, run.precision.name)
     last = dict(loss=math.nan, val_loss=math.nan, tokens_per_second=0.0)
     stop_reason = ""
-    # A schedule over time spans the time limit in all: earlier processes' seconds count.
+    # A schedule over time spans the time limit in all: earlier processes' seconds count against it.
     by_time = cfg.optim.horizon == "time"
     seconds_before = state.train_seconds
+    counted_before = seconds_before if by_time else 0.0
     clock = BudgetClock(seconds_before, state.step)
     reset_peak_memory(run.device)
     run.model.train()
@@ -323,10 +324,10 @@ def train_loop(run: Run) -> dict[str, Any]:
             log_step = state.step % cfg.log.every == 0 or state.step == cfg.train.steps
             if log_step or (stop.requested and run.world_size == 1):
                 stop_reason = _log_interval(run, state, counters, timer, logger, tokens_per_step, peak, last,
-                                            seconds_before if by_time else 0.0)
+                                            counted_before)
             if stop.requested and not stop_reason:
                 stop_reason = f"received {stop.signal_name}"
-            spent = timer.training_seconds() + (seconds_before if by_time else 0.0)
+            spent = counted_before + timer.training_seconds()
             if by_time and log_step:
                 clock.observe(state.step, _agreed_seconds(run, spent))
             if cfg.train.time_limit_s and spent >= cfg.train.time_limit_s:
