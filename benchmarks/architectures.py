@@ -250,6 +250,10 @@ def main() -> None:
     parser.add_argument("--skip-layers", action="store_true",
                         help="only the models (b); (a) and (c) are read from --out's architectures.json "
                              "(models not run now are always kept from it)")
+    parser.add_argument("--rows-from", default="",
+                        help="comma-separated architectures.json files whose model rows join --out's (a row of the same "
+                             "name is replaced; rows run now win): to put side by side models trained at the same time "
+                             "on the GPUs of one host, one process per GPU. --models '' runs none, only joins")
     args = parser.parse_args()
     if args.smoke:
         args.seconds, args.warmup, args.iters = min(args.seconds, 10), 1, 3
@@ -265,11 +269,12 @@ def main() -> None:
     else:
         result["mixers"] = bench_mixers(args, device)
         result["grouped"] = bench_grouped(args, device)
-    names = [] if args.skip_models else args.models.split(",")
-    result["models"] = []
-    if (out / "architectures.json").is_file():  # models of an earlier run not run again now are kept
-        result["models"] = [r for r in json.loads((out / "architectures.json").read_text()).get("models", [])
-                            if r["name"] not in names]
+    names = [] if args.skip_models else [n for n in args.models.split(",") if n]
+    kept = {}  # models of an earlier run, or of --rows-from, not run again now
+    for path in [out / "architectures.json", *(Path(p) for p in args.rows_from.split(",") if p)]:
+        if path.is_file() or path != out / "architectures.json":
+            kept.update({r["name"]: r for r in json.loads(path.read_text()).get("models", []) if r["name"] not in names})
+    result["models"] = list(kept.values())
     for name in names:
         result["models"].append({**bench_model(args, name), "commit": result["commit"][:7]})  # rows outlive this run
         (out / "architectures.partial.json").write_text(json.dumps(result, indent=1))  # kept if a later one dies
