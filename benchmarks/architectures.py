@@ -168,6 +168,7 @@ def bench_model(args, name: str) -> dict:
     # to see the loss fall, and the check below would fail for no fault of the code.
     budget = ["train.steps=24"] if args.smoke else ["train.steps=1000000", f"train.time_limit_s={args.seconds}",
                                                     f"optim.horizon={args.horizon}"]
+    budget += [f"train.seed={args.seed}"] if args.seed is not None else []
     cfg = load_config(recipe, [*overrides, *data, f"train.out_dir={out}", f"data.cache_dir={args.workdir}/cache",
                                *budget, "train.eval_every=0",
                                "train.eval_batches=20", "checkpoint.every=0", "checkpoint.at_end=false",
@@ -178,7 +179,7 @@ def bench_model(args, name: str) -> dict:
     if not losses or not all(math.isfinite(v) for v in losses) or not losses[-1] < losses[0]:
         raise SystemExit(f"{name}: loss is not finite and falling: {losses[:3]} ... {losses[-3:]}")
     return dict(name=name, data=args.data_label or args.data or "recipe (stdlib)", seconds=args.seconds,
-                horizon="steps" if args.smoke else args.horizon,
+                horizon="steps" if args.smoke else args.horizon, seed=cfg.train.seed,
                 tokens_per_second=summary["tokens_per_second"], val_loss=summary["final_val_loss"],
                 steps=summary["steps"], wall_time_s=summary["wall_time_s"], params=summary["params"],
                 flops_per_token=summary["flops_per_token"], mfu=summary["mfu"],
@@ -208,12 +209,12 @@ def _markdown(result: dict) -> str:
               "Data: " + "; ".join(f"{source} ({', '.join(r['name'] for r in result['models'] if r.get('data', 'recipe (stdlib)') == source)})"
                                    for source in dict.fromkeys(r.get("data", "recipe (stdlib)") for r in result["models"])) + ".",
               "",
-              "| model | training s | lr decay | params | tokens/s | MFU | val loss | steps | peak GiB | commit |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+              "| model | training s | lr decay | seed | params | tokens/s | MFU | val loss | steps | peak GiB | commit |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["models"]:
         mfu = f"{r['mfu']:.3f}" if r.get("mfu") else "-"
         decay = "over its time" if r.get("horizon") == "time" else "none"
-        lines.append(f"| {r['name']} | {r.get('seconds', result['seconds']):g} | {decay} | {r['params'] / 1e6:.1f}M | {r['tokens_per_second']:,.0f} | {mfu} | "
+        lines.append(f"| {r['name']} | {r.get('seconds', result['seconds']):g} | {decay} | {r.get('seed', '-')} | {r['params'] / 1e6:.1f}M | {r['tokens_per_second']:,.0f} | {mfu} | "
                      f"{r['val_loss']:.3f} | {r['steps']} | {r['peak_memory_gib']:.1f} | {r.get('commit', result['commit'][:7])} |")
     g = result["grouped"]
     lines += ["", f"MoE tokens/s over dense: **{s['moe_tokens_per_second_ratio']:.3f}**; MoE val loss minus dense "
@@ -235,6 +236,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=300, help="training budget of each model in (b) (--smoke: 24 steps instead)")
     parser.add_argument("--horizon", choices=("time", "steps"), default="time",
                         help="what each model's lr decay spans in (b): its time budget, or 10^6 steps (no decay)")
+    parser.add_argument("--seed", type=int, default=None, help="train.seed of every model in (b) (default: the recipes' "
+                                                                  "own): repeats of a comparison with other draws")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device (CPU ok): checks the script")
