@@ -217,11 +217,13 @@ def _markdown(result: dict) -> str:
         lines.append(f"| {r['name']} | {r.get('seconds', result['seconds']):g} | {decay} | {r.get('seed', '-')} | {r['params'] / 1e6:.1f}M | {r['tokens_per_second']:,.0f} | {mfu} | "
                      f"{r['val_loss']:.3f} | {r['steps']} | {r['peak_memory_gib']:.1f} | {r.get('commit', result['commit'][:7])} |")
     g = result["grouped"]
-    lines += ["", f"MoE tokens/s over dense: **{s['moe_tokens_per_second_ratio']:.3f}**; MoE val loss minus dense "
-              f"at equal time: **{s['moe_val_loss_delta_at_equal_time']:+.3f}**." + "".join(
-                  f" {label} ({name}): **{s[f'{key}_tokens_per_second_ratio']:.3f}**, "
-                  f"**{s[f'{key}_val_loss_delta_at_equal_time']:+.3f}**."
-                  for name, (key, label) in MOE_VARIANTS.items() if f"{key}_tokens_per_second_ratio" in s),
+    pairs = [] if math.isnan(s["moe_tokens_per_second_ratio"]) else [  # all-MoE ran beside dense
+        f"MoE tokens/s over dense: **{s['moe_tokens_per_second_ratio']:.3f}**; MoE val loss minus dense "
+        f"at equal time: **{s['moe_val_loss_delta_at_equal_time']:+.3f}**."]
+    pairs += [f"{label} ({name}): **{s[f'{key}_tokens_per_second_ratio']:.3f}**, "
+              f"**{s[f'{key}_val_loss_delta_at_equal_time']:+.3f}**."
+              for name, (key, label) in MOE_VARIANTS.items() if f"{key}_tokens_per_second_ratio" in s]
+    lines += [*(["", result["note"] + "."] if result.get("note") else []), "", " ".join(pairs),
               f"One MoE layer ({g['tokens']} tokens, {g['experts']} experts, top-{g['top_k']}), grouped over loop: "
               f"**{s['grouped_vs_loop_speedup']:.2f}x** (grouped GEMM kernel: {g['grouped_kernel']})" + (
                   f"; output and gradients differ from the loop's by {g['grouped_vs_loop_rel_error']:.1e} (relative)."

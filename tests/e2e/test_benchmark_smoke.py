@@ -76,3 +76,23 @@ def test_ptq_schemes_quantizes_a_trained_run_at_each_scheme(tiny_config, tmp_pat
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert float_loss == pytest.approx(summary["final_val_loss"], abs=1e-4)  # the run's own evaluation
     assert abs(int8_loss - float_loss) < abs(int4_loss - float_loss) + 1e-3 < 0.5  # int8 at least as close
+
+def test_architectures_joins_rows_trained_apart(tmp_path):
+    """Models trained by separate processes (one per GPU of a host) are put side by side with --rows-from."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HASTEN_CACHE": str(tmp_path / "cache")}
+
+    def bench(*args):
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "architectures.py"), "--smoke", "--seed", "3",
+                               "--workdir", str(tmp_path / "work"), *args], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    bench("--models", "dense", "--out", str(tmp_path / "a"))
+    bench("--models", "moe-alt", "--out", str(tmp_path / "b"))
+    bench("--models", "", "--skip-layers", "--out", str(tmp_path / "a"), "--rows-from", str(tmp_path / "b" / "architectures.json"))
+    joined = json.loads((tmp_path / "a" / "architectures.json").read_text())
+    rows = {r["name"]: r for r in joined["models"]}
+    assert sorted(rows) == ["dense", "moe-alt"] and {r["seed"] for r in rows.values()} == {3}
+    ratio = rows["moe-alt"]["tokens_per_second"] / rows["dense"]["tokens_per_second"]
+    assert joined["summary"]["moe_alternating_tokens_per_second_ratio"] == pytest.approx(ratio)
+    assert "MoE on every other layer (moe-alt)" in (tmp_path / "a" / "architectures.md").read_text()
