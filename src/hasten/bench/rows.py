@@ -96,7 +96,7 @@ def default_row_names(device_type: str, nproc: int = 1) -> list[str]:
     """
     several = ["ddp", "zero2", "zero3"] if nproc > 1 else []  # the distributed rows need several processes
     if device_type == "cuda":
-        return ["baseline", "fp32", "fp16", "fp8", "compile", "wsd", "bf16+compile", "sophia", "muon", "moe", "hybrid",
+        return ["baseline", "fp32", "fp16", "fp8", "compile", "wsd", "bf16+compile", "sophia", "muon", "moe-alt", "hybrid",
                 "lora", *several]
     return ["baseline", "bf16", "compile", "wsd", "sophia", "muon", "moe", "lora", *several]
 
@@ -184,6 +184,8 @@ register(Row(name="zero3", family="distributed", benefit="memory", overrides=("p
              description="FSDP2 sharding parameters too (ZeRO-3)", distributed=True))
 register(Row(name="moe", family="architectures", benefit="quality at equal budget", overrides=("model.ffns=E",),
              description="every FFN a mixture of 8 experts, top-2, about the dense FFN's active parameters"))
+register(Row(name="moe-alt", family="architectures", benefit="quality at equal budget", overrides=("model.ffns=DE",),
+             description="every other FFN a mixture of 8 experts (the moe-gpu recipe's layout), top-2"))
 register(Row(name="moe-shared", family="architectures", benefit="quality at equal budget",
              overrides=("model.ffns=E", "model.moe_shared_expert=true"),
              description="moe plus one shared expert every token uses (DeepSeekMoE), active parameters matched"))
