@@ -275,10 +275,13 @@ def main() -> None:
         result["mixers"] = bench_mixers(args, device)
         result["grouped"] = bench_grouped(args, device)
     names = [] if args.skip_models else [n for n in args.models.split(",") if n]
+    joined = [Path(p) for p in args.rows_from.split(",") if p]
+    if missing := [str(p) for p in joined if not p.is_file()]:
+        raise SystemExit(f"--rows-from: no such file: {', '.join(missing)}")
+    earlier = [out / "architectures.json"] if (out / "architectures.json").is_file() else []
     kept = {}  # models of an earlier run, or of --rows-from, not run again now
-    for path in [out / "architectures.json", *(Path(p) for p in args.rows_from.split(",") if p)]:
-        if path.is_file() or path != out / "architectures.json":
-            kept.update({r["name"]: r for r in json.loads(path.read_text()).get("models", []) if r["name"] not in names})
+    for path in [*earlier, *joined]:
+        kept.update({r["name"]: r for r in json.loads(path.read_text()).get("models", []) if r["name"] not in names})
     result["models"] = list(kept.values())
     for name in names:
         result["models"].append({**bench_model(args, name), "commit": result["commit"][:7]})  # rows outlive this run
@@ -286,9 +289,10 @@ def main() -> None:
     models = {r["name"]: r for r in result["models"]}
 
     def against_dense(name: str) -> tuple[float, float]:
-        """(tokens/s ratio, val loss delta) of a model against dense, when both ran on the same data and budget."""
+        """(tokens/s ratio, val loss delta) of a model against dense, when both ran on the same data, budget and
+        seed (the validation windows are drawn from the seed)."""
         other, dense = models.get(name), models.get("dense")
-        if not other or not dense or any(other.get(k) != dense.get(k) for k in ("data", "seconds")) \
+        if not other or not dense or any(other.get(k) != dense.get(k) for k in ("data", "seconds", "seed")) \
                 or other.get("horizon", "steps") != dense.get("horizon", "steps"):
             return math.nan, math.nan
         return other["tokens_per_second"] / dense["tokens_per_second"], other["val_loss"] - dense["val_loss"]

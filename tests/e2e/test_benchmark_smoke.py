@@ -77,6 +77,7 @@ def test_ptq_schemes_quantizes_a_trained_run_at_each_scheme(tiny_config, tmp_pat
     assert float_loss == pytest.approx(summary["final_val_loss"], abs=1e-4)  # the run's own evaluation
     assert abs(int8_loss - float_loss) < abs(int4_loss - float_loss) + 1e-3 < 0.5  # int8 at least as close
 
+
 def test_architectures_joins_rows_trained_apart(tmp_path):
     """Models trained by separate processes (one per GPU of a host) are put side by side with --rows-from."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HASTEN_CACHE": str(tmp_path / "cache")}
@@ -96,3 +97,6 @@ def test_architectures_joins_rows_trained_apart(tmp_path):
     ratio = rows["moe-alt"]["tokens_per_second"] / rows["dense"]["tokens_per_second"]
     assert joined["summary"]["moe_alternating_tokens_per_second_ratio"] == pytest.approx(ratio)
     assert "MoE on every other layer (moe-alt)" in (tmp_path / "a" / "architectures.md").read_text()
+    bench("--models", "dense", "--seed", "4", "--out", str(tmp_path / "c"))  # another seed: other validation windows
+    bench("--models", "", "--skip-layers", "--out", str(tmp_path / "c"), "--rows-from", str(tmp_path / "b" / "architectures.json"))
+    assert "moe_alternating_tokens_per_second_ratio" not in json.loads((tmp_path / "c" / "architectures.json").read_text())["summary"]
