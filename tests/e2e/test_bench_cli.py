@@ -75,3 +75,24 @@ def test_distributed_rows_run_on_two_processes(tmp_path: Path) -> None:
     assert rows["zero3"]["status"] == "ok", rows["zero3"]["error"]
     summary = json.loads((out / "rows" / "zero3" / "summary.json").read_text())
     assert summary["world_size"] == 2 and len(summary["memory_per_rank"]) == 2
+
+
+def test_rows_train_side_by_side_and_the_lora_row_waits_for_the_baseline(tmp_path: Path) -> None:
+    """--concurrent 2 on the CPU: two rows at a time, each with its share of the cores; the LoRA row,
+    which starts from the baseline's checkpoint, starts after the baseline has finished."""
+    env = {**os.environ, "HASTEN_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
+    out = tmp_path / "bench"
+    done = _run([*_bench_command(), *TINY, "--budget-steps", "10", "--rows", "baseline,wsd,lora", "--concurrent", "2",
+                 "--out", str(out)], env, tmp_path)
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert [rows[n]["status"] for n in ("baseline", "wsd", "lora")] == ["ok", "ok", "ok"]
+    baseline, wsd, lora = rows["baseline"], rows["wsd"], rows["lora"]
+    assert max(baseline["started_at"], wsd["started_at"]) < min(baseline["ended_at"], wsd["ended_at"])  # overlapped
+    assert lora["started_at"] >= baseline["ended_at"]
+    assert all(r["inference_ms"] > 0 and r["other_cpu_share"] is None for r in rows.values())
+    cores = len(os.sched_getaffinity(0))
+    command = json.loads((out / "rows" / "wsd" / "bench_row.json").read_text())["command"]
+    assert f"train.threads={cores // 2}" in command
+    assert report["environment"]["concurrent"] == 2 and "Rows trained up to 2 at a time" in (out / "report.md").read_text()
+    assert "timing each row's inference alone" in done.stdout

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hasten.bench import rows as bench_rows
-from hasten.bench.cli import add_parser, select_rows
+from hasten.bench.cli import add_parser, concurrency_slots, select_rows
 from hasten.bench.report import (
     HEADERS,
     NOT_REACHED,
@@ -29,7 +29,14 @@ from hasten.bench.report import (
     write_report,
 )
 from hasten.bench.rows import ROWS, Row, combine, get_row, parse_custom_row, register
-from hasten.bench.runner import BenchSettings, other_cpu_share, parameter_bytes, row_overrides, train_command
+from hasten.bench.runner import (
+    BenchSettings,
+    other_cpu_share,
+    parameter_bytes,
+    row_overrides,
+    run_concurrently,
+    train_command,
+)
 from hasten.config import ConfigError, load_config
 
 EVALS = [dict(step=25, val_loss=6.0, elapsed_s=5.0), dict(step=50, val_loss=5.5, elapsed_s=10.0),
@@ -261,3 +268,47 @@ def test_distributed_rows_launch_under_torchrun_and_join_the_defaults_with_sever
     assert "parallel.strategy=zero2" in command
     plain = train_command(settings, bench_rows.get_row("wsd"), tmp_path / "rows" / "wsd")
     assert plain[1:4] == ["-m", "hasten", "train"]
+
+
+def test_run_concurrently_fills_the_slots_and_holds_rows_that_need_the_baseline() -> None:
+    import threading
+    import time
+
+    lock, running, peak, spans = threading.Lock(), [], [0], {}
+
+    def start(row: Row, slot: str) -> str:
+        with lock:
+            running.append(slot)
+            peak[0] = max(peak[0], len(running))
+            assert running.count(slot) == 1  # a slot holds one row at a time
+        began = time.monotonic()
+        time.sleep(0.3 if row.name == "baseline" else 0.05)
+        with lock:
+            running.remove(slot)
+        spans[row.name] = (began, time.monotonic())
+        return f"{row.name}@{slot}"
+
+    rows = [get_row("baseline"), get_row("lora"), get_row("wsd"), get_row("bf16"), get_row("distill")]
+    outcomes = run_concurrently(rows, ["gpu0", "gpu1"], start)
+    assert sorted(outcomes) == sorted(r.name for r in rows) and peak[0] == 2
+    for waiting in ("lora", "distill"):  # both start from the trained baseline
+        assert spans[waiting][0] >= spans["baseline"][1]
+    assert spans["wsd"][0] < spans["baseline"][1]  # the others did not wait: they filled the second slot
+
+
+def test_concurrency_slots_and_their_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert concurrency_slots(1, "cpu", ["a=1"]) == ([{}], ["a=1"])
+    cores = len(os.sched_getaffinity(0))
+    slots, overrides = concurrency_slots(min(2, cores), "cpu", ["a=1"])
+    assert len(slots) == min(2, cores) and overrides[-1] == f"train.threads={cores // min(2, cores)}"
+    assert concurrency_slots(min(2, cores), "cpu", ["train.threads=1"])[1] == ["train.threads=1"]  # the user's wins
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        concurrency_slots(0, "cpu", [])
+    with pytest.raises(ConfigError, match="CPU cores"):
+        concurrency_slots(cores + 1, "cpu", [])
+    with pytest.raises(ConfigError, match="without an index"):
+        concurrency_slots(2, "cuda", ["train.device=cuda:1"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # a slot is one of the visible GPUs, named as the user named it
+    assert concurrency_slots(2, "cuda", ["a=1"]) == ([{"CUDA_VISIBLE_DEVICES": "3"}, {"CUDA_VISIBLE_DEVICES": "5"}], ["a=1"])
+    with pytest.raises(ConfigError, match="needs 3 GPUs, one per row; 2 visible"):
+        concurrency_slots(3, "cuda", [])

@@ -50,6 +50,11 @@ def add_parser(subparsers: Any) -> None:
     bench.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                        help="processes of the distributed rows (ddp, zero2, zero3), launched with torchrun; with "
                             "N > 1 they join the default rows (default: the visible GPUs, 1 on CPU)")
+    bench.add_argument("--concurrent", type=int, default=1, metavar="N",
+                       help="train up to N single-process rows at the same time: on GPUs one row per GPU (N <= the "
+                            "visible GPUs), on a CPU each with its share of the cores (train.threads); rows that "
+                            "start from the baseline wait for it, the distributed rows run after, alone, and "
+                            "inference is timed after all training, one row at a time (default: 1, one row at a time)")
     bench.add_argument("--out", default=None, help=f"output folder (default: {DEFAULT_OUT})")
     bench.add_argument("--fresh", action="store_true", help="rerun every row, even those finished before")
     bench.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
@@ -76,14 +81,15 @@ def run(ns: argparse.Namespace) -> int:
     if ns.budget_tokens is not None:
         budget_steps = steps_for_tokens(ns.budget_tokens, recipe, overrides)
     device_type = _device_type(overrides)
+    slots, overrides = concurrency_slots(ns.concurrent, device_type, overrides)
     settings = BenchSettings(recipe=recipe, overrides=tuple(overrides), budget_steps=budget_steps,
                              budget_seconds=ns.budget_seconds, device_type=device_type,
                              nproc=_nproc(ns.nproc_per_node, device_type))
     rows = select_rows(ns.rows, ns.row, settings.device_type, settings.nproc)
     prepare(settings)
     out = Path(ns.out or DEFAULT_OUT)
-    results = _run_rows(settings, rows, out, ns.fresh)
-    report = build_report(results, environment(settings, rows))
+    results = _run_rows(settings, rows, out, ns.fresh, slots)
+    report = build_report(results, {**environment(settings, rows), "concurrent": len(slots)})
     paths = write_report(report, out)
     _print_table(report)
     print(f"report: {paths[1]}  {paths[2]}  {paths[0]}")
@@ -120,6 +126,34 @@ def _nproc(given: int | None, device_type: str) -> int:
     return 1
 
 
+def concurrency_slots(n: int, device_type: str, overrides: list[str]) -> tuple[list[dict[str, str]], list[str]]:
+    """(one environment per row that may train at once, the overrides with a CPU row's thread share).
+
+    On GPUs a slot is one visible GPU (CUDA_VISIBLE_DEVICES); on a CPU every slot gets cores // n
+    threads (train.threads, unless the overrides set it), so that n rows do not oversubscribe the cores."""
+    if n < 1:
+        raise ConfigError(f"--concurrent={n} must be >= 1.")
+    if n == 1:
+        return [{}], overrides
+    if any(o.split("=", 1)[0].strip() == "train.device" and ":" in o.split("=", 1)[1] for o in overrides):
+        raise ConfigError(f"--concurrent={n} gives each row a GPU of its own; leave train.device without an index.")
+    if device_type == "cuda":
+        import torch
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = [g.strip() for g in visible.split(",") if g.strip()] if visible else \
+            [str(i) for i in range(torch.cuda.device_count())]
+        if n > len(gpus):
+            raise ConfigError(f"--concurrent={n} needs {n} GPUs, one per row; {len(gpus)} visible.")
+        return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in gpus[:n]], overrides
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if n > cores:
+        raise ConfigError(f"--concurrent={n} needs at least {n} CPU cores, a thread per row; {cores} available.")
+    if not any(o.split("=", 1)[0].strip() == "train.threads" for o in overrides):
+        overrides = [*overrides, f"train.threads={cores // n}"]
+    return [{} for _ in range(n)], overrides
+
+
 def select_rows(names: str | None, custom: list[str], device_type: str, nproc: int = 1) -> list[Row]:
     """The rows to run: named or default, then custom ones; the baseline first, each name once."""
     chosen = [n.strip() for n in names.split(",") if n.strip()] if names else default_row_names(device_type, nproc)
@@ -133,26 +167,51 @@ def select_rows(names: str | None, custom: list[str], device_type: str, nproc: i
     return rows
 
 
-def _run_rows(settings: Any, rows: list[Row], out: Path, fresh: bool) -> list[dict[str, Any]]:
-    """Run the rows one after another with a progress display; a failed row does not stop the others."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _run_rows(settings: Any, rows: list[Row], out: Path, fresh: bool,
+              slots: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
+    """Run the rows with a progress display, one after another or several at once (`slots`, see
+    `concurrency_slots`); a failed row does not stop the others. Results in the rows' order."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
-    from hasten.bench.runner import run_row
+    from hasten.bench.runner import measure_row, run_concurrently, run_row
 
+    slots = slots or [{}]
     steps = settings.resolved_steps() if settings.budget_seconds is None else None
-    results = []
+    outcomes = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         overall = bar.add_task("bench rows", total=len(rows))
-        for row in rows:
-            task = bar.add_task(f"  {row.name}", total=steps)
-            outcome = run_row(settings, row, out, fresh=fresh,
-                              on_step=lambda step, t=task: bar.update(t, completed=step))
-            bar.update(task, completed=steps or 0, visible=False)
-            line = _row_line(outcome.result, outcome.reused)
-            bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
-            results.append(outcome.result)
+
+        def report(outcome: Any) -> None:
+            bar.console.print(_row_line(outcome.result, outcome.reused), markup=False, highlight=False, soft_wrap=True)
             bar.advance(overall)
-    return results
+
+        def train(row: Row, env: dict[str, str] | None, together: bool) -> Any:
+            task = bar.add_task(f"  {row.name}" + (f" ({', '.join(env.values())})" if env else ""), total=steps)
+            outcome = run_row(settings, row, out, fresh=fresh, env=env, measure=not together, alone=not together,
+                              on_step=lambda step: bar.update(task, completed=step))
+            bar.update(task, completed=steps or 0, visible=False)
+            if not together:
+                report(outcome)
+            return outcome
+
+        together = [row for row in rows if not row.distributed] if len(slots) > 1 else []
+        if together:
+            outcomes = run_concurrently(together, slots, lambda row, env: train(row, env, True))
+            bar.console.print("rows trained; timing each row's inference alone", markup=False, highlight=False)
+            for row in together:
+                if (outcome := outcomes[row.name]).result["status"] == "trained":
+                    measure_row(settings, outcome.result, out / "rows" / row.name)
+                report(outcome)
+        for row in rows:
+            if row.name not in outcomes:  # one at a time: all rows, or the distributed ones after the others
+                outcomes[row.name] = train(row, None, False)
+    return [outcomes[row.name].result for row in rows]
 
 
 def _row_line(result: dict[str, Any], reused: bool) -> str:

@@ -123,6 +123,7 @@ def row_metrics(result: dict[str, Any], target: float | None) -> dict[str, Any]:
         inference_ms=_finite(result.get("inference_ms")),
         model_mb=model_bytes / MB if isinstance(model_bytes, int) else None,
         other_cpu_share=_finite(result.get("other_cpu_share")), evals=evals, train=result.get("train") or [],
+        slot=result.get("slot"), started_at=result.get("started_at"), ended_at=result.get("ended_at"),
     )
 
 
@@ -181,6 +182,10 @@ def _notes(report: dict[str, Any]) -> list[str]:
     if budget.get("kind") == "seconds":
         notes.append("Under a time budget each row's learning-rate schedule spans its time (optim.horizon=time, "
                      "unless set otherwise), so every row ends its decay as its time runs out.")
+    if (together := env.get("concurrent", 1)) > 1:
+        notes.append(f"Rows trained up to {together} at a time ({'one per GPU' if str(env.get('device', '')).startswith('cuda') else 'each on its share of the cores, train.threads'}); "
+                     "the distributed rows ran after them, alone, and inference was timed after all training, "
+                     "one row at a time. The share of CPU time used by other processes is not measured then.")
     busy = [f"{r['name']} ({r['other_cpu_share']:.0%})" for r in report["rows"]
             if (r.get("other_cpu_share") or 0) > BUSY_SHARE]
     if busy:

@@ -8,6 +8,10 @@
 
 A subprocess per row means a crash, a hang in a compiler or an out-of-memory in one row cannot
 take the others down, and each row's peak memory is its own process's.
+
+`run_concurrently` trains several rows at once, one per slot (a GPU, or a share of the CPU's
+cores): a row that starts from the baseline's run waits for the baseline; the caller then times
+each row's inference alone (`measure_row`), so no measurement shares the device with training.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,7 +157,8 @@ class RowOutcome:
 
 
 def load_finished(row_dir: Path, fingerprint: str) -> dict[str, Any] | None:
-    """A stored result of the same settings that completed; failed rows are retried, not reused."""
+    """A stored result of the same settings that trained ("trained": inference not timed yet) or
+    completed ("ok"); failed rows are retried, not reused."""
     path = row_dir / ROW_RESULT
     if not path.exists():
         return None
@@ -160,45 +166,99 @@ def load_finished(row_dir: Path, fingerprint: str) -> dict[str, Any] | None:
         result = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    if result.get("fingerprint") != fingerprint or result.get("status") != "ok":
+    if result.get("fingerprint") != fingerprint or result.get("status") not in ("ok", "trained"):
         return None
     return result
 
 
 def run_row(settings: BenchSettings, row: Row, out: Path, *, fresh: bool = False,
-            on_step: Callable[[int], None] | None = None) -> RowOutcome:
-    """Run one row (or reuse its finished result) and store its result in its folder."""
+            on_step: Callable[[int], None] | None = None, env: dict[str, str] | None = None,
+            measure: bool = True, alone: bool = True) -> RowOutcome:
+    """Run one row (or reuse its finished result) and store its result in its folder.
+
+    `env` is added to the training process's environment (a GPU slot's CUDA_VISIBLE_DEVICES). With
+    `measure=False` the row ends "trained" and `measure_row` times its inference later. `alone=False`
+    (rows running side by side) leaves out the share of CPU time other processes used, as the
+    other rows would be counted in it."""
     row_dir = out / "rows" / row.name
     fingerprint = settings.fingerprint(row)
     if not fresh and (done := load_finished(row_dir, fingerprint)) is not None:
+        if measure and done["status"] == "trained":
+            measure_row(settings, done, row_dir)
         return RowOutcome(done, reused=True)
     row_dir.mkdir(parents=True, exist_ok=True)
     (row_dir / ROW_RESULT).unlink(missing_ok=True)
     result: dict[str, Any] = dict(name=row.name, family=row.family, benefit=row.benefit,
                                   overrides=list(row.overrides), description=row.description,
-                                  fingerprint=fingerprint, command=train_command(settings, row, row_dir))
-    started, cpu_before = time.perf_counter(), cpu_counters()
-    error = _train(result["command"], row_dir, on_step)
-    result["process_time_s"] = time.perf_counter() - started
-    result["other_cpu_share"] = other_cpu_share(cpu_before, cpu_counters(), result["process_time_s"])
+                                  fingerprint=fingerprint, command=train_command(settings, row, row_dir),
+                                  slot=env or None)
+    result["started_at"], started, cpu_before = time.time(), time.perf_counter(), cpu_counters()
+    error = _train(result["command"], row_dir, on_step, env)
+    result["ended_at"], result["process_time_s"] = time.time(), time.perf_counter() - started
+    result["other_cpu_share"] = other_cpu_share(cpu_before, cpu_counters(), result["process_time_s"]) if alone else None
     if error is None:
-        error = _collect(result, settings, row_dir)
-    result["status"] = "ok" if error is None else "failed"
+        error = _collect(result, row_dir)
+    result["status"] = "trained" if error is None else "failed"
     result["error"] = error
-    (row_dir / ROW_RESULT).write_text(json.dumps(result, indent=1, default=_json_default))
+    _store(result, row_dir)
+    if measure and error is None:
+        measure_row(settings, result, row_dir)
     return RowOutcome(result)
+
+
+def measure_row(settings: BenchSettings, result: dict[str, Any], row_dir: Path) -> None:
+    """Time the forward pass of a trained row's model, mark the row ok (or failed) and store it."""
+    try:
+        result.update(measure_inference(row_dir, settings.inference_batch, settings.inference_repeats))
+        result["status"], result["error"] = "ok", None
+    except Exception as err:  # noqa: BLE001 - any failure here is this row's, reported, not the bench's
+        result["status"], result["error"] = "failed", f"measuring inference failed: {type(err).__name__}: {err}"
+    _store(result, row_dir)
+
+
+def waits_for_baseline(row: Row) -> bool:
+    """Whether the row starts from, or learns from, the trained baseline's run folder."""
+    return any("{baseline}" in override for override in row.overrides)
+
+
+def run_concurrently(rows: Sequence[Row], slots: Sequence[Any], start: Callable[[Row, Any], RowOutcome]
+                     ) -> dict[str, RowOutcome]:
+    """`start(row, slot)` for every row, one row per slot at a time, in the rows' order, except that
+    a row waiting for the baseline starts once the baseline has finished. Returns the outcomes by name."""
+    names = {row.name for row in rows}
+    waiting, free, outcomes = list(rows), list(slots), {}
+    running: dict[Future, tuple[Row, Any]] = {}
+    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+        while waiting or running:
+            for row in list(waiting):
+                if free and not (waits_for_baseline(row) and "baseline" in names and "baseline" not in outcomes):
+                    waiting.remove(row)
+                    slot = free.pop(0)
+                    running[pool.submit(start, row, slot)] = (row, slot)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                row, slot = running.pop(future)
+                outcomes[row.name] = future.result()
+                free.append(slot)
+    return outcomes
+
+
+def _store(result: dict[str, Any], row_dir: Path) -> None:
+    (row_dir / ROW_RESULT).write_text(json.dumps(result, indent=1, default=_json_default))
 
 
 def _json_default(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else str(value)
 
 
-def _train(command: list[str], row_dir: Path, on_step: Callable[[int], None] | None) -> str | None:
+def _train(command: list[str], row_dir: Path, on_step: Callable[[int], None] | None,
+           env: dict[str, str] | None = None) -> str | None:
     """Run the training process; None when it succeeded, else the last lines of its stderr."""
     stdout_path, stderr_path = row_dir / "bench_stdout.log", row_dir / "bench_stderr.log"
     metrics = row_dir / "metrics.jsonl"
     with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
-        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **env} if env else None)
         while proc.poll() is None:
             time.sleep(0.5)
             if on_step is not None and (step := last_step(metrics)) is not None:
@@ -256,8 +316,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _collect(result: dict[str, Any], settings: BenchSettings, row_dir: Path) -> str | None:
-    """Add summary, curves and measured inference to `result`; None on success, else the error."""
+def _collect(result: dict[str, Any], row_dir: Path) -> str | None:
+    """Add the run's summary and curves to `result`; None on success, else the error."""
     summary_path = row_dir / "summary.json"
     if not summary_path.exists():
         return f"hasten train finished without writing {summary_path}."
@@ -267,10 +327,6 @@ def _collect(result: dict[str, Any], settings: BenchSettings, row_dir: Path) -> 
                        for r in records if r.get("event") == "eval"]
     result["train"] = [dict(step=r["step"], loss=r["loss"], elapsed_s=r["elapsed_s"])
                        for r in records if r.get("event") == "train"]
-    try:
-        result.update(measure_inference(row_dir, settings.inference_batch, settings.inference_repeats))
-    except Exception as err:  # noqa: BLE001 - any failure here is this row's, reported, not the bench's
-        return f"measuring inference failed: {type(err).__name__}: {err}"
     return None
 
 
