@@ -290,7 +290,7 @@ def main() -> None:
 
     def against_dense(name: str) -> tuple[float, float]:
         """(tokens/s ratio, val loss delta) of a model against dense, when both ran on the same data, budget and
-        seed (the validation windows are drawn from the seed)."""
+        seed: a paired comparison (rows of older runs drew their validation windows from the seed, too)."""
         other, dense = models.get(name), models.get("dense")
         if not other or not dense or any(other.get(k) != dense.get(k) for k in ("data", "seconds", "seed")) \
                 or other.get("horizon", "steps") != dense.get("horizon", "steps"):

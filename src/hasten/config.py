@@ -247,7 +247,8 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = no clipping)")
     eval_every: int = _f(200, "evaluate every this many steps (0 = only at the end)")
-    eval_batches: int = _f(20, "validation micro-batches per evaluation")
+    eval_batches: int = _f(20, "validation micro-batches per evaluation (the same ones every time and for "
+                                  "every train.seed, so runs of different seeds compare)")
     seed: int = _f(1337, "seed of initialization, sampling and dropout")
     device: str = _f("auto", "auto (cuda when present), cpu, cuda, cuda:N")
     compile: bool = _f(False, "compile the forward pass and loss as one graph with torch.compile")

@@ -271,3 +271,13 @@ def test_a_time_limited_progress_bar_ends_where_the_time_runs_out(tmp_path, monk
     logger.advance(20, 4.0, 1000.0)  # no estimate: the end stays
     assert logger._progress.tasks[0].total == 600
     logger.close()
+
+
+def test_runs_of_other_seeds_are_scored_on_the_same_validation_windows(tiny_config) -> None:
+    from hasten.train.build import build_run
+
+    runs = [build_run(tiny_config(f"train.seed={seed}", out=f"seed{seed}")) for seed in (1, 2)]
+    val = [run.val_batches(3, 0) for run in runs]
+    train = [run.train_batches(3, 0) for run in runs]
+    assert all(torch.equal(a, b) for a, b in zip(val[0], val[1], strict=True))
+    assert not torch.equal(train[0][0], train[1][0])  # training batches still follow the seed

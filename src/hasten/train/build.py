@@ -144,6 +144,12 @@ def prepare_run_dir(config: RunConfig, rank: int) -> Path:
     return run_dir
 
 
+# Validation batches are drawn with this seed whatever train.seed is, so that runs of different
+# seeds are scored on the same validation windows and their losses compare (1338: the default
+# train.seed, 1337, + 1).
+VAL_SEED = 1338
+
+
 def _token_batches(tokens: Any, config: RunConfig, seed: int, rank: int, world: int, pin: bool) -> BatchFn:
     from hasten.data import WindowSampler
 
@@ -182,7 +188,7 @@ def _build_lm(config: RunConfig, run_dir: Path, device: torch.device, rank: int,
     return dict(
         model=model, tokenizer=data.tokenizer, loss_fn=_lm_loss_fn(config), sampled_loss_fn=lm_sampled_loss,
         train_batches=_token_batches(data.train, config, config.train.seed, rank, world, pin),
-        val_batches=_token_batches(data.val, config, config.train.seed + 1, rank, world, pin),
+        val_batches=_token_batches(data.val, config, VAL_SEED, rank, world, pin),
         flops_per_token=model.flops_per_token(config.train.seq_len),
         info=dict(train_tokens=int(len(data.train)), val_tokens=int(len(data.val)),
                   unigram_val_loss=unigram_cross_entropy(data.train, data.val, data.tokenizer.vocab_size),
@@ -228,7 +234,7 @@ def _build_instruct(config: RunConfig, run_dir: Path, device: torch.device, rank
     batches = PackedInstructBatches if config.data.pack == "on" or config.data.pack == "auto" and packable \
         else InstructBatches
     train = batches(train_recs, tokenizer, seq, bs, seed, rank, world)
-    val = batches(val_recs, tokenizer, seq, bs, seed + 1, rank, world) if val_recs else None
+    val = batches(val_recs, tokenizer, seq, bs, VAL_SEED, rank, world) if val_recs else None
     return dict(
         model=model, tokenizer=tokenizer, loss_fn=_lm_loss_fn(config), sampled_loss_fn=lm_sampled_loss,
         train_batches=train.batch, val_batches=val.batch if val else None,
