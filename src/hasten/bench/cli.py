@@ -55,6 +55,9 @@ def add_parser(subparsers: Any) -> None:
                             "visible GPUs), on a CPU each with its share of the cores (train.threads); rows that "
                             "start from the baseline wait for it, the distributed rows run after, alone, and "
                             "inference is timed after all training, one row at a time (default: 1, one row at a time)")
+    bench.add_argument("--row-timeout", type=float, default=None, metavar="S",
+                       help="stop a row's training process still running after S seconds (start-up and compilation "
+                            "included) and record the row as failed; the other rows go on (default: no limit)")
     bench.add_argument("--out", default=None, help=f"output folder (default: {DEFAULT_OUT})")
     bench.add_argument("--fresh", action="store_true", help="rerun every row, even those finished before")
     bench.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
@@ -82,13 +85,15 @@ def run(ns: argparse.Namespace) -> int:
         budget_steps = steps_for_tokens(ns.budget_tokens, recipe, overrides)
     device_type = _device_type(overrides)
     slots, overrides = concurrency_slots(ns.concurrent, device_type, overrides)
+    if ns.row_timeout is not None and ns.row_timeout <= 0:
+        raise ConfigError(f"--row-timeout={ns.row_timeout:g} must be > 0 seconds.")
     settings = BenchSettings(recipe=recipe, overrides=tuple(overrides), budget_steps=budget_steps,
                              budget_seconds=ns.budget_seconds, device_type=device_type,
                              nproc=_nproc(ns.nproc_per_node, device_type))
     rows = select_rows(ns.rows, ns.row, settings.device_type, settings.nproc)
     prepare(settings)
     out = Path(ns.out or DEFAULT_OUT)
-    results = _run_rows(settings, rows, out, ns.fresh, slots)
+    results = _run_rows(settings, rows, out, ns.fresh, slots, ns.row_timeout)
     report = build_report(results, {**environment(settings, rows), "concurrent": len(slots)})
     paths = write_report(report, out)
     _print_table(report)
@@ -167,8 +172,8 @@ def select_rows(names: str | None, custom: list[str], device_type: str, nproc: i
     return rows
 
 
-def _run_rows(settings: Any, rows: list[Row], out: Path, fresh: bool,
-              slots: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
+def _run_rows(settings: Any, rows: list[Row], out: Path, fresh: bool, slots: list[dict[str, str]] | None = None,
+              timeout_s: float | None = None) -> list[dict[str, Any]]:
     """Run the rows with a progress display, one after another or several at once (`slots`, see
     `concurrency_slots`); a failed row does not stop the others. Results in the rows' order."""
     from rich.progress import (
@@ -194,7 +199,7 @@ def _run_rows(settings: Any, rows: list[Row], out: Path, fresh: bool,
         def train(row: Row, env: dict[str, str] | None, together: bool) -> Any:
             task = bar.add_task(f"  {row.name}" + (f" ({', '.join(env.values())})" if env else ""), total=steps)
             outcome = run_row(settings, row, out, fresh=fresh, env=env, measure=not together, alone=not together,
-                              on_step=lambda step: bar.update(task, completed=step))
+                              timeout_s=timeout_s, on_step=lambda step: bar.update(task, completed=step))
             bar.update(task, completed=steps or 0, visible=False)
             if not together:
                 report(outcome)

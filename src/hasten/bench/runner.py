@@ -47,6 +47,7 @@ CPU_DEFAULT_STEPS = 250
 QUIET = ("log.progress=false", "log.sample_tokens=0", "log.tensorboard=false", "checkpoint.every=0",
          "checkpoint.at_end=true")
 UNBOUNDED_STEPS = 1_000_000  # train.steps under a time budget: the time limit stops the run
+STOP_GRACE_S = 60.0  # a row past --row-timeout: seconds between SIGTERM (checkpoint and exit) and SIGKILL
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,13 +174,14 @@ def load_finished(row_dir: Path, fingerprint: str) -> dict[str, Any] | None:
 
 def run_row(settings: BenchSettings, row: Row, out: Path, *, fresh: bool = False,
             on_step: Callable[[int], None] | None = None, env: dict[str, str] | None = None,
-            measure: bool = True, alone: bool = True) -> RowOutcome:
+            measure: bool = True, alone: bool = True, timeout_s: float | None = None) -> RowOutcome:
     """Run one row (or reuse its finished result) and store its result in its folder.
 
     `env` is added to the training process's environment (a GPU slot's CUDA_VISIBLE_DEVICES). With
     `measure=False` the row ends "trained" and `measure_row` times its inference later. `alone=False`
     (rows running side by side) leaves out the share of CPU time other processes used, as the
-    other rows would be counted in it."""
+    other rows would be counted in it. A training process still running after `timeout_s` is stopped
+    and the row fails (a hung compile must not hold up the rest of the bench)."""
     row_dir = out / "rows" / row.name
     fingerprint = settings.fingerprint(row)
     if not fresh and (done := load_finished(row_dir, fingerprint)) is not None:
@@ -193,7 +195,7 @@ def run_row(settings: BenchSettings, row: Row, out: Path, *, fresh: bool = False
                                   fingerprint=fingerprint, command=train_command(settings, row, row_dir),
                                   slot=env or None)
     result["started_at"], started, cpu_before = time.time(), time.perf_counter(), cpu_counters()
-    error = _train(result["command"], row_dir, on_step, env)
+    error = _train(result["command"], row_dir, on_step, env, timeout_s)
     result["ended_at"], result["process_time_s"] = time.time(), time.perf_counter() - started
     result["other_cpu_share"] = other_cpu_share(cpu_before, cpu_counters(), result["process_time_s"]) if alone else None
     if error is None:
@@ -252,10 +254,13 @@ def _json_default(value: Any) -> Any:
 
 
 def _train(command: list[str], row_dir: Path, on_step: Callable[[int], None] | None,
-           env: dict[str, str] | None = None) -> str | None:
-    """Run the training process; None when it succeeded, else the last lines of its stderr."""
+           env: dict[str, str] | None = None, timeout_s: float | None = None) -> str | None:
+    """Run the training process; None when it succeeded, else the last lines of its stderr, or why it
+    was stopped: past `timeout_s` it gets SIGTERM (hasten saves a checkpoint and exits), then SIGKILL
+    if it is still there after STOP_GRACE_S."""
     stdout_path, stderr_path = row_dir / "bench_stdout.log", row_dir / "bench_stderr.log"
     metrics = row_dir / "metrics.jsonl"
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
         proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
                                 env={**os.environ, **env} if env else None)
@@ -263,6 +268,14 @@ def _train(command: list[str], row_dir: Path, on_step: Callable[[int], None] | N
             time.sleep(0.5)
             if on_step is not None and (step := last_step(metrics)) is not None:
                 on_step(step)
+            if deadline is not None and time.monotonic() > deadline:
+                proc.terminate()
+                try:
+                    proc.wait(STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                return f"hasten train was still running after {timeout_s:g} s (--row-timeout) and was stopped."
     if proc.returncode == 0:
         return None
     lines = stderr_path.read_text(errors="replace").strip().splitlines()
