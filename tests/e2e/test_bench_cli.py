@@ -108,3 +108,20 @@ def test_a_row_past_the_row_timeout_is_stopped_and_the_others_go_on(tmp_path: Pa
     assert rows["endless"]["status"] == "failed" and "--row-timeout" in rows["endless"]["error"]
     assert 25 <= rows["endless"]["process_time_s"] < 25 + 60  # stopped at its limit, not at the end of its steps
     assert "row endless: FAILED" in done.stdout
+
+
+def test_seeds_repeat_the_bench_and_summarize_each_row_over_them(tmp_path: Path) -> None:
+    env = {**os.environ, "HASTEN_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
+    out = tmp_path / "bench"
+    _run([*_bench_command(), *TINY, "train.seed=5", "--budget-steps", "5", "--rows", "baseline,wsd", "--seeds", "2",
+          "--out", str(out)], env, tmp_path)
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["seeds"] == [5, 6]
+    reports = {s: {r["name"]: r for r in json.loads((out / f"seed-{s}" / "report.json").read_text())["rows"]}
+               for s in (5, 6)}
+    assert reports[5]["wsd"]["final_val_loss"] != reports[6]["wsd"]["final_val_loss"]  # other draws
+    wsd = next(r for r in summary["rows"] if r["name"] == "wsd")
+    expected = [reports[s]["wsd"]["final_val_loss"] - reports[s]["baseline"]["final_val_loss"] for s in (5, 6)]
+    assert wsd["val_loss_minus_baseline"]["values"] == expected
+    assert "train.seed=6" in json.loads((out / "seed-6" / "rows" / "wsd" / "bench_row.json").read_text())["command"]
+    assert (out / "seeds.md").read_text().startswith("# hasten bench over seeds 5, 6")

@@ -312,3 +312,21 @@ def test_concurrency_slots_and_their_errors(monkeypatch: pytest.MonkeyPatch) -> 
     assert concurrency_slots(2, "cuda", ["a=1"]) == ([{"CUDA_VISIBLE_DEVICES": "3"}, {"CUDA_VISIBLE_DEVICES": "5"}], ["a=1"])
     with pytest.raises(ConfigError, match="needs 3 GPUs, one per row; 2 visible"):
         concurrency_slots(3, "cuda", [])
+
+
+def test_seed_summary_pairs_each_row_with_the_baseline_of_its_seed() -> None:
+    from hasten.bench.report import seed_summary, seeds_markdown
+
+    def report(base: float, wsd: float, wsd_status: str = "ok") -> dict:
+        row = dict(tokens_per_second_ratio=1.0, memory_ratio=1.0)
+        return dict(rows=[dict(name="baseline", status="ok", final_val_loss=base, **row),
+                          dict(name="wsd", status=wsd_status, final_val_loss=wsd, **row)])
+
+    summary = seed_summary({1: report(4.0, 3.9), 2: report(4.2, 4.0), 3: report(4.1, 1.0, "failed")})
+    wsd = next(r for r in summary["rows"] if r["name"] == "wsd")
+    assert wsd["seeds"] == [1, 2]  # the failed seed does not count
+    assert wsd["val_loss_minus_baseline"]["values"] == pytest.approx([-0.1, -0.2])
+    assert wsd["val_loss_minus_baseline"]["mean"] == pytest.approx(-0.15)
+    assert wsd["val_loss_minus_baseline"]["std"] == pytest.approx(math.sqrt(0.005))  # sample std of -0.1, -0.2
+    assert wsd["final_val_loss"]["mean"] == pytest.approx(3.95)
+    assert "| wsd | 2 | 3.9500 ± 0.0707 | -0.1500 ± 0.0707 |" in seeds_markdown(summary)

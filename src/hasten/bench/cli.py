@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import subprocess
@@ -58,6 +59,10 @@ def add_parser(subparsers: Any) -> None:
     bench.add_argument("--row-timeout", type=float, default=None, metavar="S",
                        help="stop a row's training process still running after S seconds (start-up and compilation "
                             "included) and record the row as failed; the other rows go on (default: no limit)")
+    bench.add_argument("--seeds", type=int, default=1, metavar="N",
+                       help="run the whole bench N times, train.seed = the recipe's + 0..N-1, each into "
+                            "OUT/seed-<seed>/, then write OUT/seeds.md and seeds.json: every row's mean and spread, and "
+                            "its val loss minus the baseline's seed by seed (default: 1, one run into OUT)")
     bench.add_argument("--out", default=None, help=f"output folder (default: {DEFAULT_OUT})")
     bench.add_argument("--fresh", action="store_true", help="rerun every row, even those finished before")
     bench.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
@@ -76,8 +81,7 @@ def run(ns: argparse.Namespace) -> int:
     """Execute `hasten bench`; returns the exit status (1 when every row failed)."""
     if ns.compare:
         return _compare(ns.compare[0], ns.compare[1], Path(ns.out or "."))
-    from hasten.bench.report import build_report, write_report
-    from hasten.bench.runner import BenchSettings, prepare
+    from hasten.bench.report import seed_summary, seeds_markdown
 
     recipe, overrides = _split_recipe(ns.args)
     budget_steps = ns.budget_steps
@@ -87,12 +91,37 @@ def run(ns: argparse.Namespace) -> int:
     slots, overrides = concurrency_slots(ns.concurrent, device_type, overrides)
     if ns.row_timeout is not None and ns.row_timeout <= 0:
         raise ConfigError(f"--row-timeout={ns.row_timeout:g} must be > 0 seconds.")
+    if ns.seeds < 1:
+        raise ConfigError(f"--seeds={ns.seeds} must be >= 1.")
+    out = Path(ns.out or DEFAULT_OUT)
+    if ns.seeds == 1:
+        return _bench_once(ns, recipe, overrides, budget_steps, device_type, slots, out)
+    first = load_config(recipe, overrides).train.seed
+    statuses, reports = [], {}
+    for seed in range(first, first + ns.seeds):
+        print(f"seed {seed} ({seed - first + 1} of {ns.seeds})")
+        statuses.append(_bench_once(ns, recipe, [*overrides, f"train.seed={seed}"], budget_steps, device_type,
+                                    slots, out / f"seed-{seed}"))
+        reports[seed] = json.loads((out / f"seed-{seed}" / "report.json").read_text())
+    summary = seed_summary(reports)
+    (out / "seeds.json").write_text(json.dumps(summary, indent=1))
+    (out / "seeds.md").write_text(seeds_markdown(summary))
+    print(seeds_markdown(summary))
+    print(f"over the seeds: {out / 'seeds.md'}  {out / 'seeds.json'}")
+    return 0 if 0 in statuses else 1
+
+
+def _bench_once(ns: argparse.Namespace, recipe: str | None, overrides: list[str], budget_steps: int | None,
+                device_type: str, slots: list[dict[str, str]], out: Path) -> int:
+    """One bench: run the rows into `out` and write the report there; 1 when every row failed."""
+    from hasten.bench.report import build_report, write_report
+    from hasten.bench.runner import BenchSettings, prepare
+
     settings = BenchSettings(recipe=recipe, overrides=tuple(overrides), budget_steps=budget_steps,
                              budget_seconds=ns.budget_seconds, device_type=device_type,
                              nproc=_nproc(ns.nproc_per_node, device_type))
     rows = select_rows(ns.rows, ns.row, settings.device_type, settings.nproc)
     prepare(settings)
-    out = Path(ns.out or DEFAULT_OUT)
     results = _run_rows(settings, rows, out, ns.fresh, slots, ns.row_timeout)
     report = build_report(results, {**environment(settings, rows), "concurrent": len(slots)})
     paths = write_report(report, out)

@@ -293,3 +293,59 @@ def load_report(path: str | Path) -> dict[str, Any]:
     if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
         raise ConfigError(f"--compare: {path} is not a hasten bench report.json (it has no 'rows').")
     return report
+
+
+# Repeats with other seeds (`--seeds N`): every row's spread, and its difference to the baseline
+# taken seed by seed (a paired comparison: the rows of one seed share initialization and data order).
+SEEDED = [("final_val_loss", "val loss"), ("tokens_per_second_ratio", "tokens/s vs baseline"),
+          ("memory_ratio", "memory vs baseline")]
+
+
+def _mean_std(values: list[float]) -> dict[str, Any]:
+    n = len(values)
+    mean = sum(values) / n if n else None
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return dict(mean=mean, std=std, n=n, values=values)
+
+
+def seed_summary(reports: dict[int, dict[str, Any]], baseline: str = "baseline") -> dict[str, Any]:
+    """Per row over the seeds' reports ({seed: report}): mean, sample std and values of SEEDED, and of
+    the val loss minus the baseline's of the same seed; only the seeds where the row (and, for the
+    difference, the baseline) finished count."""
+    names = list(dict.fromkeys(r["name"] for report in reports.values() for r in report["rows"]))
+    rows = []
+    for name in names:
+        per_seed = {seed: {r["name"]: r for r in report["rows"]} for seed, report in reports.items()}
+        ok = {seed: rows_[name] for seed, rows_ in per_seed.items() if rows_.get(name, {}).get("status") == "ok"}
+        row: dict[str, Any] = dict(name=name, seeds=sorted(ok))
+        for key, _ in SEEDED:
+            row[key] = _mean_std([r[key] for r in ok.values() if _finite(r.get(key)) is not None])
+        deltas = [r["final_val_loss"] - per_seed[seed][baseline]["final_val_loss"] for seed, r in ok.items()
+                  if per_seed[seed].get(baseline, {}).get("status") == "ok"
+                  and _finite(r.get("final_val_loss")) is not None
+                  and _finite(per_seed[seed][baseline].get("final_val_loss")) is not None]
+        row["val_loss_minus_baseline"] = _mean_std(deltas)
+        rows.append(row)
+    return dict(format="hasten-bench-seeds/1", seeds=sorted(reports), baseline=baseline, rows=rows)
+
+
+def seeds_markdown(summary: dict[str, Any]) -> str:
+    """seeds.md: mean ± sample standard deviation over the seeds, per row."""
+
+    def cell(stat: dict[str, Any], digits: int, signed: bool = False) -> str:
+        if stat["mean"] is None:
+            return "-"
+        mean = f"{stat['mean']:+.{digits}f}" if signed else f"{stat['mean']:.{digits}f}"
+        return mean if stat["std"] is None else f"{mean} ± {stat['std']:.{digits}f}"
+
+    lines = [f"# hasten bench over seeds {', '.join(map(str, summary['seeds']))}", "",
+             "| row | seeds ok | val loss | val loss - baseline (same seed) | tokens/s vs baseline | memory vs baseline |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in summary["rows"]:
+        lines.append(f"| {r['name']} | {len(r['seeds'])} | {cell(r['final_val_loss'], 4)} | "
+                     f"{cell(r['val_loss_minus_baseline'], 4, signed=True)} | {cell(r['tokens_per_second_ratio'], 3)} | "
+                     f"{cell(r['memory_ratio'], 3)} |")
+    lines += ["", "Mean ± sample standard deviation over the seeds where the row finished; the difference to the "
+              "baseline is taken seed by seed (same initialization, data order and validation windows). Each seed's "
+              "full report is in `seed-<seed>/`."]
+    return "\n".join(lines) + "\n"
