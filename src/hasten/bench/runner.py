@@ -237,6 +237,8 @@ def run_concurrently(rows: Sequence[Row], slots: Sequence[Any], start: Callable[
                     waiting.remove(row)
                     slot = free.pop(0)
                     running[pool.submit(start, row, slot)] = (row, slot)
+            if not running:  # only rows waiting for a baseline that is not among the rows to run
+                raise RuntimeError(f"rows {[r.name for r in waiting]} wait for a baseline row that does not run")
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 row, slot = running.pop(future)
