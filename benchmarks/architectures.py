@@ -25,7 +25,9 @@ hybrid language models at equal wall time.
 (c) One MoE layer forward+backward: grouped dispatch (torch._grouped_mm) vs the per-expert loop.
     -> summary.grouped_vs_loop_speedup
 
-Each model checks that its loss is finite and falling before its numbers are accepted.
+Each model checks that its loss is finite and falling before its numbers are accepted. With
+--parallel N the models of (b) train N at a time, one process per GPU, so that models compared
+with each other ran on one host at the same time.
 """
 
 from __future__ import annotations
@@ -231,6 +233,39 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _train_in_parallel(args, names: list[str], result: dict) -> list[dict]:
+    """The model rows of (b) from `args.parallel` processes of this script at once, each on a GPU of its own
+    (the i-th of CUDA_VISIBLE_DEVICES, else GPU i) and with its share of the models, one after another."""
+    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()] or \
+        [str(i) for i in range(args.parallel)]
+    if len(gpus) < args.parallel:
+        raise SystemExit(f"--parallel={args.parallel} needs {args.parallel} GPUs; CUDA_VISIBLE_DEVICES names {len(gpus)}")
+    shared = ["--seconds", str(args.seconds), "--horizon", args.horizon, "--workdir", args.workdir,
+              "--warmup", str(args.warmup), "--iters", str(args.iters), "--skip-layers",
+              *(["--seed", str(args.seed)] if args.seed is not None else []), *(["--smoke"] if args.smoke else []),
+              *(["--data", args.data, "--data-label", args.data_label, "--max-documents", str(args.max_documents)]
+                if args.data else [])]
+    layers = {k: result[k] for k in ("mixers", "grouped", "layers_from", "commit", "date") if k in result}
+    procs = []
+    for i in range(min(args.parallel, len(names))):
+        part = Path(args.workdir) / f"parallel-{i}"
+        part.mkdir(parents=True, exist_ok=True)
+        (part / "architectures.json").write_text(json.dumps({**layers, "models": []}))  # (a), (c) are not rerun
+        command = [sys.executable, __file__, *shared, "--models", ",".join(names[i::args.parallel]), "--out", str(part)]
+        log = (part / "log.txt").open("w")
+        procs.append((part, log, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                  env={**os.environ, "CUDA_VISIBLE_DEVICES": gpus[i].strip()})))
+    rows = []
+    for part, log, proc in procs:
+        proc.wait()
+        log.close()
+        if proc.returncode:
+            tail = "".join((part / "log.txt").read_text(errors="replace").splitlines(keepends=True)[-20:])
+            raise SystemExit(f"the process training {part.name} exited with {proc.returncode}:\n{tail}")
+        rows += [r for r in json.loads((part / "architectures.json").read_text())["models"] if r["name"] in names]
+    return sorted(rows, key=lambda r: names.index(r["name"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results", help="folder for architectures.json and .md")
@@ -259,7 +294,13 @@ def main() -> None:
                         help="comma-separated architectures.json files whose model rows join --out's (a row of the same "
                              "name is replaced; rows run now win): to put side by side models trained at the same time "
                              "on the GPUs of one host, one process per GPU. --models '' runs none, only joins")
+    parser.add_argument("--parallel", type=int, default=1, metavar="N",
+                        help="train the models of (b) N at a time, each process on a GPU of its own "
+                             "(CUDA_VISIBLE_DEVICES), models dealt round-robin, then join their rows here: models "
+                             "compared on one host at the same time (default: 1, one after another in this process)")
     args = parser.parse_args()
+    if args.parallel < 1:
+        raise SystemExit(f"--parallel={args.parallel} must be >= 1")
     if args.smoke:
         args.seconds, args.warmup, args.iters = min(args.seconds, 10), 1, 3
     import torch
@@ -283,9 +324,12 @@ def main() -> None:
     for path in [*earlier, *joined]:
         kept.update({r["name"]: r for r in json.loads(path.read_text()).get("models", []) if r["name"] not in names})
     result["models"] = list(kept.values())
-    for name in names:
-        result["models"].append({**bench_model(args, name), "commit": result["commit"][:7]})  # rows outlive this run
-        (out / "architectures.partial.json").write_text(json.dumps(result, indent=1))  # kept if a later one dies
+    if args.parallel > 1 and len(names) > 1:
+        result["models"] += _train_in_parallel(args, names, result)
+    else:
+        for name in names:
+            result["models"].append({**bench_model(args, name), "commit": result["commit"][:7]})  # rows outlive this run
+            (out / "architectures.partial.json").write_text(json.dumps(result, indent=1))  # kept if a later one dies
     models = {r["name"]: r for r in result["models"]}
 
     def against_dense(name: str) -> tuple[float, float]:

@@ -78,8 +78,9 @@ def test_ptq_schemes_quantizes_a_trained_run_at_each_scheme(tiny_config, tmp_pat
     assert abs(int8_loss - float_loss) < abs(int4_loss - float_loss) + 1e-3 < 0.5  # int8 at least as close
 
 
-def test_architectures_joins_rows_trained_apart(tmp_path):
-    """Models trained by separate processes (one per GPU of a host) are put side by side with --rows-from."""
+def test_architectures_trains_models_side_by_side_and_joins_rows(tmp_path):
+    """--parallel 2: one process per GPU (here: per CPU process), each with its share of the models, rows joined;
+    --rows-from joins rows of another run, paired with dense only at the same seed."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HASTEN_CACHE": str(tmp_path / "cache")}
 
     def bench(*args):
@@ -88,15 +89,17 @@ def test_architectures_joins_rows_trained_apart(tmp_path):
                               cwd=tmp_path, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    bench("--models", "dense", "--out", str(tmp_path / "a"))
-    bench("--models", "moe-alt", "--out", str(tmp_path / "b"))
-    bench("--models", "", "--skip-layers", "--out", str(tmp_path / "a"), "--rows-from", str(tmp_path / "b" / "architectures.json"))
+    bench("--models", "dense,moe-alt", "--parallel", "2", "--out", str(tmp_path / "a"))
     joined = json.loads((tmp_path / "a" / "architectures.json").read_text())
     rows = {r["name"]: r for r in joined["models"]}
     assert sorted(rows) == ["dense", "moe-alt"] and {r["seed"] for r in rows.values()} == {3}
+    assert all((tmp_path / "work" / f"parallel-{i}" / "architectures.json").is_file() for i in (0, 1))
     ratio = rows["moe-alt"]["tokens_per_second"] / rows["dense"]["tokens_per_second"]
     assert joined["summary"]["moe_alternating_tokens_per_second_ratio"] == pytest.approx(ratio)
     assert "MoE on every other layer (moe-alt)" in (tmp_path / "a" / "architectures.md").read_text()
-    bench("--models", "dense", "--seed", "4", "--out", str(tmp_path / "c"))  # another seed: other validation windows
-    bench("--models", "", "--skip-layers", "--out", str(tmp_path / "c"), "--rows-from", str(tmp_path / "b" / "architectures.json"))
-    assert "moe_alternating_tokens_per_second_ratio" not in json.loads((tmp_path / "c" / "architectures.json").read_text())["summary"]
+    bench("--models", "dense", "--seed", "4", "--out", str(tmp_path / "c"))  # another seed: not a pair
+    moe_alt_only = tmp_path / "work" / "parallel-1" / "architectures.json"  # the second process's share
+    bench("--models", "", "--skip-layers", "--out", str(tmp_path / "c"), "--rows-from", str(moe_alt_only))
+    rejoined = json.loads((tmp_path / "c" / "architectures.json").read_text())
+    assert sorted(r["name"] for r in rejoined["models"]) == ["dense", "moe-alt"]
+    assert "moe_alternating_tokens_per_second_ratio" not in rejoined["summary"]
