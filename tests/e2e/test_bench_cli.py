@@ -77,25 +77,35 @@ def test_distributed_rows_run_on_two_processes(tmp_path: Path) -> None:
     assert summary["world_size"] == 2 and len(summary["memory_per_rank"]) == 2
 
 
-def test_rows_train_side_by_side_and_the_lora_row_waits_for_the_baseline(tmp_path: Path) -> None:
-    """--concurrent 2 on the CPU: two rows at a time, each with its share of the cores; the LoRA row,
-    which starts from the baseline's checkpoint, starts after the baseline has finished."""
+def test_rows_side_by_side_over_two_seeds(tmp_path: Path) -> None:
+    """--concurrent 2 on the CPU: two rows at a time, each with its share of the cores; the LoRA row, which
+    starts from the baseline's checkpoint, starts after the baseline has finished. --seeds 2: the bench
+    once per seed, and every row's val loss minus the baseline's of the same seed over the seeds."""
     env = {**os.environ, "HASTEN_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
     out = tmp_path / "bench"
-    done = _run([*_bench_command(), *TINY, "--budget-steps", "10", "--rows", "baseline,wsd,lora", "--concurrent", "2",
-                 "--out", str(out)], env, tmp_path)
-    report = json.loads((out / "report.json").read_text())
-    rows = {r["name"]: r for r in report["rows"]}
-    assert [rows[n]["status"] for n in ("baseline", "wsd", "lora")] == ["ok", "ok", "ok"]
-    baseline, wsd, lora = rows["baseline"], rows["wsd"], rows["lora"]
-    assert max(baseline["started_at"], wsd["started_at"]) < min(baseline["ended_at"], wsd["ended_at"])  # overlapped
-    assert lora["started_at"] >= baseline["ended_at"]
-    assert all(r["inference_ms"] > 0 and r["other_cpu_share"] is None for r in rows.values())
-    cores = len(os.sched_getaffinity(0))
-    command = json.loads((out / "rows" / "wsd" / "bench_row.json").read_text())["command"]
-    assert f"train.threads={cores // 2}" in command
-    assert report["environment"]["concurrent"] == 2 and "Rows trained up to 2 at a time" in (out / "report.md").read_text()
+    done = _run([*_bench_command(), *TINY, "train.seed=5", "--budget-steps", "10", "--rows", "baseline,wsd,lora",
+                 "--concurrent", "2", "--seeds", "2", "--out", str(out)], env, tmp_path)
+    reports = {s: json.loads((out / f"seed-{s}" / "report.json").read_text()) for s in (5, 6)}
+    rows = {s: {r["name"]: r for r in report["rows"]} for s, report in reports.items()}
+    for seed in (5, 6):
+        assert [rows[seed][n]["status"] for n in ("baseline", "wsd", "lora")] == ["ok", "ok", "ok"]
+        baseline, wsd, lora = rows[seed]["baseline"], rows[seed]["wsd"], rows[seed]["lora"]
+        assert max(baseline["started_at"], wsd["started_at"]) < min(baseline["ended_at"], wsd["ended_at"])  # overlapped
+        assert lora["started_at"] >= baseline["ended_at"]
+        assert all(r["inference_ms"] > 0 and r["other_cpu_share"] is None for r in rows[seed].values())
+        assert reports[seed]["environment"]["concurrent"] == 2
+    assert "Rows trained up to 2 at a time" in (out / "seed-5" / "report.md").read_text()
     assert "timing each row's inference alone" in done.stdout
+    command = json.loads((out / "seed-6" / "rows" / "wsd" / "bench_row.json").read_text())["command"]
+    assert f"train.threads={len(os.sched_getaffinity(0)) // 2}" in command and "train.seed=6" in command
+
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["seeds"] == [5, 6]
+    assert rows[5]["wsd"]["final_val_loss"] != rows[6]["wsd"]["final_val_loss"]  # other draws
+    wsd = next(r for r in summary["rows"] if r["name"] == "wsd")
+    expected = [rows[s]["wsd"]["final_val_loss"] - rows[s]["baseline"]["final_val_loss"] for s in (5, 6)]
+    assert wsd["val_loss_minus_baseline"]["values"] == expected
+    assert (out / "seeds.md").read_text().startswith("# hasten bench over seeds 5, 6")
 
 
 def test_a_row_past_the_row_timeout_is_stopped_and_the_others_go_on(tmp_path: Path) -> None:
@@ -108,20 +118,3 @@ def test_a_row_past_the_row_timeout_is_stopped_and_the_others_go_on(tmp_path: Pa
     assert rows["endless"]["status"] == "failed" and "--row-timeout" in rows["endless"]["error"]
     assert 8 <= rows["endless"]["process_time_s"] < 8 + 60  # stopped at its limit, not at the end of its steps
     assert "row endless: FAILED" in done.stdout
-
-
-def test_seeds_repeat_the_bench_and_summarize_each_row_over_them(tmp_path: Path) -> None:
-    env = {**os.environ, "HASTEN_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
-    out = tmp_path / "bench"
-    _run([*_bench_command(), *TINY, "train.seed=5", "--budget-steps", "5", "--rows", "baseline,wsd", "--seeds", "2",
-          "--out", str(out)], env, tmp_path)
-    summary = json.loads((out / "seeds.json").read_text())
-    assert summary["seeds"] == [5, 6]
-    reports = {s: {r["name"]: r for r in json.loads((out / f"seed-{s}" / "report.json").read_text())["rows"]}
-               for s in (5, 6)}
-    assert reports[5]["wsd"]["final_val_loss"] != reports[6]["wsd"]["final_val_loss"]  # other draws
-    wsd = next(r for r in summary["rows"] if r["name"] == "wsd")
-    expected = [reports[s]["wsd"]["final_val_loss"] - reports[s]["baseline"]["final_val_loss"] for s in (5, 6)]
-    assert wsd["val_loss_minus_baseline"]["values"] == expected
-    assert "train.seed=6" in json.loads((out / "seed-6" / "rows" / "wsd" / "bench_row.json").read_text())["command"]
-    assert (out / "seeds.md").read_text().startswith("# hasten bench over seeds 5, 6")
