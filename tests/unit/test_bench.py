@@ -317,16 +317,19 @@ def test_concurrency_slots_and_their_errors(monkeypatch: pytest.MonkeyPatch) -> 
 def test_seed_summary_pairs_each_row_with_the_baseline_of_its_seed() -> None:
     from hasten.bench.report import seed_summary, seeds_markdown
 
-    def report(base: float, wsd: float, wsd_status: str = "ok") -> dict:
+    def report(base: float, wsd: float, wsd_status: str = "ok", wsd_steps: int | None = None) -> dict:
         row = dict(tokens_per_second_ratio=1.0, memory_ratio=1.0)
-        return dict(rows=[dict(name="baseline", status="ok", final_val_loss=base, **row),
-                          dict(name="wsd", status=wsd_status, final_val_loss=wsd, **row)])
+        return dict(rows=[dict(name="baseline", status="ok", final_val_loss=base, steps_to_baseline_loss=10, **row),
+                          dict(name="wsd", status=wsd_status, final_val_loss=wsd, steps_to_baseline_loss=wsd_steps,
+                               **row)])
 
-    summary = seed_summary({1: report(4.0, 3.9), 2: report(4.2, 4.0), 3: report(4.1, 1.0, "failed")})
+    summary = seed_summary({1: report(4.0, 3.9, wsd_steps=8), 2: report(4.2, 4.0), 3: report(4.1, 1.0, "failed", 2)})
     wsd = next(r for r in summary["rows"] if r["name"] == "wsd")
     assert wsd["seeds"] == [1, 2]  # the failed seed does not count
     assert wsd["val_loss_minus_baseline"]["values"] == pytest.approx([-0.1, -0.2])
     assert wsd["val_loss_minus_baseline"]["mean"] == pytest.approx(-0.15)
     assert wsd["val_loss_minus_baseline"]["std"] == pytest.approx(math.sqrt(0.005))  # sample std of -0.1, -0.2
     assert wsd["final_val_loss"]["mean"] == pytest.approx(3.95)
-    assert "| wsd | 2 | 3.9500 ± 0.0707 | -0.1500 ± 0.0707 |" in seeds_markdown(summary)
+    assert wsd["steps_to_baseline_loss"]["values"] == [8]  # reached at seed 1 only (seed 3 failed)
+    assert "| wsd | 2 | 3.9500 ± 0.0707 | -0.1500 ± 0.0707 | 1.000 ± 0.000 | 1.000 ± 0.000 | 8.0 (1 of 2) |" \
+        in seeds_markdown(summary)

@@ -298,7 +298,7 @@ def load_report(path: str | Path) -> dict[str, Any]:
 # Repeats with other seeds (`--seeds N`): every row's spread, and its difference to the baseline
 # taken seed by seed (a paired comparison: the rows of one seed share initialization and data order).
 SEEDED = [("final_val_loss", "val loss"), ("tokens_per_second_ratio", "tokens/s vs baseline"),
-          ("memory_ratio", "memory vs baseline")]
+          ("memory_ratio", "memory vs baseline"), ("steps_to_baseline_loss", "steps to baseline loss")]
 
 
 def _mean_std(values: list[float]) -> dict[str, Any]:
@@ -339,13 +339,16 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
         return mean if stat["std"] is None else f"{mean} ± {stat['std']:.{digits}f}"
 
     lines = [f"# hasten bench over seeds {', '.join(map(str, summary['seeds']))}", "",
-             "| row | seeds ok | val loss | val loss - baseline (same seed) | tokens/s vs baseline | memory vs baseline |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| row | seeds ok | val loss | val loss - baseline (same seed) | tokens/s vs baseline | memory vs baseline "
+             "| steps to baseline loss (seeds that reached it) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rows"]:
+        steps = r["steps_to_baseline_loss"]
         lines.append(f"| {r['name']} | {len(r['seeds'])} | {cell(r['final_val_loss'], 4)} | "
                      f"{cell(r['val_loss_minus_baseline'], 4, signed=True)} | {cell(r['tokens_per_second_ratio'], 3)} | "
-                     f"{cell(r['memory_ratio'], 3)} |")
+                     f"{cell(r['memory_ratio'], 3)} | {cell(steps, 1)} ({steps['n']} of {len(r['seeds'])}) |")
     lines += ["", "Mean ± sample standard deviation over the seeds where the row finished; the difference to the "
-              "baseline is taken seed by seed (same initialization, data order and validation windows). Each seed's "
-              "full report is in `seed-<seed>/`."]
+              "baseline is taken seed by seed (same initialization, data order and validation windows); steps to "
+              "the baseline's loss (of the same seed) over the seeds where the row reached it. Each seed's full "
+              "report is in `seed-<seed>/`."]
     return "\n".join(lines) + "\n"
