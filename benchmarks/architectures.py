@@ -236,10 +236,12 @@ def _markdown(result: dict) -> str:
 def _train_in_parallel(args, names: list[str], result: dict) -> list[dict]:
     """The model rows of (b) from `args.parallel` processes of this script at once, each on a GPU of its own
     (the i-th of CUDA_VISIBLE_DEVICES, else GPU i) and with its share of the models, one after another."""
+    import torch
+    on_gpus = torch.cuda.is_available() and not args.smoke  # smoke: processes on the CPU, the variable unused
     gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()] or \
-        [str(i) for i in range(args.parallel)]
+        [str(i) for i in range(torch.cuda.device_count() if on_gpus else args.parallel)]
     if len(gpus) < args.parallel:
-        raise SystemExit(f"--parallel={args.parallel} needs {args.parallel} GPUs; CUDA_VISIBLE_DEVICES names {len(gpus)}")
+        raise SystemExit(f"--parallel={args.parallel} needs {args.parallel} GPUs; {len(gpus)} visible")
     shared = ["--seconds", str(args.seconds), "--horizon", args.horizon, "--workdir", args.workdir,
               "--warmup", str(args.warmup), "--iters", str(args.iters), "--skip-layers",
               *(["--seed", str(args.seed)] if args.seed is not None else []), *(["--smoke"] if args.smoke else []),
