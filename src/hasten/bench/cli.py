@@ -95,25 +95,29 @@ def run(ns: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds={ns.seeds} must be >= 1.")
     out = Path(ns.out or DEFAULT_OUT)
     if ns.seeds == 1:
-        return _bench_once(ns, recipe, overrides, budget_steps, device_type, slots, out)
+        return _exit_status([_bench_once(ns, recipe, overrides, budget_steps, device_type, slots, out)])
     first = load_config(recipe, overrides).train.seed
-    statuses, reports = [], {}
+    reports = {}
     for seed in range(first, first + ns.seeds):
         print(f"seed {seed} ({seed - first + 1} of {ns.seeds})")
-        statuses.append(_bench_once(ns, recipe, [*overrides, f"train.seed={seed}"], budget_steps, device_type,
-                                    slots, out / f"seed-{seed}"))
-        reports[seed] = json.loads((out / f"seed-{seed}" / "report.json").read_text())
+        reports[seed] = _bench_once(ns, recipe, [*overrides, f"train.seed={seed}"], budget_steps, device_type,
+                                    slots, out / f"seed-{seed}")
     summary = seed_summary(reports)
     (out / "seeds.json").write_text(json.dumps(summary, indent=1))
     (out / "seeds.md").write_text(seeds_markdown(summary))
     print(seeds_markdown(summary))
     print(f"over the seeds: {out / 'seeds.md'}  {out / 'seeds.json'}")
-    return 0 if 0 in statuses else 1
+    return _exit_status(list(reports.values()))
+
+
+def _exit_status(reports: list[dict[str, Any]]) -> int:
+    """1 when every row of every report failed, else 0."""
+    return 0 if any(r["status"] == "ok" for report in reports for r in report["rows"]) else 1
 
 
 def _bench_once(ns: argparse.Namespace, recipe: str | None, overrides: list[str], budget_steps: int | None,
-                device_type: str, slots: list[dict[str, str]], out: Path) -> int:
-    """One bench: run the rows into `out` and write the report there; 1 when every row failed."""
+                device_type: str, slots: list[dict[str, str]], out: Path) -> dict[str, Any]:
+    """One bench: run the rows into `out`, write the report there and return it."""
     from hasten.bench.report import build_report, write_report
     from hasten.bench.runner import BenchSettings, prepare
 
@@ -127,7 +131,7 @@ def _bench_once(ns: argparse.Namespace, recipe: str | None, overrides: list[str]
     paths = write_report(report, out)
     _print_table(report)
     print(f"report: {paths[1]}  {paths[2]}  {paths[0]}")
-    return 0 if any(r["status"] == "ok" for r in results) else 1
+    return report
 
 
 def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
@@ -141,8 +145,9 @@ def _device_type(overrides: list[str]) -> str:
     """'cuda' or 'cpu': where the rows will train, from train.device or what is visible."""
     import torch
 
-    device = next((o.split("=", 1)[1].strip().strip("'\"") for o in overrides
-                   if o.split("=", 1)[0].strip() == "train.device"), "auto")
+    from hasten.bench.runner import override_value
+
+    device = override_value(overrides, "train.device") or "auto"
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return "cuda" if device.startswith("cuda") else "cpu"
@@ -169,7 +174,9 @@ def concurrency_slots(n: int, device_type: str, overrides: list[str]) -> tuple[l
         raise ConfigError(f"--concurrent={n} must be >= 1.")
     if n == 1:
         return [{}], overrides
-    if any(o.split("=", 1)[0].strip() == "train.device" and ":" in o.split("=", 1)[1] for o in overrides):
+    from hasten.bench.runner import override_value
+
+    if ":" in (override_value(overrides, "train.device") or ""):
         raise ConfigError(f"--concurrent={n} gives each row a GPU of its own; leave train.device without an index.")
     if device_type == "cuda":
         import torch
@@ -183,7 +190,7 @@ def concurrency_slots(n: int, device_type: str, overrides: list[str]) -> tuple[l
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if n > cores:
         raise ConfigError(f"--concurrent={n} needs at least {n} CPU cores, a thread per row; {cores} available.")
-    if not any(o.split("=", 1)[0].strip() == "train.threads" for o in overrides):
+    if override_value(overrides, "train.threads") is None:
         overrides = [*overrides, f"train.threads={cores // n}"]
     return [{} for _ in range(n)], overrides
 

@@ -105,8 +105,14 @@ class BenchSettings:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def override_value(overrides: tuple[str, ...] | list[str], key: str) -> str | None:
+    """The value the overrides give `key` (the last one, as the config applies them), unquoted; None if unset."""
+    values = [o.split("=", 1)[1].strip().strip("'\"") for o in overrides if "=" in o and o.split("=", 1)[0].strip() == key]
+    return values[-1] if values else None
+
+
 def _sets(overrides: tuple[str, ...] | list[str], key: str) -> bool:
-    return any(o.split("=", 1)[0].strip() == key for o in overrides)
+    return override_value(overrides, key) is not None
 
 
 def row_overrides(settings: BenchSettings, row: Row, row_dir: Path) -> list[str]:
