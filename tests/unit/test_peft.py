@@ -199,6 +199,43 @@ def test_adapters_train_only_adapters_and_merge_exactly(hf_dir, method):
         assert _close(merged(ids), tuned)
 
 
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_lora_inputs_in_the_compute_dtype_keep_less_and_change_nothing(hf_dir, method):
+    """Under bf16 autocast over a bf16 base, adapters that take the 16-bit input as it is (no cast to
+    their fp32 weights' dtype and back) give the same loss and gradients and keep less for backward.
+    DoRA's adapters compute in their input's dtype: they keep the cast."""
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))
+
+    def run(keep: bool):
+        model, _ = load_hf_llama(hf_dir)
+        torch.manual_seed(0)  # the adapters' init
+        model = peft.apply(model, PeftConfig(method=method, rank=4, alpha=8, dropout=0.0, targets="all-linear"))
+        with torch.no_grad():  # B starts at zero; give it values so the adapters' gradients all flow
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+        peft.cast_frozen(model, torch.bfloat16)
+        if keep:
+            assert peft.keep_adapter_input_dtype(model) == (14 if method == "lora" else 0)  # 7 linears x 2 blocks
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(ids)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.roll(-1, 1).flatten())
+        loss.backward()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+        kept = sum(n for ptr, n in storages.items() if ptr not in weights)
+        return loss.detach(), [p.grad for p in model.parameters() if p.requires_grad], kept
+
+    loss, grads, kept = run(False)
+    loss_kept, grads_kept, kept_less = run(True)
+    assert loss_kept == loss
+    for g, h in zip(grads, grads_kept):
+        assert torch.equal(g, h)
+    assert kept_less < kept if method == "lora" else kept_less == kept, (kept_less, kept)
+
+
 def test_qlora_on_cpu_fails_in_one_sentence(hf_dir):
     model, _ = load_hf_llama(hf_dir)
     with pytest.raises(ConfigError, match="qlora needs a CUDA GPU"):

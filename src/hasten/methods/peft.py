@@ -99,6 +99,24 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
     return saved
 
 
+def keep_adapter_input_dtype(model: nn.Module) -> int:
+    """Let LoRA adapters take their input in the compute dtype (bf16/fp16 runs under autocast);
+    returns how many adapted layers changed.
+
+    peft casts each adapter's input to the adapter weights' dtype (fp32 here) and autocast casts it
+    straight back to 16 bits for the matmul: two copies of every adapted linear's input per
+    forward, and the 16-bit one is kept for the adapter's weight gradient beside the input itself,
+    which the frozen matmul's input gradient path keeps too. Without the cast the adapter multiplies
+    the 16-bit input itself: the same values, one activation-sized tensor less per adapted input
+    (about 6 % of what a compiled 1.1B LoRA step keeps for backward)."""
+    changed = 0
+    for module in model.modules():  # DoRA's forward computes in its input's dtype: it keeps the cast
+        if getattr(module, "cast_input_dtype_enabled", False) and not getattr(module, "lora_variant", None):
+            module.cast_input_dtype_enabled = False
+            changed += 1
+    return changed
+
+
 def is_peft(model: nn.Module) -> bool:
     """Whether the model holds peft adapter layers."""
     from importlib.util import find_spec

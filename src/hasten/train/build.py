@@ -342,6 +342,7 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
         parts["info"]["fp8_linears"] = len(convert_fp8(parts["model"], config.precision.fp8, device))
     if config.peft.method != "none" and precision.name != "fp32" and config.parallel.strategy == "none":
         peft.cast_frozen(parts["model"], precision.dtype)  # FSDP2's mixed-precision policy does this when sharded
+        peft.keep_adapter_input_dtype(parts["model"])
     select_attention_backend(config.train.attention_backend, device)
     parts["model"] = parallelize(parts["model"], config, device, precision)
     optimizer = build_optimizer(parts["model"], config.optim, device)
