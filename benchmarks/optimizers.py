@@ -181,13 +181,16 @@ def markdown(result: dict[str, Any], image: str = "optimizers.png") -> str:
     for name, lr in s["best_lr"].items():
         sweep = ", ".join(f"{r['lr']:.3g}: {r['final_val_loss']:.3f}" for r in runs if r["optimizer"] == name)
         edge = " (edge)" if s["best_lr_at_grid_edge"].get(name) else ""
+        best = next(r for r in runs if r["optimizer"] == name and r["lr"] == lr)
         finals = s.get("final_val_loss_by_horizon", {}).get(name, {})
         shortest = fmt(horizon.get(name)) + (" (" + ", ".join(f"{h}: {v:.3f}" for h, v in finals.items() if h != "1") + ")"
                                               if len(finals) > 1 else "")
-        lines.append(f"| {name} | {lr:.3g}{edge} ({sweep}) | {finals.get('1', math.nan):.3f} | "
-                     f"{fmt(s['steps_to_adamw_loss_ratio'].get(name))} | {shortest} | {fmt(horizon_time.get(name))} | "
+        shortest, shortest_time = (shortest, fmt(horizon_time.get(name))) if result.get("horizons") else ("-", "-")
+        lines.append(f"| {name} | {lr:.3g}{edge} ({sweep}) | {best['final_val_loss']:.3f} | "
+                     f"{fmt(s['steps_to_adamw_loss_ratio'].get(name))} | {shortest} | {shortest_time} | "
                      f"{s['state_bytes_ratio'][name]:.3f} | {s['tokens_per_second'][name]:,.0f} |")
-    return "\n".join([*lines, "", f"![validation loss by step and by training time]({image})", ""])
+    lines += ["", f"![validation loss by step and by training time]({image})", ""]
+    return "\n".join([*lines, result["note"], ""] if result.get("note") else lines)
 
 
 def plot(best: dict[str, dict[str, Any]], path: Path) -> None:
