@@ -17,7 +17,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SMOKES = {  # script and arguments, whether it takes --workdir, the file it writes
     "architectures": (["architectures.py", "--models", "dense,moe-scaled,moe-shared"], True, "architectures.json"),
     "profile_mixer": (["profile_mixer.py", "--ablations"], False, "profile_mixer_ablations.json"),
-    "optimizers": (["optimizers.py"], True, "optimizers.json"),
+    # the optimizers that take the loop's other paths (curvature refresh, Muon's split, train/eval
+    # weights), each swept over two rates: the script end to end in a third of the full smoke's time
+    "optimizers": (["optimizers.py", "--optimizers", "sophia,muon,schedulefree_adamw", "--lr-mults", "0.5,1"], True,
+                   "optimizers.json"),
     "peft": (["peft_finetune.py"], True, "peft.json"),
 }
 

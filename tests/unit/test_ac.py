@@ -97,7 +97,7 @@ def _saved_bytes_compiled_lora(mode: str) -> tuple[int, torch.Tensor, list[torch
     from hasten.methods import peft
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=64), 64)
+    model = build_model(ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=64), 64)
     model = peft.apply(model, PeftConfig(method="lora", rank=8, alpha=16))
     peft.cast_frozen(model, torch.bfloat16)
     apply_activation_checkpointing(model.layers, mode)

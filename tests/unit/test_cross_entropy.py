@@ -60,9 +60,9 @@ def test_bf16_autocast_runs_matmuls_in_bf16_and_loss_in_fp32():
     assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
 
 
-def _decoder(vocab=512):
+def _decoder(vocab=512, n_layers=2):
     torch.manual_seed(0)
-    return build_model(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64), vocab)
+    return build_model(ModelConfig(dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64), vocab)
 
 
 def test_decoder_loss_from_targets_equals_loss_of_its_logits():
@@ -94,7 +94,7 @@ def test_compiled_lora_decoder_keeps_no_logits_for_backward():
     from hasten.methods import peft
 
     def kept(chunk: int) -> tuple[int, torch.Tensor]:
-        model = peft.apply(_decoder(vocab=2048), PeftConfig(method="lora", rank=8, alpha=16))
+        model = peft.apply(_decoder(vocab=2048, n_layers=1), PeftConfig(method="lora", rank=8, alpha=16))
         peft.cast_frozen(model, torch.bfloat16)
 
         def loss_fn(idx):
