@@ -273,7 +273,7 @@ def test_bf16_residual_stream_keeps_no_fp32_activations_compiled():
     """Compiled, the fp32 residual stream is most of what a bf16-autocast model keeps in fp32 for
     backward; with model.fp32_residual=false only the norms' per-token statistics remain."""
     def kept(fp32_residual: bool) -> tuple[int, int]:
-        model = tiny_model(fp32_residual=fp32_residual)
+        model = tiny_model(fp32_residual=fp32_residual, n_layers=1)
 
         def loss_fn(idx):
             with torch.autocast("cpu", dtype=torch.bfloat16):
