@@ -36,9 +36,11 @@ def train(config: RunConfig | None = None, *, model: nn.Module | None = None, lo
     if config.qat.scheme != "none" and summary["steps"]:
         summary.update(quantize_after_training(run))
     # A sharded model's forward is a collective: every rank samples (same seed, same text), rank 0 keeps it.
+    # It runs under the run's autocast, as training did: a 16-bit PEFT run's base and adapter inputs are 16-bit.
     if run.tokenizer is not None and config.log.sample_tokens and summary["steps"] and (
             run.rank == 0 or is_sharded(run.model)):
-        text = sample(unwrap(run.model), run.tokenizer, config.log.sample_prompt, config.log.sample_tokens)
+        with run.precision.autocast():
+            text = sample(unwrap(run.model), run.tokenizer, config.log.sample_prompt, config.log.sample_tokens)
         if run.rank == 0:
             summary["sample"] = text
     return summary

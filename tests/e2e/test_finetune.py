@@ -79,6 +79,23 @@ def test_dora_finetune_in_process_and_hasten_export(tmp_path, monkeypatch):
         assert torch.equal(exported(ids), merged(ids))
 
 
+def test_a_bf16_lora_run_samples_at_its_end(tmp_path, monkeypatch):
+    """bf16 LoRA: the frozen base in bf16, the adapters' inputs left in bf16; the end-of-run sample
+    runs under the run's autocast like the training steps, so the fp32 adapters meet bf16 inputs."""
+    from hasten.api import train
+    from hasten.config import load_config
+
+    monkeypatch.setenv("HASTEN_CACHE", str(tmp_path / "cache"))
+    hf = tmp_path / "hf"
+    make_hf_llama(hf)
+    data = write_instruct(tmp_path / "qa.jsonl")
+    config = load_config("default", [f"model.from={hf}", f"data.source={data}", f"train.out_dir={tmp_path / 'run'}",
+                                     "peft.method=lora", "precision.dtype=bf16", "log.sample_tokens=8",
+                                     "checkpoint.every=0", *QUICK, "train.steps=2"])
+    summary = train(config)
+    assert summary["completed"] and summary["precision"] == "bf16" and isinstance(summary["sample"], str)
+
+
 def test_lora_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     from hasten.api import train
     from hasten.config import load_config
