@@ -7,6 +7,10 @@ into the gradients of the hidden states and of the head weight, and freed before
 backward only scales the kept gradients by the loss's own. The matmuls are the ones forward and
 backward run anyway, so nothing is recomputed (the fused linear cross-entropy of Liger-Kernel).
 
+On CUDA (with Triton) each chunk's loss and logits' gradient come from one kernel that reads the
+logits and overwrites them with their gradient (hasten.models.ops.triton_cross_entropy), between
+the head's matmuls; elsewhere from the plain operations below.
+
 The chunk loop runs outside torch.compile's graph, in Python, so each chunk's temporaries are
 freed before the next one is made; each chunk's work is compiled on its own. (Traced into the
 model's graph, the same loop let the compiler keep every chunk's logits alive at once: more
@@ -42,6 +46,24 @@ def _chunk(h_nD: torch.Tensor, w_VD: torch.Tensor, t_n: torch.Tensor, scale: tor
     return loss, g_nV @ w_VD if grad_h else None, (g_nV.t() @ h_nD).to(acc) if grad_w else None
 
 
+def _chunk_triton(h_nD: torch.Tensor, w_VD: torch.Tensor, t_n: torch.Tensor, scale: torch.Tensor, grad_h: bool,
+                  grad_w: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`_chunk` on CUDA: the logits (in the matmul dtype) become their own gradient in place."""
+    from hasten.models.ops.triton_cross_entropy import cross_entropy_
+
+    logits_nV = h_nD @ w_VD.t()
+    loss = cross_entropy_(logits_nV, t_n, scale, IGNORE_INDEX, write_grad=grad_h or grad_w).sum()
+    g_nV = logits_nV  # now (softmax - one_hot) * scale
+    acc = torch.promote_types(h_nD.dtype, torch.float32)
+    return (loss, g_nV @ w_VD if grad_h else None, (g_nV.t() @ h_nD).to(acc) if grad_w else None)
+
+
+def _use_triton(h_ND: torch.Tensor, dtype: torch.dtype) -> bool:
+    from hasten.models.ops import triton_cross_entropy
+
+    return h_ND.is_cuda and dtype in (torch.float32, torch.bfloat16, torch.float16) and triton_cross_entropy.available()
+
+
 @functools.cache
 def _compiled_chunk():
     return torch.compile(_chunk, dynamic=False)
@@ -51,7 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, chunk: int,
                 dtype: torch.dtype, compiled: bool, grad_h: bool, grad_w: bool) -> torch.Tensor:
-        step = _compiled_chunk() if compiled else _chunk
+        step = _chunk_triton if _use_triton(h_ND, dtype) else _compiled_chunk() if compiled else _chunk
         acc = torch.promote_types(dtype, torch.float32)
         w_VD = weight_VD.to(dtype)
         scale = 1.0 / (targets_N != IGNORE_INDEX).sum().clamp(min=1).to(acc)  # a mean over counted tokens
