@@ -152,7 +152,7 @@ def _model_variants(smoke: bool) -> dict[str, tuple[str, list[str]]]:
                 "mamba": ("default", [*base, "model.mixers=MMMM"]),
                 "hybrid": ("default", [*base, "model.mixers=MMAM", "model.ffns=DEDE"])}
     every = "E" * 12
-    return {"dense": ("gpt2-124m", []), "moe": ("moe-gpu", [f"model.ffns={every}"]), "moe-alt": ("moe-gpu", []),
+    return {"dense": ("gpt2-124m", ["train.loss_chunk=0"]),  # the plain loss, as the other recipes "moe": ("moe-gpu", [f"model.ffns={every}"]), "moe-alt": ("moe-gpu", []),
             "moe-scaled": ("moe-gpu", [f"model.ffns={every}", "model.moe_routed_scale=2"]),
             "moe-shared": ("moe-gpu", [f"model.ffns={every}", "model.moe_shared_expert=true"]),
             "mamba": ("mamba-gpu", []), "hybrid": ("hybrid-gpu", [])}

@@ -127,6 +127,8 @@ DISTILL_DEFAULTS = ("train.out_dir=runs/distill",)
 
 
 def _cmd_distill(ns: argparse.Namespace) -> int:
+    if not any(arg.startswith("train.loss_chunk=") for arg in ns.args):  # the teacher is compared on whole logits,
+        ns.args = [*ns.args, "train.loss_chunk=0"]                       # whatever the recipe chunks (gpt2-124m)
     return _train_with(ns, "distill.teacher", "hasten distill needs distill.teacher=PATH (a hasten run, checkpoint "
                        "or export, or a Hugging Face model folder).", DISTILL_DEFAULTS)
 

@@ -256,7 +256,7 @@ class TrainConfig:
                                                                     "max-autotune-no-cudagraphs"))
     loss_chunk: int = _f(0, "hasten's decoder: output head + cross-entropy this many tokens at a time, their "
                             "gradients made in forward, never the whole logits (saves two tokens x vocab "
-                            "tensors; 0 = off)")
+                            "tensors; 0 = off); on CUDA one Triton kernel makes each chunk's loss and logits' gradient")
     attention_backend: str = _f("auto", "scaled-dot-product attention kernel on GPU (auto = PyTorch's choice)",
                                 choices=("auto", "flash", "cudnn", "efficient", "math"))
     out_dir: str = _f("runs/default", "run folder: config, logs, checkpoints, plots, exported weights")

@@ -54,6 +54,7 @@ CASES = {
     "zero2": ["parallel.strategy=zero2"],
     "zero3": ["parallel.strategy=zero3"],
     "zero3-offload": ["parallel.strategy=zero3", "parallel.cpu_offload=true"],
+    "zero3-loss-chunk": ["parallel.strategy=zero3", "train.loss_chunk=48"],  # the head's weight used outside its forward
     "zero3-ac-full": ["parallel.strategy=zero3", "parallel.activation_checkpointing=full"],
     "ddp-ac-selective": ["parallel.strategy=ddp", "parallel.activation_checkpointing=selective"],
     "zero3-ac-ops-half": ["parallel.strategy=zero3", "parallel.activation_checkpointing=ops",

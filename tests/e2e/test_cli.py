@@ -31,9 +31,13 @@ def test_train_generate_export_round_trip(tmp_path, env):
 
 
 def test_distill_a_student_from_a_trained_teacher(tmp_path, env):
+    from hasten.config import recipe_path
+
     teacher, student = tmp_path / "teacher", tmp_path / "student"
     hasten("train", *TINY, "model.dim=128", "train.steps=10", "train.eval_every=10", f"train.out_dir={teacher}", env=env)
-    proc = hasten("distill", *TINY, f"distill.teacher={teacher}", "model.n_layers=1", "train.steps=6",
+    recipe = tmp_path / "chunked.toml"  # a recipe that chunks the loss (as gpt2-124m does): distill compares whole logits
+    recipe.write_text(recipe_path("default").read_text().replace("[train]\n", "[train]\nloss_chunk = 32\n"))
+    proc = hasten("distill", str(recipe), *TINY, f"distill.teacher={teacher}", "model.n_layers=1", "train.steps=6",
                   "train.eval_every=6", "log.every=3", f"train.out_dir={student}", env=env)
     summary = json.loads((student / "summary.json").read_text())
     assert summary["completed"] and summary["teacher_params"] > summary["params"] and "teacher_params" in proc.stdout

@@ -150,7 +150,7 @@ register(Row(name="dora", family="PEFT", benefit="memory", overrides=("model.fro
 register(Row(name="qlora", family="PEFT", benefit="memory", overrides=("model.from={baseline}", "peft.method=qlora"),
              description="LoRA on the trained baseline held in 4-bit NF4 (bitsandbytes; CUDA only)"))
 register(Row(name="distill", family="distillation", benefit="inference time",
-             overrides=("distill.teacher={baseline}", "model.n_layers={half_layers}"),
+             overrides=("distill.teacher={baseline}", "model.n_layers={half_layers}", "train.loss_chunk=0"),
              description="a student of half the baseline's layers trained on the trained baseline's softened "
                          "predictions (distill.alpha 0.5, temperature 2) for the same budget"))
 register(Row(name="qat", family="quantization", benefit="inference time + memory", overrides=("qat.scheme=int8da-int4w",),
