@@ -26,7 +26,7 @@ from hasten.train.loop import train_step
 FAMILIES = (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
             ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "mm_")),
             ("optimizer", ("adam", "foreach", "multi_tensor")),
-            ("cross-entropy", ("cross_entropy", "nll", "log_softmax", "logsumexp")))
+            ("cross-entropy", ("cross_entropy", "nll", "log_softmax", "logsumexp", "ce_rows")))
 
 
 def family(name: str) -> str:
