@@ -130,6 +130,38 @@ def test_training_with_loss_chunk_follows_the_plain_loss(tiny_config):
     torch.testing.assert_close(torch.tensor(chunked), torch.tensor(plain), rtol=1e-4, atol=1e-4)
 
 
+def test_fp16_gradients_neither_underflow_nor_overflow():
+    """Under fp16 autocast the chunked loss's gradients are as close to float64 as the plain loss's
+    (scaled by 1/tokens before backward's loss scale, most of the softmax would underflow: 20x the
+    error); and a weight gradient summed over many tokens stays finite (one target everywhere, |h| 8:
+    16384 x 8 x 15/16 passes fp16's 65504 in a single matmul)."""
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 4096, 64, 5000
+    h = torch.randn(n, d, generator=g, requires_grad=True)
+    w = (torch.randn(v, d, generator=g) * 0.05).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g)
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = torch.autograd.grad(linear_cross_entropy_ref(h64, w64, t), (h64, w64))
+
+    def rel_errors(fn):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = fn(h, w, t)
+        got = torch.autograd.grad(loss * 1024, (h, w))  # a loss scale, as fp16 training uses
+        return [((a.double() / 1024 - b).norm() / b.norm()).item() for a, b in zip(got, want)]
+
+    chunked = rel_errors(lambda h, w, t: linear_cross_entropy(h, w, t, 1024))
+    plain = rel_errors(linear_cross_entropy_ref)
+    assert all(c < 1.5 * p for c, p in zip(chunked, plain)), (chunked, plain)
+
+    h = torch.full((16384, 8), 8.0, requires_grad=True)
+    w = torch.zeros(16, 8, requires_grad=True)
+    t = torch.zeros(16384, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.float16):
+        (gw,) = torch.autograd.grad(linear_cross_entropy(h, w, t, 16384), (w,))
+    torch.testing.assert_close(gw[0], torch.full((8,), -8.0 * 15 / 16))
+    torch.testing.assert_close(gw[1:], torch.full((15, 8), 8.0 / 16))
+
+
 def _triton_ready() -> bool:
     from hasten.models.ops.triton_cross_entropy import available
 
@@ -137,7 +169,7 @@ def _triton_ready() -> bool:
 
 
 @pytest.mark.skipif(not _triton_ready(), reason="the Triton cross-entropy runs on CUDA with Triton")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_triton_path_matches_the_plain_loss_on_cuda(dtype):
     """On CUDA the chunks take the in-place Triton kernel: loss and gradients match the plain loss
     computed from the same (rounded) inputs in float64, with ignored targets, a vocabulary no power

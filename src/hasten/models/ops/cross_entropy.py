@@ -26,6 +26,19 @@ import functools
 import torch
 
 IGNORE_INDEX = -100  # targets with this value add nothing (the prompt of instruction data)
+FP16_WEIGHT_GRAD_TOKENS = 4096  # fp16: the head's weight gradient summed over this many tokens per matmul
+
+
+def _weight_grad(g_nV: torch.Tensor, h_nD: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """g_nV.T @ h_nD in `acc`. fp16 gradients arrive unscaled (see _LinearCrossEntropy): their sum
+    over many tokens can pass fp16's 65504, so the matmul runs over blocks of tokens, summed in acc."""
+    if g_nV.dtype != torch.float16:
+        return (g_nV.t() @ h_nD).to(acc)
+    n = FP16_WEIGHT_GRAD_TOKENS
+    total = (g_nV[:n].t() @ h_nD[:n]).to(acc)
+    for start in range(n, g_nV.shape[0], n):
+        total = total.add_(g_nV[start:start + n].t() @ h_nD[start:start + n])
+    return total
 
 
 def _chunk(h_nD: torch.Tensor, w_VD: torch.Tensor, t_n: torch.Tensor, scale: torch.Tensor, grad_h: bool,
@@ -43,7 +56,7 @@ def _chunk(h_nD: torch.Tensor, w_VD: torch.Tensor, t_n: torch.Tensor, scale: tor
     g_nV = torch.exp(logits_nV - lse_n[:, None])  # d loss / d logits = (softmax - one_hot) * scale
     g_nV = g_nV.scatter_add(1, t_safe_n[:, None], torch.full_like(lse_n[:, None], -1.0))
     g_nV = (g_nV * (valid_n[:, None] * scale)).to(h_nD.dtype)
-    return loss, g_nV @ w_VD if grad_h else None, (g_nV.t() @ h_nD).to(acc) if grad_w else None
+    return loss, g_nV @ w_VD if grad_h else None, _weight_grad(g_nV, h_nD, acc) if grad_w else None
 
 
 def _chunk_triton(h_nD: torch.Tensor, w_VD: torch.Tensor, t_n: torch.Tensor, scale: torch.Tensor, grad_h: bool,
@@ -55,7 +68,7 @@ def _chunk_triton(h_nD: torch.Tensor, w_VD: torch.Tensor, t_n: torch.Tensor, sca
     loss = cross_entropy_(logits_nV, t_n, scale, IGNORE_INDEX, write_grad=grad_h or grad_w).sum()
     g_nV = logits_nV  # now (softmax - one_hot) * scale
     acc = torch.promote_types(h_nD.dtype, torch.float32)
-    return (loss, g_nV @ w_VD if grad_h else None, (g_nV.t() @ h_nD).to(acc) if grad_w else None)
+    return (loss, g_nV @ w_VD if grad_h else None, _weight_grad(g_nV, h_nD, acc) if grad_w else None)
 
 
 def _use_triton(h_ND: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -77,17 +90,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(dtype, torch.float32)
         w_VD = weight_VD.to(dtype)
         scale = 1.0 / (targets_N != IGNORE_INDEX).sum().clamp(min=1).to(acc)  # a mean over counted tokens
+        # The logits' gradient is made before backward brings fp16's loss scale: (softmax - one_hot) / tokens
+        # would underflow in fp16 (1e-5 / 32768), so fp16 keeps it unscaled and scales the results instead.
+        fp16 = dtype == torch.float16
+        kept_scale = torch.ones_like(scale) if fp16 else scale
         loss = torch.zeros((), device=h_ND.device, dtype=acc)
         gh_chunks, gw_VD = [], None
         for start in range(0, h_ND.shape[0], chunk):
-            part, gh, gw = step(h_ND[start:start + chunk].to(dtype), w_VD, targets_N[start:start + chunk], scale,
-                                grad_h, grad_w)
+            part, gh, gw = step(h_ND[start:start + chunk].to(dtype), w_VD, targets_N[start:start + chunk],
+                                kept_scale, grad_h, grad_w)
             loss = loss + part
             if grad_h:
-                gh_chunks.append(gh.to(h_ND.dtype))
+                gh_chunks.append((gh.to(acc) * scale).to(h_ND.dtype) if fp16 else gh.to(h_ND.dtype))
             if grad_w:
                 gw_VD = gw if gw_VD is None else gw_VD.add_(gw)
-        ctx.save_for_backward(torch.cat(gh_chunks) if grad_h else None, gw_VD)
+        if fp16 and gw_VD is not None:
+            gw_VD = gw_VD.mul_(scale)
+        gh_ND = (gh_chunks[0] if len(gh_chunks) == 1 else torch.cat(gh_chunks)) if grad_h else None
+        ctx.save_for_backward(gh_ND, gw_VD)
         ctx.weight_dtype = weight_VD.dtype
         return loss * scale
 
