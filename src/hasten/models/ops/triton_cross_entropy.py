@@ -1,4 +1,4 @@
-"""Cross-entropy and its gradient in one pass over the logits, on CUDA (a Triton kernel).
+"""Cross-entropy and its gradient from one kernel over the logits, on CUDA (Triton).
 
 The compiled plain loss runs two kernels over the (tokens x vocab) logits: forward reads them to
 make each row's log-sum-exp, backward reads them again and writes their gradient. Here one program
