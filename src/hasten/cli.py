@@ -127,8 +127,12 @@ DISTILL_DEFAULTS = ("train.out_dir=runs/distill",)
 
 
 def _cmd_distill(ns: argparse.Namespace) -> int:
-    if not any(arg.startswith("train.loss_chunk=") for arg in ns.args):  # the teacher is compared on whole logits,
-        ns.args = [*ns.args, "train.loss_chunk=0"]                       # whatever the recipe chunks (gpt2-124m)
+    from hasten.config import explicit_keys
+
+    # The teacher is compared on whole logits: a chunked loss the recipe sets (gpt2-124m) is turned off;
+    # one the user's overrides set meets the config's error.
+    if "train.loss_chunk" not in explicit_keys(None, _split_recipe(ns.args)[1]):
+        ns.args = [*ns.args, "train.loss_chunk=0"]
     return _train_with(ns, "distill.teacher", "hasten distill needs distill.teacher=PATH (a hasten run, checkpoint "
                        "or export, or a Hugging Face model folder).", DISTILL_DEFAULTS)
 
