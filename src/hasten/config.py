@@ -194,6 +194,9 @@ class OptimConfig:
     lion_beta1: float = _f(0.9, "lion: interpolation between momentum and gradient for the sign")
     lion_beta2: float = _f(0.99, "lion: momentum decay")
     muon_momentum: float = _f(0.95, "muon: Nesterov momentum of the hidden matrices")
+    muon_momentum_warmup: int = _f(0, "muon: raise the momentum linearly from muon_momentum_start to muon_momentum "
+                                      "over this many steps (modded-nanogpt: 300); 0 keeps it fixed")
+    muon_momentum_start: float = _f(0.85, "muon: the momentum at step 0 when muon_momentum_warmup > 0")
     muon_ns_steps: int = _f(5, "muon: Newton-Schulz iterations that orthogonalize each update")
     muon_adjust_lr: str = _f("match_rms_adamw", "muon: per-matrix lr scaling; match_rms_adamw lets muon share "
                                                 "optim.lr with AdamW (Moonlight), original is Keller Jordan's",
@@ -204,10 +207,11 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", self.lr, "it must be > 0")
-        for name in ("sophia_beta1", "sophia_beta2", "lion_beta1", "lion_beta2", "muon_momentum"):
+        for name in ("sophia_beta1", "sophia_beta2", "lion_beta1", "lion_beta2", "muon_momentum", "muon_momentum_start"):
             _check(0.0 <= getattr(self, name) < 1.0, f"optim.{name}", getattr(self, name), "it must be in [0, 1)")
         for name in ("sophia_rho", "sophia_hessian_every", "muon_ns_steps", "muon_lr_scale", "adafactor_clip"):
             _check(getattr(self, name) > 0, f"optim.{name}", getattr(self, name), "it must be > 0")
+        _check(self.muon_momentum_warmup >= 0, "optim.muon_momentum_warmup", self.muon_momentum_warmup, "it must be >= 0")
         _check(self.adafactor_beta2_decay <= 0, "optim.adafactor_beta2_decay", self.adafactor_beta2_decay,
                "it must be <= 0")
         _check(self.fused != "on" or self.name == "adamw", "optim.fused", self.fused,

@@ -280,23 +280,30 @@ def test_muon_step_of_mixed_shapes_follows_the_equations(batch_elements, monkeyp
         torch.testing.assert_close(p.detach(), want, rtol=1e-2, atol=2e-3)
 
 
-def test_muon_momentum_over_steps_follows_the_equations():
-    """Three steps of MuonNS (momentum kept across steps, all matrices stepped as lists) against the
-    plain per-matrix recurrence."""
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_muon_momentum_over_steps_follows_the_equations(warmup):
+    """Four steps of MuonNS (momentum kept across steps, all matrices stepped as lists) against the
+    plain per-matrix recurrence; with a momentum warmup of 2 steps from 0.5 the momentum is 0.5,
+    0.7, then 0.9, and the count survives a state-dict round trip."""
     from hasten.optim.muon import adjusted_lr
     g = torch.Generator().manual_seed(2)
     params = [nn.Parameter(torch.randn(*shape, generator=g)) for shape in ((8, 12), (12, 8), (8, 12), (16, 16))]
     want = [p.detach().clone() for p in params]
     bufs = [torch.zeros_like(p) for p in params]
-    opt = MuonNS(params, lr=0.02, weight_decay=0.1, momentum=0.9)
-    for _ in range(3):
+    opt = MuonNS(params, lr=0.02, weight_decay=0.1, momentum=0.9, momentum_warmup=warmup, momentum_start=0.5)
+    momenta = [0.5, 0.7, 0.9, 0.9] if warmup else [0.9] * 4
+    for step, mu in enumerate(momenta):
+        if step == 2:  # a fresh optimizer from the saved state carries on the ramp
+            saved = opt.state_dict()
+            opt = MuonNS(params, lr=0.02, weight_decay=0.1, momentum=0.9, momentum_warmup=warmup, momentum_start=0.5)
+            opt.load_state_dict(saved)
         grads = [torch.randn(p.shape, generator=g) for p in params]
         for p, grad in zip(params, grads):
             p.grad = grad.clone()
         opt.step()
         for w, buf, grad in zip(want, bufs, grads):
-            buf.lerp_(grad, 0.1)
-            w.mul_(1 - 0.02 * 0.1).add_(newton_schulz(grad.lerp(buf, 0.9)).float(),
+            buf.lerp_(grad, 1 - mu)
+            w.mul_(1 - 0.02 * 0.1).add_(newton_schulz(grad.lerp(buf, mu)).float(),
                                          alpha=-adjusted_lr(0.02, w.shape, "original"))
     for p, w in zip(params, want):
         torch.testing.assert_close(p.detach(), w, rtol=1e-2, atol=2e-3)

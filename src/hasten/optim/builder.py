@@ -87,7 +87,8 @@ def build_muon(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torc
         raise ConfigError("optim.name=muon found no hidden 2-D weight matrices in the model; use optim.name=adamw.")
     muon_group = {"params": matrices, "weight_decay": cfg.weight_decay, "lr_scale": cfg.muon_lr_scale}
     muon = MuonNS([muon_group], lr=cfg.lr * cfg.muon_lr_scale, momentum=cfg.muon_momentum, nesterov=True,
-                  ns_steps=cfg.muon_ns_steps, adjust_lr_fn=cfg.muon_adjust_lr)
+                  ns_steps=cfg.muon_ns_steps, adjust_lr_fn=cfg.muon_adjust_lr,
+                  momentum_warmup=cfg.muon_momentum_warmup, momentum_start=cfg.muon_momentum_start)
     rest = param_groups(model, cfg.weight_decay, exclude={id(p) for p in matrices})
     if not rest:
         return CombinedOptimizer([muon])

@@ -95,18 +95,35 @@ def orthogonalize(update: torch.Tensor, steps: int = 5, coefficients: tuple[floa
     return distribute_tensor(whole, mesh, update.placements, src_data_rank=None).to(device)
 
 
+def current_momentum(group: dict[str, Any]) -> float:
+    """The group's momentum for this step, advancing its warmup count (MuonNS's momentum_warmup)."""
+    warmup = group.get("momentum_warmup", 0)
+    if not warmup:
+        return group["momentum"]
+    done = min(1.0, group["momentum_step"] / warmup)
+    group["momentum_step"] += 1
+    return group["momentum_start"] + done * (group["momentum"] - group["momentum_start"])
+
+
 class MuonNS(torch.optim.Optimizer):
     """Muon on 2-D parameters: matrices of one shape orthogonalized together; sharded (DTensor)
     parameters gathered matrix by matrix, their momentum sharded like them."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str = "original") -> None:
+                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str = "original", momentum_warmup: int = 0,
+                 momentum_start: float = 0.85) -> None:
         # torch.optim.Muon's group keys: a checkpoint of either loads into the other (DCP loads the
         # groups too), e.g. one written sharded, with MuonNS, resumed in one process, with Muon.
+        # With `momentum_warmup` > 0 the momentum rises linearly from `momentum_start` to `momentum`
+        # over that many steps (modded-nanogpt's warmup, 0.85 -> 0.95 over 300 steps); the group
+        # counts its steps in `momentum_step` (saved with the groups, so a resume continues the ramp).
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                       ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
                                       adjust_lr_fn=adjust_lr_fn))
+        if momentum_warmup > 0:
+            for group in self.param_groups:
+                group.update(momentum_warmup=momentum_warmup, momentum_start=momentum_start, momentum_step=0)
         for group in self.param_groups:
             if any(p.ndim != 2 for p in group["params"]):
                 raise ValueError("Muon updates 2-D matrices only; give other parameters to AdamW.")
@@ -115,7 +132,7 @@ class MuonNS(torch.optim.Optimizer):
     def step(self, closure: Any = None) -> Any:
         loss = closure_loss(closure)
         for group in self.param_groups:
-            mu, ns = group["momentum"], (group["ns_steps"], tuple(group["ns_coefficients"]), group["eps"])
+            mu, ns = current_momentum(group), (group["ns_steps"], tuple(group["ns_coefficients"]), group["eps"])
             params = [p for p in group["params"] if p.grad is not None]
             for p in (p for p in params if isinstance(p, DTensor)):  # gathered one matrix at a time (orthogonalize)
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
