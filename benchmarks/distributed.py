@@ -83,17 +83,25 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--world-sizes", default="1,2,4", help="GPU counts to run (those above the visible GPUs are left out)")
+    parser.add_argument("--strategies", default=",".join(name for name, _ in STRATEGIES),
+                        help="a subset of " + ",".join(name for name, _ in STRATEGIES))
+    parser.add_argument("--largest", default=",".join(name for name, _ in LARGE_SHAPES),
+                        help="shapes tried in turn for the largest model under zero3 ('' skips the search)")
     args = parser.parse_args()
     gpus = torch.cuda.device_count()
     if not args.smoke and gpus < 1:
         parser.error("no GPU visible; use --smoke to check the script on CPU")
-    world_sizes = [1, 2] if args.smoke else [n for n in (1, 2, 4) if n <= gpus]
+    unknown = set(args.strategies.split(",")) - {name for name, _ in STRATEGIES}
+    if unknown:
+        parser.error(f"unknown strategies {sorted(unknown)}; choose from {[name for name, _ in STRATEGIES]}")
+    world_sizes = [1, 2] if args.smoke else [n for n in map(int, args.world_sizes.split(",")) if n <= gpus]
     steps = 5 if args.smoke else args.steps
     work = Path(tempfile.mkdtemp(prefix="hasten-dist-"))
     os.environ.setdefault("HASTEN_CACHE", str(work / "cache"))
     rows = []
     for nproc in world_sizes:
-        for name, extra in STRATEGIES:
+        for name, extra in (item for item in STRATEGIES if item[0] in args.strategies.split(",")):
             if name == "ddp" and nproc == 1:
                 extra = []  # one rank: ddp is the plain single-GPU baseline
             strategy = "none" if nproc == 1 and name == "ddp" else name.split("+")[0]
@@ -115,7 +123,8 @@ def main() -> int:
 
 def _largest(args: argparse.Namespace, work: Path, nproc: int) -> list[dict]:
     """Grow the model under zero3 until a shape no longer trains 3 steps."""
-    shapes = [("tiny", ["model.preset=tiny"]), ("small", ["model.preset=small"])] if args.smoke else LARGE_SHAPES
+    shapes = [("tiny", ["model.preset=tiny"]), ("small", ["model.preset=small"])] if args.smoke else \
+        [item for item in LARGE_SHAPES if item[0] in args.largest.split(",")]
     tried = []
     for name, shape in shapes:
         overrides = [*_base(args.smoke, 3), *shape, "parallel.strategy=zero3", "train.batch_size=1",
