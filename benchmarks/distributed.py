@@ -88,7 +88,11 @@ def main() -> int:
                         help="a subset of " + ",".join(name for name, _ in STRATEGIES))
     parser.add_argument("--largest", default=",".join(name for name, _ in LARGE_SHAPES),
                         help="shapes tried in turn for the largest model under zero3 ('' skips the search)")
+    parser.add_argument("--merge", nargs="+", type=Path, default=[],
+                        help="train nothing: combine the rows of earlier results (later ones win) into --out")
     args = parser.parse_args()
+    if args.merge:
+        return _merge(args.merge, args.out)
     gpus = torch.cuda.device_count()
     if not args.smoke and gpus < 1:
         parser.error("no GPU visible; use --smoke to check the script on CPU")
@@ -121,6 +125,20 @@ def main() -> int:
     return 0
 
 
+def _merge(paths: list[Path], out: Path) -> int:
+    """One report from several calls (e.g. the strategies in one, the largest-model search in another)."""
+    reports = [json.loads(path.read_text()) for path in paths]
+    rows = {(r["strategy"], r["gpus"]): r for report in reports for r in report["rows"]}
+    largest = next((report["largest"] for report in reversed(reports) if report["largest"]), [])
+    nproc = max(r["gpus"] for r in rows.values())
+    merged = dict(reports[-1], rows=list(rows.values()), largest=largest, merged_from=[str(p) for p in paths],
+                  commits=sorted({report["commit"] for report in reports}))
+    merged["summary"] = _summary(merged["rows"], largest, nproc)
+    out.write_text(json.dumps(merged, indent=1))
+    print(json.dumps(merged["summary"], indent=1))
+    return 0
+
+
 def _largest(args: argparse.Namespace, work: Path, nproc: int) -> list[dict]:
     """Grow the model under zero3 until a shape no longer trains 3 steps."""
     shapes = [("tiny", ["model.preset=tiny"]), ("small", ["model.preset=small"])] if args.smoke else \
@@ -145,13 +163,19 @@ def _summary(rows: list[dict], largest: list[dict], nproc: int) -> dict:
         one, many = find(strategy, 1), find(strategy, nproc)
         return many["tokens_per_second_per_gpu"] / one["tokens_per_second_per_gpu"] if one and many else None
 
+    single = find("ddp", 1)  # one GPU, no wrapper: the baseline every strategy's per-GPU rate is held to
+    best = max((r for r in rows if r["gpus"] == nproc and r["ok"]), key=lambda r: r["tokens_per_second_per_gpu"],
+               default=None)
     ddp, z3 = find("ddp", nproc), find("zero3", nproc)
     ratio = None
     if ddp and z3:
         state = lambda r: sum(r["memory_per_rank"][0][k] for k in ("param_bytes", "grad_bytes", "optimizer_state_bytes"))  # noqa: E731
         ratio = state(z3) / state(ddp)
     ok = [t for t in largest if t["ok"]]
-    return {f"scaling_efficiency_{nproc}gpu": efficiency("ddp"), f"zero3_scaling_efficiency_{nproc}gpu": efficiency("zero3"),
+    return {f"scaling_efficiency_{nproc}gpu": best["tokens_per_second_per_gpu"] / single["tokens_per_second_per_gpu"]
+            if best and single else None,
+            f"best_strategy_{nproc}gpu": best["strategy"] if best else None,
+            f"ddp_scaling_efficiency_{nproc}gpu": efficiency("ddp"), f"zero3_scaling_efficiency_{nproc}gpu": efficiency("zero3"),
             "zero3_state_bytes_per_gpu_ratio": ratio,
             "zero3_state_bytes_per_gpu_expected": 1 / nproc,
             f"largest_params_{nproc}gpu": ok[-1]["params"] if ok else None,

@@ -281,3 +281,17 @@ def test_runs_of_other_seeds_are_scored_on_the_same_validation_windows(tiny_conf
     train = [run.train_batches(3, 0) for run in runs]
     assert all(torch.equal(a, b) for a, b in zip(val[0], val[1], strict=True))
     assert not torch.equal(train[0][0], train[1][0])  # training batches still follow the seed
+
+
+def test_mfu_divides_by_the_peak_of_every_rank(monkeypatch):
+    """A run's tokens/s are the global batch's, so its MFU is over all ranks' devices (an H200 each)."""
+    from hasten.train import metrics
+    monkeypatch.setattr(metrics, "device_name", lambda device: "NVIDIA H200")
+    cuda = torch.device("cuda", 0)
+    assert metrics.cluster_peak_flops(cuda, "bf16", 1) == 989e12
+    assert metrics.cluster_peak_flops(cuda, "bf16", 4) == 4 * 989e12
+    assert metrics.cluster_peak_flops(torch.device("cpu"), "bf16", 4) is None
+    # 2 ranks, each at 400 TFLOP/s of model work: 0.404 of the peak, not 0.81
+    tokens_per_second, flops_per_token = 2 * 400e12 / 6e9, 6e9
+    assert metrics.mfu(tokens_per_second, flops_per_token, metrics.cluster_peak_flops(cuda, "bf16", 2)) == \
+        pytest.approx(400 / 989)

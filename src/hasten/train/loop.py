@@ -39,7 +39,7 @@ from hasten.train.build import Batch, Run, compiled_loss
 from hasten.train.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
 from hasten.train.guard import StopSignal, step_if_finite
 from hasten.train.log import RunLogger, plot_losses, truncate_log
-from hasten.train.metrics import mfu, peak_flops, peak_memory_bytes, reset_peak_memory, synchronize
+from hasten.train.metrics import cluster_peak_flops, mfu, peak_memory_bytes, reset_peak_memory, synchronize
 
 GIB = 2**30
 
@@ -299,7 +299,7 @@ def train_loop(run: Run) -> dict[str, Any]:
                      f"{run.world_size} ranks")
     forward_loss = compiled_loss(run)
     counters, timer = DeviceCounters.zeros(run.device), Timer()
-    peak = peak_flops(run.device, run.precision.name)
+    peak = cluster_peak_flops(run.device, run.precision.name, run.world_size)
     last = dict(loss=math.nan, val_loss=math.nan, tokens_per_second=0.0)
     stop_reason = ""
     # A schedule over time spans the time limit in all: earlier processes' seconds count against it.

@@ -39,6 +39,13 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     return None
 
 
+def cluster_peak_flops(device: torch.device, precision: str, world_size: int) -> float | None:
+    """The peak of all ranks together (one device each): the denominator of a run's MFU, whose
+    tokens/s are the global batch's."""
+    peak = peak_flops(device, precision)
+    return peak * world_size if peak is not None else None
+
+
 def mfu(tokens_per_second: float, flops_per_token: float, peak: float | None) -> float | None:
     """Model FLOPs utilization: achieved model FLOP/s over the datasheet peak."""
     if peak is None or tokens_per_second <= 0:
