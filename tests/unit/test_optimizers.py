@@ -109,6 +109,16 @@ def test_resume_through_checkpoints_is_exact(name, tiny_config, tmp_path):
     assert _log(tmp_path / "straight", "eval", "val_loss")[8] == _log(tmp_path / "resumed", "eval", "val_loss")[8]
 
 
+def test_resume_continues_muon_momentum_warmup(tiny_config, tmp_path):
+    """The warmup's step count travels in hasten's checkpoints: a resume mid-ramp is exact."""
+    common = ("optim.name=muon", "optim.lr=3e-3", "optim.muon_momentum_warmup=6", "optim.muon_momentum_start=0.5",
+              "train.steps=8", "checkpoint.every=4", "log.every=1", "train.eval_every=0")
+    hasten.train(tiny_config(*common, out="straight"))
+    hasten.train(tiny_config(*common, f"train.resume={list_checkpoints(tmp_path / 'straight')[0]}", out="resumed"))
+    a, b = (_log(tmp_path / run) for run in ("straight", "resumed"))
+    assert sorted(b) == [5, 6, 7, 8] and [a[s] for s in b] == [b[s] for s in b]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_autocast_trains_without_nan(name, tiny_config, tmp_path):
     _skip_if_unavailable(name)
