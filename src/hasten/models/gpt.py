@@ -184,12 +184,6 @@ class Decoder(nn.Module):
         if targets_BT is None:
             return self.output(h_BTD)  # logits_BTV, in autocast's dtype
         if type(self.output) is nn.Linear:  # not a peft or quantized wrapper
-            device = h_BTD.device.type
-            if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16:
-                # The head's input in bf16 here, where the compiler fuses the cast into the norm, and not
-                # in the loss's own kernels; its gradient comes back in bf16 too. (fp16 keeps it wide:
-                # that gradient, divided by the token count before the loss scale, would underflow.)
-                h_BTD = h_BTD.to(torch.bfloat16)
             return linear_cross_entropy(h_BTD.flatten(0, 1), self.output.weight, targets_BT.flatten(), loss_chunk)
         logits_NV = self.output(h_BTD).flatten(0, 1)
         return F.cross_entropy(logits_NV.float(), targets_BT.flatten(), ignore_index=IGNORE_INDEX)

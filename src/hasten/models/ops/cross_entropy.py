@@ -137,6 +137,11 @@ def linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N:
         raise ValueError(f"chunk must be > 0, got {chunk}")
     device = h_ND.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h_ND.dtype
+    if dtype == torch.bfloat16:
+        # Cast here, in the caller's compiled graph (fused into its last norm), not in the chunk loop's
+        # own kernels; the gradient then comes back in bf16 too. fp16 keeps h wide: its gradient,
+        # divided by the token count before the loss scale arrives, would underflow.
+        h_ND = h_ND.to(dtype)
     return _linear_cross_entropy(h_ND, weight_VD, targets_N, chunk, dtype, torch.compiler.is_compiling())
 
 
