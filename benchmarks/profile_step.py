@@ -63,6 +63,24 @@ def idle_gaps(prof: profile, min_us: float = 20.0) -> dict:
                 longest=longest)
 
 
+def matmul_table(prof: profile, steps: int) -> list[dict]:
+    """Each distinct matmul of the step (operator, operand shapes and strides) with the kernels it
+    ran and their GPU time per step: which of a linear's three GEMMs a slow kernel belongs to."""
+    table: dict[tuple, dict] = {}
+    for e in prof.events():
+        if e.name not in ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm"):
+            continue
+        strides = getattr(e, "structured_input_strides", None) or getattr(e, "input_strides", None)
+        key = (e.name, str(e.input_shapes), str(strides))
+        row = table.setdefault(key, dict(op=e.name, shapes=e.input_shapes, strides=strides, calls=0, ms=0.0, kernels=set()))
+        row["calls"] += 1
+        for k in getattr(e, "kernels", []):
+            row["ms"] += k.duration / 1000
+            row["kernels"].add(k.name[:80])
+    rows = sorted(table.values(), key=lambda r: -r["ms"])
+    return [dict(r, calls=r["calls"] / steps, ms=r["ms"] / steps, kernels=sorted(r["kernels"])) for r in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", nargs="?", default="gpt2-124m")
@@ -72,6 +90,8 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/hasten-profile")
     parser.add_argument("--gaps", action="store_true", help="also record the host side and report where the GPU "
                         "sat idle between kernels (wall time per step against kernel time, the longest gaps)")
+    parser.add_argument("--matmuls", action="store_true", help="also record operand shapes and list each distinct "
+                        "matmul with its kernels and GPU time")
     args = parser.parse_args()
     out = Path(args.out)
     cfg = load_config(args.recipe, ["data.tokenizer=byte", "model.vocab_size=50304", f"train.out_dir={out}/run",
@@ -84,15 +104,16 @@ def main() -> None:
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     sync()
     activities = [ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]
-    if args.gaps and gpu:
+    if (args.gaps or args.matmuls) and gpu:
         activities.append(ProfilerActivity.CPU)
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=args.matmuls) as prof:
         start = time.perf_counter()
         for step in range(args.warmup, args.warmup + args.steps):
             train_step(run, forward_loss, step)
         sync()
         wall_ms = (time.perf_counter() - start) * 1000 / args.steps
     gaps = idle_gaps(prof) if args.gaps and gpu else None
+    matmuls = matmul_table(prof, args.steps) if args.matmuls and gpu else None
     events = [e for e in prof.key_averages() if (e.device_time_total if gpu else e.self_cpu_time_total) > 0]
     if gpu:  # kernels only (with the host side recorded, host operations carry their kernels' time too)
         events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
@@ -110,7 +131,7 @@ def main() -> None:
                   families={k: dict(ms_per_step=v / 1000 / args.steps, share=v / total) for k, v in by_family.items()},
                   top_kernels=[dict(name=e.key[:120], ms_per_step=e.device_time_total / 1000 / args.steps,
                                     calls_per_step=e.count / args.steps, share=e.device_time_total / total)
-                               for e in rows])
+                               for e in rows], matmuls=matmuls)
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile_step.json").write_text(json.dumps(report, indent=1))
     print(f"GPU time per step: {report['gpu_ms_per_step']:.1f} ms, peak memory {report['peak_memory_gib'] or 0:.2f} GiB")
@@ -122,6 +143,8 @@ def main() -> None:
               f"{gaps['idle_ms_total'] / args.steps:.2f} ms in gaps over 20 us; longest:")
         for g in gaps["longest"][:12]:
             print(f"  {g['ms']:6.2f} ms after {g['after'][:50]} before {g['before'][:50]} | host: {g['host'][:120]}")
+    for m in matmuls or []:
+        print(f"  {m['ms']:7.2f} ms x{m['calls']:<4.0f} {m['op']} {m['shapes']} strides {m['strides']}: {', '.join(m['kernels'])[:80]}")
     for k in report["top_kernels"]:
         print(f"  {k['ms_per_step']:7.2f} ms {100 * k['share']:5.1f} % x{k['calls_per_step']:<5.0f} {k['name'][:90]}")
 
