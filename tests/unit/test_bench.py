@@ -80,6 +80,9 @@ def test_steps_to_target_first_eval_at_or_below() -> None:
     assert steps_to_target(list(reversed(EVALS)), 5.5) == (50, 10.0)  # order of records does not matter
     assert steps_to_target(EVALS, None) is None
     assert steps_to_target(EVALS + [dict(step=125, val_loss=math.nan, elapsed_s=25.0)], 4.0) is None
+    # Newer runs record the training seconds (compilation and evaluations left out): those count.
+    timed = [dict(r, train_s=r["elapsed_s"] / 2) for r in EVALS]
+    assert steps_to_target(timed, 5.2) == (75, 7.5)
 
 
 def test_ratio_handles_missing_and_zero() -> None:

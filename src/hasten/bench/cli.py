@@ -239,6 +239,11 @@ def _run_rows(settings: Any, rows: list[Row], out: Path, fresh: bool, slots: lis
             bar.update(task, completed=steps or 0, visible=False)
             if not together:
                 report(outcome)
+            elif outcome.result["status"] == "trained" and not outcome.reused:  # a line now, the full one later
+                summary = outcome.result["summary"]
+                bar.console.print(f"row {row.name}: trained, {summary['steps']} steps in {summary['wall_time_s']:.1f} s, "
+                                  f"val loss {summary['final_val_loss']:.4f} (inference timed after all rows train)",
+                                  markup=False, highlight=False, soft_wrap=True)
             return outcome
 
         together = [row for row in rows if not row.distributed] if len(slots) > 1 else []

@@ -76,14 +76,20 @@ COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
 HEADERS = [header for _, header, _ in COLUMNS]
 
 
+def training_seconds(record: dict[str, Any]) -> float:
+    """An evaluation's training seconds: steps only, the first one (compilation), evaluations and
+    checkpoint saves left out, as a time budget counts them; wall seconds in older results."""
+    return float(record.get("train_s", record["elapsed_s"]))
+
+
 def steps_to_target(evals: Sequence[dict[str, Any]], target: float | None) -> tuple[int, float] | None:
-    """(step, elapsed seconds) of the first evaluation whose val_loss is at or below `target`."""
+    """(step, training seconds) of the first evaluation whose val_loss is at or below `target`."""
     if target is None or not math.isfinite(target):
         return None
     for record in sorted(evals, key=lambda r: r["step"]):
         loss = record.get("val_loss")
         if loss is not None and math.isfinite(loss) and loss <= target:
-            return int(record["step"]), float(record["elapsed_s"])
+            return int(record["step"]), training_seconds(record)
     return None
 
 
@@ -172,7 +178,8 @@ def _notes(report: dict[str, Any]) -> list[str]:
         f"Budget per row: {budget.get('value')} {budget.get('kind')}; same recipe, data and seed for every row.",
         "Ratios are row / baseline: above 1 is better for tokens/s; below 1 is better for time, memory and latency.",
         "Steps/time to baseline loss: first evaluation at or below the baseline's final val loss "
-        f"({_fmt_num(report.get('baseline_final_val_loss'))}).",
+        f"({_fmt_num(report.get('baseline_final_val_loss'))}); time in training seconds (the first step, "
+        "which compiles, evaluations and checkpoint saves left out, as the time budget counts them).",
         "Wall time is the training loop's (compilation included, process start-up excluded); "
         "inference is the median forward pass of the produced model, loaded eager in fp32.",
     ]

@@ -344,7 +344,8 @@ def _collect(result: dict[str, Any], row_dir: Path) -> str | None:
         return f"hasten train finished without writing {summary_path}."
     result["summary"] = json.loads(summary_path.read_text())
     records = read_metrics(row_dir / "metrics.jsonl")
-    result["evals"] = [dict(step=r["step"], val_loss=r["val_loss"], elapsed_s=r["elapsed_s"])
+    result["evals"] = [dict(step=r["step"], val_loss=r["val_loss"], elapsed_s=r["elapsed_s"],
+                            **({"train_s": r["train_s"]} if "train_s" in r else {}))
                        for r in records if r.get("event") == "eval"]
     result["train"] = [dict(step=r["step"], loss=r["loss"], elapsed_s=r["elapsed_s"])
                        for r in records if r.get("event") == "train"]

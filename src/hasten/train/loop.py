@@ -27,6 +27,8 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,17 +93,33 @@ class DeviceCounters:
 
 @dataclass
 class Timer:
-    """Wall time of the steps alone: evaluation and checkpoints are excluded from throughput."""
+    """Wall time of the steps alone: evaluation and checkpoints are excluded from throughput and
+    from the training seconds that a time limit counts."""
 
     start: float = field(default_factory=time.perf_counter)
     interval_start: float = field(default_factory=time.perf_counter)
     interval_steps: int = 0
     rates: list[float] = field(default_factory=list)  # tokens/s per log interval
     first_step_s: float | None = None  # the first step holds compilation and warm-up
+    paused_s: float = 0.0  # evaluation and checkpoint saves since the first step
 
     def training_seconds(self) -> float:
-        """Seconds since the first step ended: what train.time_limit_s is compared with."""
-        return time.perf_counter() - self.start - (self.first_step_s or 0.0)
+        """Seconds of training steps since the first step ended (evaluations, with the compilation
+        of the evaluation graph, and checkpoint saves left out): what train.time_limit_s is
+        compared with, so that methods under one time budget get the same time to train."""
+        return time.perf_counter() - self.start - (self.first_step_s or 0.0) - self.paused_s
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the enclosed work (an evaluation, a checkpoint save) out of the training seconds
+        and of the current throughput interval."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.first_step_s is not None:
+                self.paused_s += time.perf_counter() - began
+            self.restart_interval()
 
     def restart_interval(self) -> None:
         self.interval_start, self.interval_steps = time.perf_counter(), 0
@@ -336,13 +354,14 @@ def train_loop(run: Run) -> dict[str, Any]:
                 stop_reason = _agree_to_stop(run, stop_reason) if log_step else ""
             if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or state.step == cfg.train.steps \
                     or stop_reason:
-                _log_eval(run, state, forward_loss, logger, last, timer.start)
-                timer.restart_interval()
+                train_s = counted_before + timer.training_seconds()
+                with timer.paused():
+                    _log_eval(run, state, forward_loss, logger, last, timer.start, train_s)
             if stop_reason or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or (
                     state.step == cfg.train.steps and cfg.checkpoint.at_end):
                 state.train_seconds = seconds_before + timer.training_seconds()
-                _save(run, state)
-                timer.restart_interval()
+                with timer.paused():
+                    _save(run, state)
     set_train_mode(run.optimizer, False)  # the trained model keeps the evaluation weights (schedule-free)
     return _finish(run, state, logger, timer, peak, last, stop_reason)
 
@@ -386,7 +405,9 @@ def _log_interval(run: Run, state: TrainerState, counters: DeviceCounters, timer
 
 
 def _log_eval(run: Run, state: TrainerState, forward_loss: Any, logger: RunLogger, last: dict[str, Any],
-              timer_start: float) -> None:
+              timer_start: float, train_s: float) -> None:
+    """Evaluate and log; the record holds the wall seconds since the loop began (elapsed_s) and the
+    training seconds so far (train_s: steps only, as a time limit counts them)."""
     val_loss = evaluate(run, forward_loss)
     if math.isnan(val_loss):
         return
@@ -394,7 +415,7 @@ def _log_eval(run: Run, state: TrainerState, forward_loss: Any, logger: RunLogge
     last["val_loss"] = val_loss
     last.setdefault("best_val_loss", val_loss)
     last["best_val_loss"] = min(last["best_val_loss"], val_loss)
-    logger.log("eval", state.step, val_loss=val_loss, tokens=state.tokens_seen, elapsed_s=elapsed)
+    logger.log("eval", state.step, val_loss=val_loss, tokens=state.tokens_seen, elapsed_s=elapsed, train_s=train_s)
     baseline = run.info.get("unigram_val_loss")
     note = f" (unigram baseline {baseline:.4f})" if baseline else ""
     logger.print(f"step {state.step:>6}  val loss {val_loss:.4f}{note}")
