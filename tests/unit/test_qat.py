@@ -182,3 +182,14 @@ def test_fake_quantized_training_compiles():
     torch.testing.assert_close(compiled(idx), reference(idx), atol=1e-4, rtol=1e-4)
     compiled(idx).float().pow(2).mean().backward()
     assert model.layers[0].mixer.wq.weight.grad is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_quantized_model_loads_onto_the_gpu_named_plain_cuda(tiny_config, tmp_path):
+    """hasten bench times inference on torch.device("cuda"): the quantized tensors loaded there must
+    land where the converted model's are (cuda:N), which load_state_dict(assign=True) insists on."""
+    hasten.train(tiny_config("qat.scheme=int8da-int4w", "train.steps=4", "train.eval_every=4", "train.compile=false"))
+    model, _ = qat.load_quantized(tmp_path / "run", torch.device("cuda"))
+    assert model.layers[0].mixer.wq.weight.device.type == "cuda"
+    with torch.no_grad():
+        assert torch.isfinite(model(batch(2, 16).cuda())).all()

@@ -109,6 +109,11 @@ def load_quantized(run_dir: str | Path, device: str | torch.device = "cpu") -> t
     from hasten.train.export import load_trained
 
     run_dir = Path(run_dir)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        # The quantized tensors loaded to "cuda" must land where the converted model's are, "cuda:N":
+        # load_state_dict(assign=True) refuses to swap storages across the two spellings.
+        device = torch.device("cuda", torch.cuda.current_device())
     path = run_dir / QUANTIZED_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: the run did not finish with qat.scheme set.")
