@@ -320,3 +320,5 @@ def test_mfu_divides_by_the_peak_of_every_rank(monkeypatch):
     tokens_per_second, flops_per_token = 2 * 400e12 / 6e9, 6e9
     assert metrics.mfu(tokens_per_second, flops_per_token, metrics.cluster_peak_flops(cuda, "bf16", 2)) == \
         pytest.approx(400 / 989)
+    # a PEFT run has no model-FLOPs count (6N over all weights does not describe an adapter step): no MFU, not 0
+    assert metrics.mfu(tokens_per_second, None, metrics.cluster_peak_flops(cuda, "bf16", 2)) is None

@@ -112,7 +112,8 @@ def parse_custom_row(spec: str) -> Row:
 
 # The rows of the methods that exist today. Later method families add one line each.
 register(Row(name="baseline", family="baseline", benefit="reference", overrides=("precision.dtype=auto",),
-             description="AdamW, fp32 on CPU / bf16 on GPUs that support it, eager"))
+             description="the recipe as it is (its optimizer, compiled if it compiles), "
+                         "fp32 on CPU / bf16 on GPUs that support it"))
 register(Row(name="fp32", family="mixed precision", benefit="reference", overrides=("precision.dtype=fp32",),
              description="full fp32 forward/backward (what mixed precision is measured against on a GPU)"))
 register(Row(name="bf16", family="mixed precision", benefit="training time", overrides=("precision.dtype=bf16",),

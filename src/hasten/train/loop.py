@@ -390,7 +390,7 @@ def _log_interval(run: Run, state: TrainerState, counters: DeviceCounters, timer
                   **optimizer_metrics(run.optimizer))
     if run.scaler is not None:
         record["loss_scale"] = float(run.scaler.get_scale())
-    if (utilization := mfu(rate, run.flops_per_token or 0.0, peak)) is not None:
+    if (utilization := mfu(rate, run.flops_per_token, peak)) is not None:
         record["mfu"] = utilization
     logger.log("train", state.step, **record)
     limit = run.config.train.time_limit_s
@@ -431,7 +431,7 @@ def _finish(run: Run, state: TrainerState, logger: RunLogger, timer: Timer, peak
         stop_reason=stop_reason, tokens=state.tokens_seen, wall_time_s=time.perf_counter() - timer.start,
         first_step_s=timer.first_step_s,
         final_loss=last["loss"], final_val_loss=last["val_loss"], best_val_loss=last.get("best_val_loss", math.nan),
-        tokens_per_second=tokens_per_second, mfu=mfu(tokens_per_second, run.flops_per_token or 0.0, peak),
+        tokens_per_second=tokens_per_second, mfu=mfu(tokens_per_second, run.flops_per_token, peak),
         peak_memory_gib=peak_memory_bytes(run.device) / GIB, skipped_steps=state.skipped_steps,
         optimizer_state_bytes=memory[run.rank]["optimizer_state_bytes"], precision=run.precision.name,
         device=str(run.device), world_size=run.world_size, flops_per_token=run.flops_per_token,

@@ -46,9 +46,10 @@ def cluster_peak_flops(device: torch.device, precision: str, world_size: int) ->
     return peak * world_size if peak is not None else None
 
 
-def mfu(tokens_per_second: float, flops_per_token: float, peak: float | None) -> float | None:
-    """Model FLOPs utilization: achieved model FLOP/s over the datasheet peak."""
-    if peak is None or tokens_per_second <= 0:
+def mfu(tokens_per_second: float, flops_per_token: float | None, peak: float | None) -> float | None:
+    """Model FLOPs utilization: achieved model FLOP/s over the datasheet peak; None where either is
+    unknown (a CPU; a PEFT step, whose FLOPs 6N over all weights does not describe)."""
+    if peak is None or not flops_per_token or tokens_per_second <= 0:
         return None
     return tokens_per_second * flops_per_token / peak
 
