@@ -115,8 +115,11 @@ def main() -> None:
     gaps = idle_gaps(prof) if args.gaps and gpu else None
     matmuls = matmul_table(prof, args.steps) if args.matmuls and gpu else None
     events = [e for e in prof.key_averages() if (e.device_time_total if gpu else e.self_cpu_time_total) > 0]
-    if gpu:  # kernels only (with the host side recorded, host operations carry their kernels' time too)
-        events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    if gpu:  # kernels only (with the host side recorded, host operations carry their kernels' time too), and
+        # not the spans that annotate them on the GPU's timeline ("## Call CompiledFxGraph ..", "Optimizer.step#..")
+        events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+                  and not getattr(e, "is_user_annotation", False) and not e.key.startswith("## ")
+                  and "#" not in e.key.split("(")[0]]
     if not gpu:  # a CPU run only checks the script: rank operators by their own CPU time
         for e in events:
             e.device_time_total = e.self_cpu_time_total
