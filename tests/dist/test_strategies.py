@@ -112,6 +112,30 @@ def test_zero2_shards_gradients_and_states(cache):
         assert rank["optimizer_state_bytes"] == pytest.approx(expected["optimizer_state_bytes"], rel=0.01)
 
 
+def _ddp_gradient_storages(out_file: str) -> None:
+    """On each rank: how many distinct storages DDP's gradients live in, over two steps."""
+    import torch
+
+    from hasten.parallel.ddp import replicate_model
+    torch.manual_seed(0)
+    model = replicate_model(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)), torch.device("cpu"))
+    counts = []
+    for _ in range(2):  # the second backward follows zero_grad(set_to_none=True), as the loop's does
+        model(torch.randn(4, 8)).sum().backward()
+        counts.append(len({p.grad.untyped_storage().data_ptr() for p in model.parameters()}))
+        model.zero_grad(set_to_none=True)
+    if torch.distributed.get_rank() == 0:
+        Path(out_file).write_text(json.dumps(counts))
+
+
+def test_ddp_gradients_are_views_into_its_all_reduce_buckets(tmp_path):
+    """gradient_as_bucket_view: the four gradients of a small model share the one bucket's storage
+    (one copy of the gradients, not two), also after zero_grad(set_to_none=True)."""
+    out = tmp_path / "storages.json"
+    spawn(_ddp_gradient_storages, str(out))
+    assert json.loads(out.read_text()) == [1, 1]
+
+
 def test_zero_accounting_is_16_bytes_per_parameter_divided_as_the_paper_says():
     n = 1_000_000
     assert zero_memory_bytes(n, "ddp", 4)["total_bytes"] == 16 * n

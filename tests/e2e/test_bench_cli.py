@@ -108,10 +108,11 @@ def test_rows_side_by_side_over_two_seeds(tmp_path: Path) -> None:
 
 
 def test_a_row_past_the_row_timeout_is_stopped_and_the_others_go_on(tmp_path: Path) -> None:
+    """Two rows at once (one CPU core each), so the test takes the limit, not the limit plus the baseline."""
     LIMIT = 30  # enough for the 5-step baseline's start-up on a loaded 2-core machine (5 s was not, once)
     env = {**os.environ, "HASTEN_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
     out = tmp_path / "bench"
-    done = _run([*_bench_command(), *TINY, "--budget-steps", "5", "--rows", "baseline",
+    done = _run([*_bench_command(), *TINY, "--budget-steps", "5", "--rows", "baseline", "--concurrent", "2",
                  "--row", "endless:train.steps=1000000", "--row-timeout", str(LIMIT), "--out", str(out)], env, tmp_path)
     rows = {r["name"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
     assert rows["baseline"]["status"] == "ok"

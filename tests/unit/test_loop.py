@@ -192,22 +192,22 @@ def test_evaluation_time_does_not_count_against_the_time_limit(tiny_config, tmp_
     the compilation of an evaluation graph) are left out, and each eval record carries the training
     seconds so far (train_s) beside the wall seconds."""
     loop = importlib.import_module("hasten.train.loop")  # hasten.train is also the API's function
-    pause, evaluate = 0.25, loop.evaluate
+    limit, pause, evaluate = 0.6, 0.15, loop.evaluate
 
     def slow_evaluate(run, forward_loss):
         time.sleep(pause)
         return evaluate(run, forward_loss)
 
     monkeypatch.setattr(loop, "evaluate", slow_evaluate)
-    summary = hasten.train(tiny_config("train.steps=1000000", "train.time_limit_s=1.0", "train.eval_every=5",
+    summary = hasten.train(tiny_config("train.steps=1000000", f"train.time_limit_s={limit}", "train.eval_every=5",
                                        "checkpoint.every=0", out="evals"))
     evals = [json.loads(x) for x in (tmp_path / "evals" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if r["event"] == "eval"]
     assert "time limit" in summary["stop_reason"] and len(evals) >= 3
     for k, record in enumerate(evals):  # this eval's and every earlier one's sleep are wall, not training
         assert record["elapsed_s"] - record["train_s"] >= (k + 1) * pause + summary["first_step_s"] - 1e-3
-    assert evals[-2]["train_s"] < 1.0 <= evals[-1]["train_s"] < 1.0 + pause
-    assert summary["wall_time_s"] >= 1.0 + len(evals) * pause
+    assert evals[-2]["train_s"] < limit <= evals[-1]["train_s"] < limit + 1.0  # stopped one step past it
+    assert summary["wall_time_s"] >= limit + len(evals) * pause
 
 
 def _lrs(run_dir):
