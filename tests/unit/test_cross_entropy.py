@@ -49,6 +49,16 @@ def test_all_targets_ignored_gives_zero_loss_and_gradient():
     assert loss.item() == 0 and h.grad.abs().max() == 0 and w.grad.abs().max() == 0
 
 
+@pytest.mark.parametrize("bad", [50, -1])
+def test_a_target_outside_the_vocabulary_is_refused_with_a_sentence(bad):
+    """Every path checks the targets (the CUDA Triton kernel would otherwise read out of bounds):
+    on the CPU the check raises at once, on a GPU at the next synchronization."""
+    h, w, t = _inputs()  # v = 50 rows
+    t[3] = bad
+    with pytest.raises(RuntimeError, match=r"outside \[0, 50\) and not the ignore index -100"):
+        linear_cross_entropy(h, w, t, 8)
+
+
 def test_bf16_autocast_runs_matmuls_in_bf16_and_loss_in_fp32():
     h, w, t = _inputs(torch.float32, n=64, d=32, v=300)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -122,6 +122,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 @torch.compiler.disable  # the chunk loop stays in Python, between the model's compiled graphs
 def _linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, chunk: int,
                           dtype: torch.dtype, compiled: bool) -> torch.Tensor:
+    # Checked on the device, without waiting for it (the Triton kernel would read out of bounds where
+    # F.cross_entropy asserts): on a GPU a bad target stops the run at its next synchronization.
+    vocab = weight_VD.shape[0]
+    torch._assert_async(((targets_N >= 0) & (targets_N < vocab) | (targets_N == IGNORE_INDEX)).all(),
+                        f"a cross-entropy target is outside [0, {vocab}) and not the ignore index {IGNORE_INDEX}: "
+                        "the tokenizer's ids must be below model.vocab_size")
     grad = torch.is_grad_enabled()
     return _LinearCrossEntropy.apply(h_ND, weight_VD, targets_N, chunk, dtype, compiled,
                                      grad and h_ND.requires_grad, grad and weight_VD.requires_grad)
