@@ -228,8 +228,10 @@ def _run_rows(settings: Any, rows: list[Row], out: Path, fresh: bool, slots: lis
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         overall = bar.add_task("bench rows", total=len(rows))
 
-        def report(outcome: Any) -> None:
-            bar.console.print(_row_line(outcome.result, outcome.reused), markup=False, highlight=False, soft_wrap=True)
+        def report(outcome: Any, printed: bool = False) -> None:
+            if not printed:
+                bar.console.print(_row_line(outcome.result, outcome.reused), markup=False, highlight=False,
+                                  soft_wrap=True)
             bar.advance(overall)
 
         def train(row: Row, env: dict[str, str] | None, together: bool) -> Any:
@@ -244,6 +246,9 @@ def _run_rows(settings: Any, rows: list[Row], out: Path, fresh: bool, slots: lis
                 bar.console.print(f"row {row.name}: trained, {summary['steps']} steps in {summary['wall_time_s']:.1f} s, "
                                   f"val loss {summary['final_val_loss']:.4f} (inference timed after all rows train)",
                                   markup=False, highlight=False, soft_wrap=True)
+            elif outcome.result["status"] == "failed":  # said at once, not after the other rows
+                bar.console.print(_row_line(outcome.result, outcome.reused), markup=False, highlight=False,
+                                  soft_wrap=True)
             return outcome
 
         together = [row for row in rows if not row.distributed] if len(slots) > 1 else []
@@ -251,9 +256,10 @@ def _run_rows(settings: Any, rows: list[Row], out: Path, fresh: bool, slots: lis
             outcomes = run_concurrently(together, slots, lambda row, env: train(row, env, True))
             bar.console.print("rows trained; timing each row's inference alone", markup=False, highlight=False)
             for row in together:
-                if (outcome := outcomes[row.name]).result["status"] == "trained":
+                failed = (outcome := outcomes[row.name]).result["status"] == "failed"  # its line is out already
+                if outcome.result["status"] == "trained":
                     measure_row(settings, outcome.result, out / "rows" / row.name)
-                report(outcome)
+                report(outcome, printed=failed)
         for row in rows:
             if row.name not in outcomes:  # one at a time: all rows, or the distributed ones after the others
                 outcomes[row.name] = train(row, None, False)
