@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hasten.config import load_config
-from hasten.models.gpt import ffn_hidden_dim, round_up
+from hasten.models.gpt import ffn_hidden_dim, resolve_vocab_size
 
 
 def shapes(recipe: str) -> list[tuple[str, int, int, int, int]]:
@@ -32,14 +32,10 @@ def shapes(recipe: str) -> list[tuple[str, int, int, int, int]]:
     c, M = cfg.model, cfg.train.batch_size * cfg.train.seq_len
     d, F = c.dim, ffn_hidden_dim(c)
     kv = (c.n_kv_heads or c.n_heads) * (d // c.n_heads)
-    V = c.vocab_size or round_up(cfg.data.bpe_vocab_size, 64)  # the recipe's BPE vocabulary, padded as the model pads it
-    rows = [("wq/wo", M, d, d, 2 * c.n_layers), ("w1/w3", M, d, F, 2 * c.n_layers), ("w2", M, F, d, c.n_layers),
-            ("head", M, d, V, 1)]
-    if kv != d:
-        rows.insert(1, ("wk/wv", M, d, kv, 2 * c.n_layers))
-    else:
-        rows[0] = ("wq/wk/wv/wo", M, d, d, 4 * c.n_layers)
-    return rows
+    V = resolve_vocab_size(c, cfg.data.bpe_vocab_size)  # the recipe's BPE vocabulary, padded as the model pads it
+    L = c.n_layers
+    attention = [("wq/wk/wv/wo", M, d, d, 4 * L)] if kv == d else [("wq/wo", M, d, d, 2 * L), ("wk/wv", M, d, kv, 2 * L)]
+    return [*attention, ("w1/w3", M, d, F, 2 * L), ("w2", M, F, d, L), ("head", M, d, V, 1)]
 
 
 def variants(M: int, K: int, N: int) -> dict[str, callable]:

@@ -228,10 +228,12 @@ def _run_rows(settings: Any, rows: list[Row], out: Path, fresh: bool, slots: lis
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         overall = bar.add_task("bench rows", total=len(rows))
 
+        def say(line: str) -> None:
+            bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
         def report(outcome: Any, printed: bool = False) -> None:
             if not printed:
-                bar.console.print(_row_line(outcome.result, outcome.reused), markup=False, highlight=False,
-                                  soft_wrap=True)
+                say(_row_line(outcome.result, outcome.reused))
             bar.advance(overall)
 
         def train(row: Row, env: dict[str, str] | None, together: bool) -> Any:
@@ -241,20 +243,14 @@ def _run_rows(settings: Any, rows: list[Row], out: Path, fresh: bool, slots: lis
             bar.update(task, completed=steps or 0, visible=False)
             if not together:
                 report(outcome)
-            elif outcome.result["status"] == "trained" and not outcome.reused:  # a line now, the full one later
-                summary = outcome.result["summary"]
-                bar.console.print(f"row {row.name}: trained, {summary['steps']} steps in {summary['wall_time_s']:.1f} s, "
-                                  f"val loss {summary['final_val_loss']:.4f} (inference timed after all rows train)",
-                                  markup=False, highlight=False, soft_wrap=True)
-            elif outcome.result["status"] == "failed":  # said at once, not after the other rows
-                bar.console.print(_row_line(outcome.result, outcome.reused), markup=False, highlight=False,
-                                  soft_wrap=True)
+            elif not outcome.reused:  # a line as it trains (or fails); a trained row's full one after inference
+                say(_row_line(outcome.result, outcome.reused))
             return outcome
 
         together = [row for row in rows if not row.distributed] if len(slots) > 1 else []
         if together:
             outcomes = run_concurrently(together, slots, lambda row, env: train(row, env, True))
-            bar.console.print("rows trained; timing each row's inference alone", markup=False, highlight=False)
+            say("rows trained; timing each row's inference alone")
             for row in together:
                 failed = (outcome := outcomes[row.name]).result["status"] == "failed"  # its line is out already
                 if outcome.result["status"] == "trained":
@@ -271,10 +267,13 @@ def _row_line(result: dict[str, Any], reused: bool) -> str:
     name = result["name"]
     if reused:
         return f"row {name}: skipped, finished in an earlier run with the same settings (--fresh reruns it)"
+    summary = result.get("summary") or {}
+    if result["status"] == "trained":  # several rows at once: inference is timed after all of them train
+        return (f"row {name}: trained, {summary['steps']} steps in {summary['wall_time_s']:.1f} s, "
+                f"val loss {summary['final_val_loss']:.4f} (inference timed after all rows train)")
     if result["status"] != "ok":
         last = (result.get("error") or "").strip().splitlines()
         return f"row {name}: FAILED ({last[-1] if last else 'no error recorded'}); see {name}/bench_stderr.log"
-    summary = result["summary"]
     return (f"row {name}: done, {summary['steps']} steps in {summary['wall_time_s']:.1f} s, "
             f"val loss {summary['final_val_loss']:.4f}, inference {result['inference_ms']:.2f} ms")
 

@@ -354,9 +354,8 @@ def train_loop(run: Run) -> dict[str, Any]:
                 stop_reason = _agree_to_stop(run, stop_reason) if log_step else ""
             if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or state.step == cfg.train.steps \
                     or stop_reason:
-                train_s = counted_before + timer.training_seconds()
                 with timer.paused():
-                    _log_eval(run, state, forward_loss, logger, last, timer.start, train_s)
+                    _log_eval(run, state, forward_loss, logger, last, timer.start, train_s=spent)
             if stop_reason or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or (
                     state.step == cfg.train.steps and cfg.checkpoint.at_end):
                 state.train_seconds = seconds_before + timer.training_seconds()
