@@ -191,7 +191,13 @@ VARIANTS = {"recipe": [], "flash": ["train.attention_backend=flash"], "cudnn": [
             "bf16res": ["model.fp32_residual=false"],  # model.* apply to plain too
             "losschunk": ["train.loss_chunk=8192"],
             "plainloss": ["train.loss_chunk=0"],  # the recipe's loss chunk off: cross-entropy in the compiled graph
-            "fp8": ["precision.fp8=rowwise"], "fp8_tensorwise": ["precision.fp8=tensorwise"]}
+            "fp8": ["precision.fp8=rowwise"], "fp8_tensorwise": ["precision.fp8=tensorwise"],
+            "pdl": [], "nomix": [], "pdl_nomix": []}
+# Variants of the compiler's own settings, through its environment (each side runs in its own process):
+# programmatic dependent launch (Hopper: a kernel starts while the one before it finishes) and
+# Inductor's mix-order reductions (a norm's backward and its weight's gradient in one kernel) off.
+VARIANT_ENV = {"pdl": {"TORCHINDUCTOR_ENABLE_PDL": "1"}, "nomix": {"TORCHINDUCTOR_MIX_ORDER_REDUCTION": "0"},
+               "pdl_nomix": {"TORCHINDUCTOR_ENABLE_PDL": "1", "TORCHINDUCTOR_MIX_ORDER_REDUCTION": "0"}}
 TARGETS = {"ratio_vs_plain": 1.0, "ratio_vs_hf": 1.5, "hasten_mfu": 0.50}  # of the shipped recipe
 ORDER = [("plain", "recipe"), ("hasten", "recipe"), ("hasten", "cudnn"), ("hf", "recipe"), ("hasten", "autotune")]
 
@@ -247,14 +253,15 @@ def main() -> None:
         side, variant = item.split(":")
         cmd = [sys.executable, __file__, "--only", side, "--variant", variant, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--log-every", str(args.log_every), "--workdir", args.workdir]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        env = VARIANT_ENV.get(variant, {})
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
         found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not found:
             print(f"{side} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", flush=True)
             rows.append(dict(name=side, error=proc.stderr[-2000:]))
             _write(args, rows)
             continue
-        rows.append(json.loads(found[-1][len("RESULT "):]))
+        rows.append(json.loads(found[-1][len("RESULT "):]) | ({"env": env} if env else {}))
         print(json.dumps(rows[-1]), flush=True)
         _write(args, rows)
 
@@ -276,7 +283,7 @@ def _summary(rows: list[dict]) -> dict:
     if h and f:
         summary["ratio_vs_hf"] = h["tokens_per_second"] / f["tokens_per_second"]
     variants = {name: dict(tokens_per_second=r["tokens_per_second"], overrides=r["overrides"], mfu=r["mfu"],
-                           peak_memory_gib=r["peak_memory_gib"])
+                           peak_memory_gib=r["peak_memory_gib"]) | ({"env": r["env"]} if r.get("env") else {})
                 for name, r in by.items() if name.startswith("hasten[") and name != "hasten[recipe]"}
     for name, v in variants.items():
         plain_same = by.get(name.replace("hasten[", "plain_compiled["))  # the plain loop of the same variant

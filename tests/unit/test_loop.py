@@ -322,3 +322,50 @@ def test_mfu_divides_by_the_peak_of_every_rank(monkeypatch):
         pytest.approx(400 / 989)
     # a PEFT run has no model-FLOPs count (6N over all weights does not describe an adapter step): no MFU, not 0
     assert metrics.mfu(tokens_per_second, None, metrics.cluster_peak_flops(cuda, "bf16", 2)) is None
+
+
+def _clip_step_params(clip: str, max_norm: float, fused: bool = True, poison: bool = False) -> list[torch.Tensor]:
+    """A small model after one AdamW step on a fixed batch, its gradient clipped by torch's
+    clip_grad_norm_ ("torch"), inside the fused step ("kernel") or not at all ("none")."""
+    from hasten.parallel import grad_norm
+    from hasten.train.guard import clips_in_step, step_if_finite
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    # eps of the gradients' order: Adam's first update then depends on their scale, so on the clip
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, eps=0.5, fused=fused or None, foreach=None if fused else False)
+    model(torch.randn(32, 8)).pow(2).sum().backward()
+    params = list(model.parameters())
+    if poison:
+        params[0].grad[0, 0] = math.inf
+    if clip == "kernel":
+        assert clips_in_step(opt, None, params)
+        step_if_finite(opt, grad_norm(params), None, clip_to=max_norm)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if clip == "torch" else grad_norm(params)
+        step_if_finite(opt, norm, None)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    return [p.detach().clone() for p in params]
+
+
+def test_gradient_clipping_inside_the_fused_step_matches_clipping_first():
+    for max_norm in (0.05, 1e6):  # clipped hard, and not clipped at all
+        kernel, first = _clip_step_params("kernel", max_norm), _clip_step_params("torch", max_norm)
+        for a, b in zip(kernel, first):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    unclipped = _clip_step_params("none", math.inf)
+    assert all(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(_clip_step_params("kernel", 0.05), unclipped))
+    # a non-finite gradient still skips the step inside the kernel
+    torch.manual_seed(0)
+    start = [p.detach().clone() for p in nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).parameters()]
+    for a, b in zip(_clip_step_params("kernel", 0.05, poison=True), start):
+        assert torch.equal(a, b)
+
+
+def test_only_a_fused_optimizer_without_grad_scaler_clips_in_its_step():
+    from hasten.train.guard import clips_in_step
+
+    params = list(nn.Linear(4, 4).parameters())
+    assert clips_in_step(torch.optim.AdamW(params, fused=True), None, params)
+    assert not clips_in_step(torch.optim.AdamW(params, foreach=True), None, params)
+    assert not clips_in_step(torch.optim.AdamW(params, fused=True), torch.amp.GradScaler("cpu"), params)

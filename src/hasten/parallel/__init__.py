@@ -25,12 +25,12 @@ from hasten.config import ConfigError, ParallelConfig
 from hasten.parallel.ac import apply_activation_checkpointing, checkpoint_block, set_memory_budget
 from hasten.parallel.ddp import local_optimizer, replicate_model, shard_optimizer_states
 from hasten.parallel.env import init_distributed, rank_and_world, rank_device, shutdown_distributed
-from hasten.parallel.fsdp import clip_grad_norm_, is_sharded, local, shard_model
+from hasten.parallel.fsdp import clip_grad_norm_, grad_norm, is_sharded, local, shard_model
 
 STRATEGIES = ("none", "ddp", "zero1", "zero2", "zero3")
 
 __all__ = ["STRATEGIES", "apply_activation_checkpointing", "apply_parallelism", "checkpoint_block", "clip_grad_norm_",
-           "gradient_sync", "init_distributed", "is_sharded", "memory_bytes", "rank_and_world", "rank_device",
+           "grad_norm", "gradient_sync", "init_distributed", "is_sharded", "memory_bytes", "rank_and_world", "rank_device",
            "set_memory_budget", "shard", "shutdown_distributed", "unwrap", "wrap_optimizer", "zero_memory_bytes"]
 
 

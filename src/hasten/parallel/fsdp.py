@@ -44,16 +44,20 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Clip the global gradient norm and return it as a plain tensor (the same on every rank).
+def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The global gradient norm as a plain tensor (the same on every rank).
 
     With sharded gradients each rank holds part of the sum of squares; `full_tensor()` all-reduces
-    it, so every rank clips by the norm of the whole gradient, exactly as one process would.
+    it, so every rank sees the norm of the whole gradient, exactly as one process would.
     """
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=None)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
+    return total.full_tensor() if isinstance(total, DTensor) else total
+
+
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm (see `grad_norm`) to `max_norm` and return it."""
+    total = grad_norm(params)
     if math.isfinite(max_norm):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=None)
     return total

@@ -6,8 +6,8 @@
             loss ← loss_fn(model, batch(step, micro))     # under autocast; may also return
                                                           #   {name: term} to log (e.g. MoE aux losses)
             backward(loss / grad_accum)                   # scaled for fp16
-        norm ← clip(grads)                                # after unscaling
-        optimizer step unless norm is non-finite          # counted, no host sync when fused
+        norm ← clip(grads)                                # after unscaling; in the fused step's kernel
+        optimizer step unless norm is non-finite          #   when it can; counted, no host sync when fused
         every log.every:      read the loss (the only host sync), log, progress
         every eval_every:     validation loss
         every checkpoint.every, on SIGTERM/SIGINT, on a run of bad steps: checkpoint
@@ -36,10 +36,10 @@ import torch
 
 from hasten.optim.hooks import (evaluation_weights, optimizer_metrics, set_learning_rate, set_train_mode,
                                 wants_hessian)
-from hasten.parallel import clip_grad_norm_, gradient_sync, memory_bytes
+from hasten.parallel import clip_grad_norm_, grad_norm, gradient_sync, memory_bytes
 from hasten.train.build import Batch, Run, compiled_loss
 from hasten.train.checkpoint import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
-from hasten.train.guard import StopSignal, step_if_finite
+from hasten.train.guard import StopSignal, clips_in_step, step_if_finite
 from hasten.train.log import RunLogger, plot_losses, truncate_log
 from hasten.train.metrics import cluster_peak_flops, mfu, peak_memory_bytes, reset_peak_memory, synchronize
 
@@ -181,10 +181,15 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
-def _grad_norm(run: Run) -> torch.Tensor:
-    """Clip to train.grad_clip; the norm is of the whole gradient even when each rank holds a shard."""
+def _clip_and_step(run: Run) -> torch.Tensor:
+    """Clip to train.grad_clip and step unless the gradient is non-finite; return the skip flag.
+    The norm is of the whole gradient even when each rank holds a shard. A fused optimizer clips
+    inside its own kernel (no pass of its own over the gradients)."""
     params = [p for p in run.model.parameters() if p.grad is not None]
-    return clip_grad_norm_(params, run.config.train.grad_clip or math.inf)
+    max_norm = run.config.train.grad_clip or math.inf
+    if clips_in_step(run.optimizer, run.scaler, params):
+        return step_if_finite(run.optimizer, grad_norm(params), run.scaler, clip_to=max_norm)
+    return step_if_finite(run.optimizer, clip_grad_norm_(params, max_norm), run.scaler)
 
 
 def split_loss(out: torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -217,7 +222,7 @@ def train_step(run: Run, forward_loss: Any, step: int, terms: dict[str, torch.Te
                 terms[name] = terms.get(name, 0) + value.detach().float() / accum
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
-    skipped = step_if_finite(run.optimizer, _grad_norm(run), run.scaler)
+    skipped = _clip_and_step(run)
     run.optimizer.zero_grad(set_to_none=True)
     if wants_hessian(run.optimizer, step):
         _refresh_hessian(run, step)
