@@ -7,8 +7,9 @@ Compares, at 32 x 1024 tokens, width 768, vocabulary 50304, bf16:
   (the Triton kernel that writes the logits' gradient in place, between the head's matmuls), and
   with chunks of 8192 tokens;
 and the cross-entropy kernels alone (bf16 logits in, loss and gradient out) for the kernel's
-block sizes. Each figure is the median of CUDA-event timings. Checks the kernel against float64
-math first.
+block sizes, and a one-pass variant that holds a whole row in registers (read once instead of
+twice, but 50304 values a row: it spills, and is 2-10x slower). Each figure is the median of
+CUDA-event timings. Checks the kernels against float64 math first.
 
     PYTHONPATH=src python benchmarks/cross_entropy_kernel.py --out benchmarks/results
 """
@@ -39,6 +40,41 @@ def _time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def _one_pass_kernel():
+    """The row's logits loaded once into registers, max, sum and gradient from there."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def ce_row_in_registers(logits_ptr, stride, targets_ptr, loss_ptr, scale_ptr, V, ignore_index,
+                            BLOCK: tl.constexpr, RECOMPUTE: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride
+        target = tl.load(targets_ptr + row)
+        cols = tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < V, other=-float("inf"))
+        m = tl.max(x, 0).to(tl.float32)
+        e = tl.exp(x.to(tl.float32) - m)
+        s = tl.sum(e, 0)
+        lse = m + tl.log(s)
+        valid = target != ignore_index
+        safe = tl.where(valid, target, 0)
+        x_t = tl.sum(tl.where(cols == safe, x.to(tl.float32), 0.0), 0)
+        tl.store(loss_ptr + row, tl.where(valid, lse - x_t, 0.0))
+        g_scale = tl.where(valid, tl.load(scale_ptr), 0.0)
+        g = tl.exp(x.to(tl.float32) - lse) * g_scale if RECOMPUTE else e * (g_scale / s)
+        g = tl.where(cols == safe, g - g_scale, g)
+        tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < V)
+
+    def run(logits, targets, scale, num_warps, recompute):
+        N, V = logits.shape
+        loss = torch.empty(N, device=logits.device, dtype=torch.float32)
+        ce_row_in_registers[(N,)](logits, logits.stride(0), targets, loss, scale.reshape(1), V, -100,
+                                  BLOCK=triton.next_power_of_2(V), RECOMPUTE=recompute, num_warps=num_warps)
+        return loss
+    return run
+
+
 def check_kernel() -> dict:
     from hasten.models.ops.triton_cross_entropy import cross_entropy_
 
@@ -58,6 +94,10 @@ def check_kernel() -> dict:
         out[str(dtype)] = dict(loss_err=abs(loss.item() - ref.item()),
                                grad_max_err=(g.double() - x64.grad).abs().max().item(),
                                grad_max=x64.grad.abs().max().item())
+        g = x.clone()
+        loss = _one_pass_kernel()(g, t, scale, 16, False).sum() * scale
+        out[f"one_pass {dtype}"] = dict(loss_err=abs(loss.item() - ref.item()),
+                                        grad_max_err=(g.double() - x64.grad).abs().max().item())
     return out
 
 
@@ -117,6 +157,11 @@ def main() -> None:
                     lambda: cross_entropy_(buf, t, scale, -100, block=block, num_warps=warps))
             except Exception as exc:  # a config the compiler refuses
                 kernels[f"triton_b{block}_w{warps}"] = repr(exc)[:200]
+    one_pass = _one_pass_kernel()
+    for warps in (8, 16, 32):
+        for recompute in (False, True):
+            kernels[f"one_pass_w{warps}{'_recompute' if recompute else ''}"] = _time_ms(
+                lambda: one_pass(buf, t, scale, warps, recompute))
     kernels["bytes_read_once_gb"] = N * V * 2 / 1e9
     result["cross_entropy_ms"] = kernels
     print(json.dumps(kernels), flush=True)
