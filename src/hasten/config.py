@@ -48,7 +48,7 @@ def _repeat(pattern: str, n_layers: int) -> str:
 
 # Model fields that say how a run computes, not what the weights are: a run from pretrained weights
 # (model.from) keeps its own values of these and takes the rest from the source.
-RUN_MODEL_FIELDS = ("dropout", "fp32_residual")
+RUN_MODEL_FIELDS = ("dropout", "fp32_residual", "split_residual")
 
 
 @dataclass(kw_only=True)
@@ -58,7 +58,7 @@ class ModelConfig:
     preset: str = _f("", "named shape to start from (tiny, small, gpt2-124m, 350m, 1b); empty = use the fields below")
     from_path: str = _f("", "start from pretrained weights (also spelled model.from): a Hugging Face Llama, "
                             "Mistral or Qwen2 folder, or a hasten run, checkpoint or export; its shape replaces the fields below "
-                            "(but for dropout and fp32_residual: how this run computes) and its "
+                            "(but for dropout and the residual precision: how this run computes) and its "
                             "tokenizer replaces data.tokenizer (docs/peft.md)")
     dim: int = _f(256, "model width d_model")
     n_layers: int = _f(4, "number of decoder blocks")
@@ -75,6 +75,9 @@ class ModelConfig:
     fp32_residual: bool = _f(True, "under bf16/fp16 autocast, keep the residual stream in fp32; false keeps it in the "
                                    "autocast dtype (half the bytes of the saved residuals and of the element-wise "
                                    "work on them; Megatron-LM's default)")
+    split_residual: bool = _f(False, "with the fp32 stream under bf16 autocast, store it as two bf16 tensors, its bf16 "
+                                     "rounding and the remainder: sums keep ~16 bits of mantissa, and backward's "
+                                     "gradient of the stream is bf16 (half the bytes)")
     qkv_bias: bool = _f(False, "biases on the attention q/k/v projections (Qwen2 checkpoints)")
     init_std: float = _f(0.02, "std of the normal init; output projections are scaled by 1/sqrt(2*n_layers)")
     mixers: str = _f("", "sequence mixer of each layer, one letter per layer: A attention, M Mamba-2 (e.g. 'MMAM'); "

@@ -200,6 +200,16 @@ def test_fp8_linears_train_on_two_ranks_like_one_process(cache, strategy):
     assert losses(out) == pytest.approx(losses(ref), rel=LOSS_RTOL)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+def test_split_residual_stream_trains_on_two_ranks_like_one_process(cache, strategy):
+    """model.split_residual under bf16 autocast: each block takes and returns the (hi, lo) pair,
+    through DDP's and FSDP2's forward hooks, and two ranks train like one process up to the bf16
+    roundings of sums made in another order (more than fp32's 1e-4)."""
+    out, ref = _two_ranks_and_one_process(cache, "split", ["precision.dtype=bf16", "model.split_residual=true"],
+                                          strategy)
+    assert losses(out) == pytest.approx(losses(ref), rel=1e-2)
+
+
 def _read_agreed_seconds(out: str) -> None:
     """Each rank offers another reading of the clock; every rank must get the same one back."""
     import types

@@ -121,6 +121,10 @@ register(Row(name="bf16", family="mixed precision", benefit="training time", ove
 register(Row(name="bf16-residual", family="mixed precision", benefit="training time + memory",
              overrides=("precision.dtype=bf16", "model.fp32_residual=false"),
              description="bf16 autocast with the residual stream kept in bf16 too (Megatron-LM's default)"))
+register(Row(name="split-residual", family="mixed precision", benefit="training time",
+             overrides=("precision.dtype=bf16", "model.split_residual=true"),
+             description="bf16 autocast with the fp32 residual stream stored as a bf16 pair: ~16-bit sums "
+                         "forward, a bf16 gradient of the stream backward"))
 register(Row(name="fp8", family="mixed precision", benefit="training time", overrides=("precision.fp8=rowwise",),
              description="the block linears' matmuls in fp8 with per-row dynamic scales (torchao.float8), over "
                          "the baseline's autocast; sm89+ GPUs (on a CPU it runs, slowly, for testing)"))

@@ -90,6 +90,19 @@ def resolve_vocab_size(config: ModelConfig, tokenizer_vocab: int) -> int:
     return round_up(tokenizer_vocab, 64)
 
 
+def split_stream(h_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp32 tensor as two bf16 ones, its rounding `hi` and the remainder `lo` (hi + lo carries
+    ~16 bits of mantissa; fp32's 24, bf16's 8). Gradients flow through `hi` alone, as through the
+    identity: `lo` is a constant correction."""
+    hi_BTD = h_BTD.to(torch.bfloat16)
+    lo_BTD = (h_BTD.detach() - hi_BTD.detach().float()).to(torch.bfloat16)
+    return hi_BTD, lo_BTD
+
+
+def join_stream(hi_BTD: torch.Tensor, lo_BTD: torch.Tensor) -> torch.Tensor:
+    return hi_BTD.float() + lo_BTD.float()
+
+
 class Block(nn.Module):
     """Pre-norm residual block: h + mixer(norm(h)), then h + ffn(norm(h))."""
 
@@ -103,12 +116,27 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(dropout)  # on each residual branch (identity in eval or at p=0)
 
     def forward(self, h_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: dict | None = None, mask_B1TT: torch.Tensor | None = None) -> torch.Tensor:
+                cache: dict | None = None, mask_B1TT: torch.Tensor | None = None,
+                lo_BTD: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """h + mixer(norm(h)), then h + ffn(norm(h)). With `lo_BTD` the stream is the split pair
+        (h_BTD, lo_BTD) of `split_stream`, and so is the result."""
         extra = {} if cache is None else {"cache": cache}  # mixers without a cache never see the argument
         if mask_B1TT is not None:  # packed sequences (attention mixers only: Decoder.forward checks)
             extra["mask_B1TT"] = mask_B1TT
+        if lo_BTD is not None:
+            return self._forward_split(h_BTD, lo_BTD, rope, extra)
         h_BTD = h_BTD + self.dropout(self.mixer(self.mixer_norm(h_BTD), rope=rope, **extra))
         return h_BTD + self.dropout(self.ffn(self.ffn_norm(h_BTD)))
+
+    def _forward_split(self, hi_BTD: torch.Tensor, lo_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                       extra: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        # The fp32 stream is rebuilt from the pair for each of its two uses, the norm and the sum:
+        # backward then adds the two uses' gradients as bf16 tensors, the gradient of the bf16 `hi`,
+        # and never holds an fp32 gradient of the stream in memory.
+        branch = self.mixer(self.mixer_norm(join_stream(hi_BTD, lo_BTD)), rope=rope, **extra)
+        hi_BTD, lo_BTD = split_stream(join_stream(hi_BTD, lo_BTD) + self.dropout(branch).float())
+        branch = self.ffn(self.ffn_norm(join_stream(hi_BTD, lo_BTD)))
+        return split_stream(join_stream(hi_BTD, lo_BTD) + self.dropout(branch).float())
 
 
 class Decoder(nn.Module):
@@ -174,10 +202,21 @@ class Decoder(nn.Module):
             causal_TT = torch.ones(T, T, dtype=torch.bool, device=idx_BT.device).tril()
             mask_B1TT = ((segment_BT[:, :, None] == segment_BT[:, None, :]) & causal_TT)[:, None]
         h_BTD = self.tok_embeddings(idx_BT)
-        if not self.config.fp32_residual and torch.is_autocast_enabled(h_BTD.device.type):
-            h_BTD = h_BTD.to(torch.get_autocast_dtype(h_BTD.device.type))  # the blocks' sums then stay in it
+        device = h_BTD.device.type
+        if not self.config.fp32_residual and torch.is_autocast_enabled(device):
+            h_BTD = h_BTD.to(torch.get_autocast_dtype(device))  # the blocks' sums then stay in it
+        split = (self.config.fp32_residual and self.config.split_residual and torch.is_autocast_enabled(device)
+                 and torch.get_autocast_dtype(device) == torch.bfloat16)
+        if split:
+            h_BTD, lo_BTD = split_stream(h_BTD)
         for i, block in enumerate(self.layers):
-            h_BTD = block(h_BTD, rope, cache.layers[i] if cache is not None else None, mask_B1TT)
+            layer_cache = cache.layers[i] if cache is not None else None
+            if split:
+                h_BTD, lo_BTD = block(h_BTD, rope, layer_cache, mask_B1TT, lo_BTD=lo_BTD)
+            else:
+                h_BTD = block(h_BTD, rope, layer_cache, mask_B1TT)
+        if split:
+            h_BTD = join_stream(h_BTD, lo_BTD)
         if cache is not None:
             cache.pos = end
         h_BTD = self.norm(h_BTD)
