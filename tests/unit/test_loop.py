@@ -324,7 +324,7 @@ def test_mfu_divides_by_the_peak_of_every_rank(monkeypatch):
     assert metrics.mfu(tokens_per_second, None, metrics.cluster_peak_flops(cuda, "bf16", 2)) is None
 
 
-def _clip_step_params(clip: str, max_norm: float, fused: bool = True, poison: bool = False) -> list[torch.Tensor]:
+def _clip_step_params(clip: str, max_norm: float, poison: bool = False) -> list[torch.Tensor]:
     """A small model after one AdamW step on a fixed batch, its gradient clipped by torch's
     clip_grad_norm_ ("torch"), inside the fused step ("kernel") or not at all ("none")."""
     from hasten.parallel import grad_norm
@@ -333,7 +333,7 @@ def _clip_step_params(clip: str, max_norm: float, fused: bool = True, poison: bo
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
     # eps of the gradients' order: Adam's first update then depends on their scale, so on the clip
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1, eps=0.5, fused=fused or None, foreach=None if fused else False)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, eps=0.5, fused=True)
     model(torch.randn(32, 8)).pow(2).sum().backward()
     params = list(model.parameters())
     if poison:

@@ -30,8 +30,9 @@ from hasten.parallel.fsdp import clip_grad_norm_, grad_norm, is_sharded, local, 
 STRATEGIES = ("none", "ddp", "zero1", "zero2", "zero3")
 
 __all__ = ["STRATEGIES", "apply_activation_checkpointing", "apply_parallelism", "checkpoint_block", "clip_grad_norm_",
-           "grad_norm", "gradient_sync", "init_distributed", "is_sharded", "memory_bytes", "rank_and_world", "rank_device",
-           "set_memory_budget", "shard", "shutdown_distributed", "unwrap", "wrap_optimizer", "zero_memory_bytes"]
+           "grad_norm", "gradient_sync", "init_distributed", "is_sharded", "memory_bytes", "rank_and_world",
+           "rank_device", "set_memory_budget", "shard", "shutdown_distributed", "unwrap", "wrap_optimizer",
+           "zero_memory_bytes"]
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:

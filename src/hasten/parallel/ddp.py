@@ -24,8 +24,8 @@ def replicate_model(model: nn.Module, device: torch.device) -> DistributedDataPa
 
     The gradients are views into DDP's all-reduce buckets (`gradient_as_bucket_view`): one copy of
     the gradients in memory instead of two (the parameters' own and the buckets'), and no copy
-    between them after each all-reduce. (Measured, the peak did not drop: it
-    comes before backward, where no gradients exist; docs/distributed.md.)"""
+    between them after each all-reduce. (Measured on two GPUs, the peak did not drop, which places
+    it before backward, where no gradients exist yet; docs/distributed.md.)"""
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    gradient_as_bucket_view=True)
 
