@@ -242,15 +242,28 @@ def test_bf16_autocast():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
-def _residual_dtypes(model: Decoder, idx: torch.Tensor) -> set[torch.dtype]:
-    """The dtypes of the residual stream entering each block and the final norm, under bf16 autocast."""
-    seen = set()
-    hooks = [m.register_forward_pre_hook(lambda _, args: seen.add(args[0].dtype)) for m in [*model.layers, model.norm]]
+def _stream(model: Decoder, idx: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Under bf16 autocast, after backward: the stream entering each block (the first tensor
+    argument, its gradient kept), and the stream entering the final norm."""
+    entering, final = [], []
+
+    def keep(_, args):
+        args[0].retain_grad()
+        entering.append(args[0])
+
+    hooks = [m.register_forward_pre_hook(keep) for m in model.layers]
+    hooks.append(model.norm.register_forward_pre_hook(lambda _, args: final.append(args[0].detach().clone())))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(idx).float().sum().backward()
+        model(idx).float().pow(2).mean().backward()
     for h in hooks:
         h.remove()
-    return seen
+    return entering, final[0]
+
+
+def _residual_dtypes(model: Decoder, idx: torch.Tensor) -> set[torch.dtype]:
+    """The dtypes of the residual stream entering each block and the final norm, under bf16 autocast."""
+    entering, final = _stream(model, idx)
+    return {t.dtype for t in [*entering, final]}
 
 
 def test_bf16_residual_stream_option():
@@ -286,24 +299,6 @@ def test_bf16_residual_stream_keeps_no_fp32_activations_compiled():
     assert fp32_bf16 < 0.2 * fp32 and total_bf16 < total, (total, fp32, total_bf16, fp32_bf16)
 
 
-def _final_stream_and_gradients(model: Decoder, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Under bf16 autocast: the stream entering the final norm, and the gradients of the stream
-    entering each block (the first tensor argument, kept with retain_grad)."""
-    seen, entering = [], []
-
-    def keep(_, args):
-        args[0].retain_grad()
-        entering.append(args[0])
-
-    hooks = [m.register_forward_pre_hook(keep) for m in model.layers]
-    hooks.append(model.norm.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone())))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(idx).float().pow(2).mean().backward()
-    for h in hooks:
-        h.remove()
-    return seen[0], [t.grad for t in entering]
-
-
 def test_split_stream_keeps_sixteen_bits():
     from hasten.models.gpt import join_stream, split_stream
 
@@ -322,9 +317,8 @@ def test_split_residual_stream_is_fp32_forward_and_bf16_backward():
     idx = batch(2, 32)
     ref_model, split_model, bf16_model = (tiny_model(), tiny_model(split_residual=True),
                                           tiny_model(fp32_residual=False))
-    ref, ref_grads = _final_stream_and_gradients(ref_model, idx)
-    split, split_grads = _final_stream_and_gradients(split_model, idx)
-    low, _ = _final_stream_and_gradients(bf16_model, idx)
+    (ref_in, ref), (split_in, split), (_, low) = (_stream(m, idx) for m in (ref_model, split_model, bf16_model))
+    ref_grads, split_grads = [t.grad for t in ref_in], [t.grad for t in split_in]
     err = ((split.float() - ref).norm() / ref.norm()).item()
     err_bf16 = ((low.float() - ref).norm() / ref.norm()).item()
     assert split.dtype == torch.float32 and err < err_bf16 / 2, (err, err_bf16)
