@@ -189,7 +189,8 @@ VARIANTS = {"recipe": [], "flash": ["train.attention_backend=flash"], "cudnn": [
             "autotune": ["train.compile_mode=max-autotune-no-cudagraphs"],
             "cudagraphs": ["train.compile_mode=reduce-overhead"], "maxautotune": ["train.compile_mode=max-autotune"],
             "bf16res": ["model.fp32_residual=false"],  # model.* apply to plain too
-            "split": ["model.split_residual=true"],  # the fp32 stream stored as a bf16 pair
+            "split": ["model.split_residual=true"],  # the fp32 stream stored as a bf16 pair (the recipe's default)
+            "nosplit": ["model.split_residual=false"],  # the fp32 stream as one fp32 tensor (the default before)
             "losschunk": ["train.loss_chunk=8192"],
             "plainloss": ["train.loss_chunk=0"],  # the recipe's loss chunk off: cross-entropy in the compiled graph
             "fp8": ["precision.fp8=rowwise"], "fp8_tensorwise": ["precision.fp8=tensorwise"]}
