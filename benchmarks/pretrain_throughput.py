@@ -186,6 +186,7 @@ def run_hf(args: argparse.Namespace) -> dict:
 SIDES = {"hasten": run_hasten, "plain": run_plain, "hf": run_hf}
 # hasten runs the shipped recipe as is ("recipe"), and with single knobs changed, to show what each buys.
 VARIANTS = {"recipe": [], "flash": ["train.attention_backend=flash"], "cudnn": ["train.attention_backend=cudnn"],
+            "fa4": ["train.attention_backend=fa4"],
             "autotune": ["train.compile_mode=max-autotune-no-cudagraphs"],
             "cudagraphs": ["train.compile_mode=reduce-overhead"], "maxautotune": ["train.compile_mode=max-autotune"],
             "bf16res": ["model.fp32_residual=false"],  # model.* apply to plain too

@@ -264,8 +264,10 @@ class TrainConfig:
     loss_chunk: int = _f(0, "hasten's decoder: output head + cross-entropy this many tokens at a time, their "
                             "gradients made in forward, never the whole logits (saves two tokens x vocab "
                             "tensors; 0 = off); on CUDA one Triton kernel makes each chunk's loss and logits' gradient")
-    attention_backend: str = _f("auto", "scaled-dot-product attention kernel on GPU (auto = PyTorch's choice)",
-                                choices=("auto", "flash", "cudnn", "efficient", "math"))
+    attention_backend: str = _f("auto", "scaled-dot-product attention kernel on GPU (auto = PyTorch's choice; fa4 = "
+                                        "FlashAttention-4's CuTe kernels in place of PyTorch's flash kernel, on Hopper "
+                                        "and Blackwell, from the flash-attn-4 package)",
+                                choices=("auto", "flash", "cudnn", "efficient", "math", "fa4"))
     out_dir: str = _f("runs/default", "run folder: config, logs, checkpoints, plots, exported weights")
     resume: str = _f("none", "'none', 'auto' (newest complete checkpoint in the run folder), or a checkpoint folder")
     time_limit_s: float = _f(0.0, "stop (after saving) once training has run this many seconds after its first "

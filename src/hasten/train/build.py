@@ -386,11 +386,35 @@ def compiled_loss(run: Run) -> Callable[[Batch], torch.Tensor]:
 
 def select_attention_backend(name: str, device: torch.device) -> None:
     """Restrict SDPA to one kernel family (process-wide, as PyTorch's flags are). `auto` leaves
-    PyTorch's own order; cuDNN attention is often the fastest on Hopper but not PyTorch's first pick."""
+    PyTorch's own order; cuDNN attention is often the fastest on Hopper but not PyTorch's first pick.
+    `fa4` puts FlashAttention-4's kernels behind SDPA's flash backend (PyTorch's own registry), so
+    compiled graphs call them like any SDPA kernel."""
     if name == "auto" or device.type != "cuda":
         return
-    torch.backends.cuda.enable_flash_sdp(name == "flash")
+    if name == "fa4":
+        activate_fa4(device)
+    torch.backends.cuda.enable_flash_sdp(name in ("flash", "fa4"))
     torch.backends.cuda.enable_cudnn_sdp(name == "cudnn")
     torch.backends.cuda.enable_mem_efficient_sdp(name == "efficient")
     torch.backends.cuda.enable_math_sdp(name == "math")
 
+
+def activate_fa4(device: torch.device) -> None:
+    """Register FlashAttention-4 (the `flash-attn-4` package, `flash_attn.cute`) as the kernel of
+    SDPA's flash backend, through `torch.nn.attention.activate_flash_attention_impl`."""
+    import importlib.util
+
+    from torch.nn import attention
+
+    if not hasattr(attention, "activate_flash_attention_impl"):
+        raise ConfigError(f"train.attention_backend=fa4 needs a PyTorch with "
+                          f"torch.nn.attention.activate_flash_attention_impl (this one is {torch.__version__})")
+    if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.cute") is None:
+        raise ConfigError("train.attention_backend=fa4 needs the flash-attn-4 package (pip install flash-attn-4), "
+                          "which provides flash_attn.cute")
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in (9, 10):
+        raise ConfigError(f"train.attention_backend=fa4 runs on compute capability 9.x or 10.x (Hopper, Blackwell); "
+                          f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
+    if getattr(attention, "current_flash_attention_impl", lambda: None)() != "FA4":
+        attention.activate_flash_attention_impl("FA4")
