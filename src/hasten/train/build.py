@@ -416,5 +416,13 @@ def activate_fa4(device: torch.device) -> None:
     if major not in (9, 10):
         raise ConfigError(f"train.attention_backend=fa4 runs on compute capability 9.x or 10.x (Hopper, Blackwell); "
                           f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
-    if getattr(attention, "current_flash_attention_impl", lambda: None)() != "FA4":
-        attention.activate_flash_attention_impl("FA4")
+    if getattr(attention, "current_flash_attention_impl", lambda: None)() == "FA4":
+        return
+    try:
+        from torch.nn.attention import _fa4
+    except ImportError as err:
+        raise ConfigError(f"train.attention_backend=fa4: this PyTorch ({torch.__version__}) has no FA4 entry") from err
+    # PyTorch's entry, pointed at hasten's adapter (flash-attn-4's forward returns more than it unpacks)
+    attention.register_flash_attention_impl("FA4", register_fn=functools.partial(
+        _fa4.register_flash_attention_fa4, module_path="hasten.models.fa4_adapter"))
+    attention.activate_flash_attention_impl("FA4")
