@@ -114,3 +114,21 @@ def test_a_removed_key_loads_at_its_old_default_and_is_refused_otherwise():
     assert load_config("default", ["model.fuse_projections=false"]) == load_config("default")
     with pytest.raises(ConfigError, match="model.fuse_projections was removed: .*measured no faster"):
         load_config("default", ["model.fuse_projections=true"])
+
+
+def test_fa4_attention_without_its_package_is_refused_with_the_install_line():
+    """train.attention_backend=fa4 is a valid key; on a GPU, without flash-attn-4 installed (as
+    here), activating it raises a ConfigError that names the package. On the CPU the key is a
+    no-op, as the other attention backends are."""
+    import importlib.util
+
+    import torch
+
+    from hasten.train.build import activate_fa4, select_attention_backend
+
+    assert load_config("gpt2-124m", ["train.attention_backend=fa4"]).train.attention_backend == "fa4"
+    select_attention_backend("fa4", torch.device("cpu"))  # nothing to select on the CPU
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ConfigError, match="pip install flash-attn-4"):
+        activate_fa4(torch.device("cuda"))
