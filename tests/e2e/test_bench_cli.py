@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from hasten.bench.report import HEADERS
@@ -108,14 +109,35 @@ def test_rows_side_by_side_over_two_seeds(tmp_path: Path) -> None:
 
 
 def test_a_row_past_the_row_timeout_is_stopped_and_the_others_go_on(tmp_path: Path) -> None:
-    """Two rows at once (one CPU core each), so the test takes the limit, not the limit plus the baseline."""
+    """Two rows at once (one CPU core each), so the test takes the limit, not the limit plus the baseline.
+    While the endless row still trains, the report on disk already holds the baseline's numbers (a
+    bench stopped then would leave them)."""
     LIMIT = 30  # enough for the 5-step baseline's start-up on a loaded 2-core machine (5 s was not, once)
     env = {**os.environ, "HASTEN_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
     out = tmp_path / "bench"
-    done = _run([*_bench_command(), *TINY, "--budget-steps", "5", "--rows", "baseline", "--concurrent", "2",
-                 "--row", "endless:train.steps=1000000", "--row-timeout", str(LIMIT), "--out", str(out)], env, tmp_path)
-    rows = {r["name"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    command = [*_bench_command(), *TINY, "--budget-steps", "5", "--rows", "baseline", "--concurrent", "2",
+               "--row", "endless:train.steps=1000000", "--row-timeout", str(LIMIT), "--out", str(out)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          cwd=tmp_path) as proc:
+        partial = partial_md = None
+        while proc.poll() is None and partial is None:
+            time.sleep(0.5)
+            if (out / "report.html").exists():  # the last of the files each write makes
+                try:
+                    partial, partial_md = json.loads((out / "report.json").read_text()), (out / "report.md").read_text()
+                except json.JSONDecodeError:  # read while the next write was under way
+                    continue
+        stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout + stderr
+    assert partial is not None, "no report was written before the bench ended"
+    assert partial["environment"]["pending_rows"] == ["endless"]
+    assert [(r["name"], r["status"]) for r in partial["rows"]] == [("baseline", "trained")]  # inference comes last
+    assert partial["rows"][0]["tokens_per_second"] > 0 and partial["rows"][0]["steps"] == 5
+    assert "Partial report, rewritten as rows finish: rows not finished yet: endless" in partial_md
+    report = json.loads((out / "report.json").read_text())
+    assert "pending_rows" not in report["environment"] and "Partial report" not in (out / "report.md").read_text()
+    rows = {r["name"]: r for r in report["rows"]}
     assert rows["baseline"]["status"] == "ok"
     assert rows["endless"]["status"] == "failed" and "--row-timeout" in rows["endless"]["error"]
     assert LIMIT <= rows["endless"]["process_time_s"] < LIMIT + 60  # stopped at its limit, not at the end of its steps
-    assert "row endless: FAILED" in done.stdout
+    assert "row endless: FAILED" in stdout

@@ -229,6 +229,29 @@ def test_report_files_have_the_columns(tmp_path: Path) -> None:
     assert page.count("data:image/png;base64,") == 4 and all(h in page for h in HEADERS)
 
 
+def test_a_partial_report_counts_trained_rows_and_names_the_pending_ones(tmp_path: Path) -> None:
+    """Written as rows finish: a row that trained but whose inference is not timed yet ("trained")
+    has its training numbers and ratios against a trained baseline, and no latency; the notes say
+    which rows are still to come and that the report is partial; no figures are drawn."""
+    trained = [{**r, "status": "trained", "inference_ms": None} for r in RESULTS[:2]]
+    report = build_report(trained, dict(device="cpu (test)", budget=dict(kind="steps", value=100),
+                                        pending_rows=["slow", "broken"]))
+    rows = {r["name"]: r for r in report["rows"]}
+    assert report["baseline_final_val_loss"] == 5.0
+    assert rows["fast"]["tokens_per_second_ratio"] == pytest.approx(2.0)
+    assert rows["fast"]["time_to_baseline_loss_ratio"] == pytest.approx(7.5 / 20.0)
+    assert rows["fast"]["inference_latency_ratio"] is None
+    paths = write_report(report, tmp_path, plots=False)
+    assert [p.name for p in paths] == ["report.json", "report.md", "report.html"]
+    md = (tmp_path / "report.md").read_text()
+    assert "Partial report, rewritten as rows finish: rows not finished yet: slow, broken" in md
+    assert "failed" not in md
+    assert "data:image/png" not in (tmp_path / "report.html").read_text()
+    final = build_report(RESULTS, dict(device="cpu (test)", budget=dict(kind="steps", value=100)))
+    write_report(final, tmp_path)
+    assert "Partial report" not in (tmp_path / "report.md").read_text()
+
+
 def test_compare_two_reports(tmp_path: Path) -> None:
     env = dict(device="cpu", budget=dict(kind="steps", value=100))
     a = build_report(RESULTS[:2], env)

@@ -12,6 +12,8 @@ import json
 import os
 import platform
 import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +128,15 @@ def _bench_once(ns: argparse.Namespace, recipe: str | None, overrides: list[str]
                              nproc=_nproc(ns.nproc_per_node, device_type))
     rows = select_rows(ns.rows, ns.row, settings.device_type, settings.nproc)
     prepare(settings)
-    results = _run_rows(settings, rows, out, ns.fresh, slots, ns.row_timeout)
-    report = build_report(results, {**environment(settings, rows), "concurrent": len(slots)})
+    env = {**environment(settings, rows), "concurrent": len(slots)}
+
+    def partial(results: list[dict[str, Any]]) -> None:  # a bench stopped midway still leaves its report
+        finished = {r["name"] for r in results}
+        pending = [row.name for row in rows if row.name not in finished]
+        write_report(build_report(results, {**env, "pending_rows": pending}), out, plots=False)
+
+    results = _run_rows(settings, rows, out, ns.fresh, slots, ns.row_timeout, on_result=partial)
+    report = build_report(results, env)
     paths = write_report(report, out)
     _print_table(report)
     print(f"report: {paths[1]}  {paths[2]}  {paths[0]}")
@@ -209,9 +218,12 @@ def select_rows(names: str | None, custom: list[str], device_type: str, nproc: i
 
 
 def _run_rows(settings: Any, rows: list[Row], out: Path, fresh: bool, slots: list[dict[str, str]] | None = None,
-              timeout_s: float | None = None) -> list[dict[str, Any]]:
+              timeout_s: float | None = None, on_result: Callable[[list[dict[str, Any]]], None] | None = None
+              ) -> list[dict[str, Any]]:
     """Run the rows with a progress display, one after another or several at once (`slots`, see
-    `concurrency_slots`); a failed row does not stop the others. Results in the rows' order."""
+    `concurrency_slots`); a failed row does not stop the others. Results in the rows' order.
+    `on_result` gets the results so far (in the rows' order) each time a row trains, fails or is
+    measured."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -225,6 +237,14 @@ def _run_rows(settings: Any, rows: list[Row], out: Path, fresh: bool, slots: lis
     slots = slots or [{}]
     steps = settings.resolved_steps() if settings.budget_seconds is None else None
     outcomes = {}
+    done: dict[str, dict[str, Any]] = {}
+    lock = threading.Lock()  # rows trained together finish on the pool's threads
+
+    def record(result: dict[str, Any]) -> None:
+        with lock:
+            done[result["name"]] = result
+            if on_result is not None:
+                on_result([done[row.name] for row in rows if row.name in done])
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         overall = bar.add_task("bench rows", total=len(rows))
 
@@ -241,6 +261,7 @@ def _run_rows(settings: Any, rows: list[Row], out: Path, fresh: bool, slots: lis
             outcome = run_row(settings, row, out, fresh=fresh, env=env, measure=not together, alone=not together,
                               timeout_s=timeout_s, on_step=lambda step: bar.update(task, completed=step))
             bar.update(task, completed=steps or 0, visible=False)
+            record(outcome.result)
             if not together:
                 report(outcome)
             elif not outcome.reused:  # a line as it trains (or fails); a trained row's full one after inference
@@ -255,6 +276,7 @@ def _run_rows(settings: Any, rows: list[Row], out: Path, fresh: bool, slots: lis
                 failed = (outcome := outcomes[row.name]).result["status"] == "failed"  # its line is out already
                 if outcome.result["status"] == "trained":
                     measure_row(settings, outcome.result, out / "rows" / row.name)
+                    record(outcome.result)
                 report(outcome, printed=failed)
         for row in rows:
             if row.name not in outcomes:  # one at a time: all rows, or the distributed ones after the others

@@ -22,6 +22,7 @@ from typing import Any
 MB = 1e6
 NOT_REACHED = "not reached"
 BUSY_SHARE = 0.1  # other processes' CPU share above which a row's timings are flagged
+TRAINED = ("ok", "trained")  # rows whose training numbers count; "trained": its inference is not timed yet
 
 
 def _fmt_num(value: Any, digits: int = 4) -> str:
@@ -35,7 +36,7 @@ def _fmt_num(value: Any, digits: int = 4) -> str:
 def _fmt_reached(key: str) -> Callable[[dict[str, Any]], str]:
     """A formatter for the steps/time-to-baseline-loss columns: 'not reached' is a result, not n/a."""
     def fmt(row: dict[str, Any]) -> str:
-        if row.get("status") == "ok" and row.get("reached_baseline_loss") is False:
+        if row.get("status") in TRAINED and row.get("reached_baseline_loss") is False:
             return NOT_REACHED
         return _fmt_num(row.get(key))
     return fmt
@@ -110,7 +111,7 @@ def row_metrics(result: dict[str, Any], target: float | None) -> dict[str, Any]:
     """The report's metrics of one row result, measured against the baseline's final val loss."""
     summary = result.get("summary") or {}
     evals = result.get("evals") or []
-    reached = steps_to_target(evals, target) if result.get("status") == "ok" else None
+    reached = steps_to_target(evals, target) if result.get("status") in TRAINED else None
     model_bytes = result.get("model_bytes")
     return dict(
         name=result["name"], family=result.get("family", ""), benefit=result.get("benefit", ""),
@@ -123,7 +124,7 @@ def row_metrics(result: dict[str, Any], target: float | None) -> dict[str, Any]:
         trainable_params=summary.get("trainable_params", summary.get("params")),
         precision=summary.get("precision"),
         final_val_loss=_finite(summary.get("quantized_val_loss", summary.get("final_val_loss"))),  # what it ships
-        reached_baseline_loss=None if target is None or result.get("status") != "ok" else reached is not None,
+        reached_baseline_loss=None if target is None or result.get("status") not in TRAINED else reached is not None,
         steps_to_baseline_loss=reached[0] if reached else None,
         time_to_baseline_loss_s=reached[1] if reached else None,
         inference_ms=_finite(result.get("inference_ms")),
@@ -135,7 +136,7 @@ def row_metrics(result: dict[str, Any], target: float | None) -> dict[str, Any]:
 
 def add_ratios(rows: list[dict[str, Any]], baseline: str = "baseline") -> list[dict[str, Any]]:
     """Copies of `rows` with the four ratios against the row named `baseline` (None without one)."""
-    base = next((r for r in rows if r["name"] == baseline and r["status"] == "ok"), {})
+    base = next((r for r in rows if r["name"] == baseline and r["status"] in TRAINED), {})
     pairs = dict(tokens_per_second_ratio="tokens_per_second", time_to_baseline_loss_ratio="time_to_baseline_loss_s",
                  memory_ratio="peak_memory_gib", inference_latency_ratio="inference_ms")
     return [{**row, **{name: ratio(row.get(key), base.get(key)) for name, key in pairs.items()}} for row in rows]
@@ -158,7 +159,7 @@ def pareto_front(points: Sequence[tuple[str, float, float]]) -> list[str]:
 def build_report(results: list[dict[str, Any]], environment: dict[str, Any],
                  baseline: str = "baseline") -> dict[str, Any]:
     """The whole report as one JSON-able dict: environment and one metrics dict per row."""
-    base = next((r for r in results if r["name"] == baseline and r.get("status") == "ok"), None)
+    base = next((r for r in results if r["name"] == baseline and r.get("status") in TRAINED), None)
     target = _finite((base or {}).get("summary", {}).get("final_val_loss"))
     rows = add_ratios([row_metrics(r, target) for r in results], baseline)
     return dict(format="hasten-bench/1", environment=environment, baseline=baseline,
@@ -183,6 +184,10 @@ def _notes(report: dict[str, Any]) -> list[str]:
         "Wall time is the training loop's (compilation included, process start-up excluded); "
         "inference is the median forward pass of the produced model, loaded eager in fp32.",
     ]
+    if (pending := env.get("pending_rows")) is not None:  # written while the bench runs
+        notes.insert(0, "Partial report, rewritten as rows finish: "
+                     + (f"rows not finished yet: {', '.join(pending)}; " if pending else "every row has trained; ")
+                     + "a row marked `trained` has not had its inference timed yet.")
     if str(env.get("device", "")).startswith("cpu"):
         notes.append("On CPU, peak memory is the process's peak resident set and MFU is n/a; "
                      "timings are noisy, so compare ratios rather than absolute seconds.")
@@ -199,9 +204,9 @@ def _notes(report: dict[str, Any]) -> list[str]:
         notes.append("Other processes used part of the CPU while these rows trained (share of all CPU time): "
                      f"{', '.join(busy)}; their timings are inflated.")
     for row in report["rows"]:
-        if row["status"] == "ok" and row.get("stop_reason") and not row["stop_reason"].startswith("time limit"):
+        if row["status"] in TRAINED and row.get("stop_reason") and not row["stop_reason"].startswith("time limit"):
             notes.append(f"Row `{row['name']}` stopped early: {row['stop_reason']}.")
-        if row["status"] != "ok":
+        if row["status"] == "failed":
             first = (row.get("error") or "").strip().splitlines()
             notes.append(f"Row `{row['name']}` failed: {first[-1] if first else 'no error recorded'}")
     return notes
@@ -236,15 +241,16 @@ def html_page(report: dict[str, Any], images: dict[str, Path]) -> str:
             f"{figures}</body></html>\n")
 
 
-def write_report(report: dict[str, Any], out: Path) -> list[Path]:
-    """Write report.json, report.md, the PNG plots and report.html into `out`; returns the paths."""
+def write_report(report: dict[str, Any], out: Path, plots: bool = True) -> list[Path]:
+    """Write report.json, report.md, the PNG plots and report.html into `out`; returns the paths.
+    Without `plots` (the partial reports written as rows finish) report.html has no figures."""
     from hasten.bench.plots import write_plots
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.json", out / "report.md", out / "report.html"]
     paths[0].write_text(json.dumps(report, indent=1, default=str))
     paths[1].write_text(markdown(report))
-    images = write_plots(report, out)
+    images = write_plots(report, out) if plots else {}
     paths[2].write_text(html_page(report, images))
     return paths + list(images.values())
 
