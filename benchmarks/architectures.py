@@ -190,9 +190,10 @@ def bench_model(args, name: str) -> dict:
 
 def _environment() -> dict:
     import torch
-    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+    from hasten.provenance import source_commit
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return dict(date=time.strftime("%Y-%m-%d"), commit=commit or os.environ.get("HASTEN_COMMIT", "unknown"),
+    return dict(date=time.strftime("%Y-%m-%d"), commit=source_commit(),
                 device=device, torch=torch.__version__, cuda=torch.version.cuda)
 
 

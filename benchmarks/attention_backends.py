@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from hasten.provenance import source_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -101,8 +102,7 @@ def main() -> None:
             row["error"] = f"{type(err).__name__}: {err}"[:2000]
         print(json.dumps(row), flush=True)
         rows.append(row)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
+    commit = source_commit()
     result = dict(suite="attention_backends", date=time.strftime("%Y-%m-%d"), commit=commit,
                   device=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda,
                   shape=dict(batch=args.batch, seq=args.seq, heads=args.heads, head_dim=args.head_dim,

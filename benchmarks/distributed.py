@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from hasten.parallel import zero_memory_bytes
+from hasten.provenance import source_commit
 
 RESULTS = Path(__file__).parent / "results" / "distributed.json"
 STRATEGIES = [("ddp", []), ("zero2", []), ("zero3", []), ("zero3+offload", ["parallel.cpu_offload=true"])]
@@ -115,7 +116,7 @@ def main() -> int:
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "memory_per_rank"}), flush=True)
     largest = _largest(args, work, max(world_sizes))
     report = dict(device=torch.cuda.get_device_name(0) if gpus else "cpu", gpus=gpus, torch=torch.__version__,
-                  python=platform.python_version(), commit=_commit(), smoke=args.smoke, steps=steps, rows=rows,
+                  python=platform.python_version(), commit=source_commit(), smoke=args.smoke, steps=steps, rows=rows,
                   largest=largest, summary=_summary(rows, largest, max(world_sizes)))
     out = work / "distributed.json" if args.smoke else args.out  # smoke results are never kept in the repo
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,13 +183,6 @@ def _summary(rows: list[dict], largest: list[dict], nproc: int) -> dict:
             "zero3_expected_bytes_per_gpu_16B": zero_memory_bytes(ok[-1]["params"], "zero3", nproc)["total_bytes"]
             if ok else None}
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return ""
 
 
 if __name__ == "__main__":

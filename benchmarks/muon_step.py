@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -48,6 +47,7 @@ def main() -> None:
     from hasten.config import load_config
     from hasten.models import build_model
     from hasten.optim import MuonNS, muon_params
+    from hasten.provenance import source_commit
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -77,8 +77,7 @@ def main() -> None:
         diff = max((a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
                    for a, b in zip(after_one["torch.optim.Muon"], after_one["hasten MuonNS (batched)"]))
     shapes = sorted({tuple(p.shape) for p in matrices})
-    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
+    commit = source_commit()
     by = {r["optimizer"]: r["ms_per_step"] for r in rows}
     result = dict(suite="muon_step", date=time.strftime("%Y-%m-%d"), commit=commit, torch=torch.__version__,
                   device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", recipe=args.recipe,

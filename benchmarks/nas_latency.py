@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 from hasten.config import load_config
 from hasten.nas import latency_table
+from hasten.provenance import source_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def main() -> None:
         shape = dataclasses.replace(cfg, max_seq_len=max(seq, cfg.max_seq_len))
         table[seq] = latency_table(shape, args.letters, args.batch, seq, device, dtype, repeats=20)
         print(seq, {k: round(v, 3) for k, v in table[seq].items()}, flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = source_commit()
     result = dict(suite="nas_latency", date=time.strftime("%Y-%m-%d"), commit=commit,
                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
                   shape=f"{args.recipe} (d {cfg.dim}, {cfg.n_heads} heads)", batch=args.batch, dtype=str(dtype),

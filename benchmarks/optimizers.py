@@ -43,7 +43,6 @@ import hashlib
 import json
 import math
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -68,12 +67,6 @@ SMOKE = ["model.preset=tiny", "data.tokenizer=byte", "data.max_documents=60", "t
          "train.seq_len=32", "train.eval_batches=2", "train.compile=false", "optim.warmup_steps=5",
          "precision.dtype=fp32"]
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return ""
 
 
 def run_one(name: str, lr: float, args: argparse.Namespace, horizon: float = 1.0) -> dict[str, Any]:
@@ -289,6 +282,7 @@ def main() -> None:
     args.workdir = args.workdir or "/tmp/hasten-bench-optimizers"
 
     from hasten.optim import optimizer_names, optimizer_spec
+    from hasten.provenance import source_commit
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -328,7 +322,7 @@ def main() -> None:
             summary.update(by_horizon(best, shorter))
         result = dict(suite="optimizers", smoke=args.smoke, device=torch.cuda.get_device_name()
                       if device.type == "cuda" else platform.processor() or "cpu", torch=torch.__version__,
-                      commit=_commit(), recipe="default (tiny smoke overrides)" if args.smoke else args.recipe,
+                      commit=source_commit(), recipe="default (tiny smoke overrides)" if args.smoke else args.recipe,
                       data=args.data_label or args.data or EMBEDDED,
                       steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
                       warmup_frac=args.warmup_frac, lr_grid=grid, horizons=horizons, extra_overrides=EXTRA,

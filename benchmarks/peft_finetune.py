@@ -189,7 +189,9 @@ def run_hf(method: str, model_dir: Path, args: argparse.Namespace) -> dict:
 def _environment() -> dict:
     import torch
 
-    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    from hasten.provenance import source_commit
+
+    commit = source_commit()
     cuda = torch.cuda.is_available()
     return dict(date=time.strftime("%Y-%m-%d"), commit=commit, torch=torch.__version__,
                 device=torch.cuda.get_device_name(0) if cuda else "cpu")

@@ -213,8 +213,9 @@ ORDER = [("plain", "recipe"), ("hasten", "recipe"), ("hasten", "cudnn"), ("hf", 
 
 def _environment() -> dict:
     import torch
-    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return dict(date=time.strftime("%Y-%m-%d"), commit=commit or os.environ.get("HASTEN_COMMIT", "unknown"),
+
+    from hasten.provenance import source_commit
+    return dict(date=time.strftime("%Y-%m-%d"), commit=source_commit(),
                 device=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(), torch=torch.__version__,
                 cuda=torch.version.cuda)
 

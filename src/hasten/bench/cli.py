@@ -11,7 +11,6 @@ import datetime as dt
 import json
 import os
 import platform
-import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from hasten.bench.rows import ROWS, Row, default_row_names, get_row, parse_custom_row
 from hasten.config import ConfigError, load_config
+from hasten.provenance import source_commit
 
 DEFAULT_OUT = "runs/bench"
 
@@ -311,20 +311,10 @@ def environment(settings: Any, rows: list[Row]) -> dict[str, Any]:
     else:
         device = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return dict(device=device, torch=torch.__version__, hasten=hasten.__version__, python=platform.python_version(),
-                cpu_count=os.cpu_count(), commit=_commit(),
+                cpu_count=os.cpu_count(), commit=source_commit(),
                 date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 budget=settings.budget(), recipe=settings.recipe or "default",
                 overrides=settings.common_overrides(), rows=[row.name for row in rows])
-
-
-def _commit() -> str | None:
-    """The git commit of the hasten source tree, when it is a checkout."""
-    try:
-        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                               capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return found.stdout.strip() or None if found.returncode == 0 else None
 
 
 def _print_table(report: dict[str, Any]) -> None:
