@@ -10,9 +10,9 @@ SOURCE = Path(__file__).resolve().parent
 
 
 def source_commit() -> str:
-    """`HASTEN_COMMIT` when set (a copy of the tree whose git metadata is absent or stale, as on a
-    machine that is sent the working tree), else `git describe --always --dirty` of the checkout
-    hasten runs from, else "unknown"."""
+    """`HASTEN_COMMIT` when set (for a copy of the tree whose git metadata is absent or stale, such
+    as one synced to another machine), else `git describe --always --dirty` of the checkout hasten
+    runs from, else "unknown"."""
     if given := os.environ.get("HASTEN_COMMIT", "").strip():
         return given
     try:
