@@ -56,6 +56,36 @@ def _quantize_nf4(model: nn.Module, names: list[str], device: torch.device) -> N
                 setattr(parent, child_name, q.to(device))  # the move to CUDA quantizes
 
 
+_DORA_TRACEABLE = False
+
+
+def _let_compile_trace_dora() -> None:
+    """Let torch.compile trace DoRA's base weight (once per process).
+
+    peft's DoRA reads its base weight through `peft.utils.integrations.dequantize_module_weight`,
+    whose test for torchao weights (a string test on the weight's class) Dynamo cannot trace:
+    each DoRA linear then broke the compiled graph, and the frames resumed after each break
+    recompiled for every weight shape, so a compiled DoRA step ran slower than an eager one. For
+    a weight that is a plain nn.Parameter that function returns the weight itself; this tells
+    Dynamo so (`torch.compiler.substitute_in_graph`, used while tracing only). Any other weight
+    (HQQ, torchao, bitsandbytes) still goes through peft's own function, run outside the graph."""
+    global _DORA_TRACEABLE
+    if _DORA_TRACEABLE:
+        return
+    from peft.utils import integrations
+
+    original = integrations.dequantize_module_weight
+    run_eagerly = torch.compiler.disable(original)
+
+    @torch.compiler.substitute_in_graph(original)
+    def dequantize_module_weight(module: nn.Module) -> torch.Tensor:
+        if type(module.weight) is nn.Parameter and not hasattr(module, "W_q"):
+            return module.weight
+        return run_eagerly(module)
+
+    _DORA_TRACEABLE = True
+
+
 def apply(model: nn.Module, cfg: PeftConfig) -> nn.Module:
     """Freeze `model` and add adapters to its target linears (in place; returns it). method=none is a no-op."""
     if cfg.method == "none":
@@ -75,6 +105,8 @@ def apply(model: nn.Module, cfg: PeftConfig) -> nn.Module:
             raise ConfigError("peft.method=qlora needs a CUDA GPU (its NF4 base weights run through bitsandbytes); "
                               "use peft.method=lora on this device.")
         _quantize_nf4(model, names, device)
+    if cfg.method == "dora":
+        _let_compile_trace_dora()
     for param in model.parameters():
         param.requires_grad_(False)
     model = inject_adapter_in_model(lora_config(cfg), model, adapter_name="default")
