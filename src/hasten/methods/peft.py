@@ -15,6 +15,8 @@ runs on CUDA only; on a CPU `apply` refuses with a ConfigError.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -77,12 +79,15 @@ def _let_compile_trace_dora() -> None:
     original = integrations.dequantize_module_weight
     run_eagerly = torch.compiler.disable(original)
 
-    @torch.compiler.substitute_in_graph(original)
     def dequantize_module_weight(module: nn.Module) -> torch.Tensor:
         if type(module.weight) is nn.Parameter and not hasattr(module, "W_q"):
             return module.weight
         return run_eagerly(module)
 
+    try:
+        torch.compiler.substitute_in_graph(original)(dequantize_module_weight)
+    except (TypeError, ValueError) as err:  # a peft whose function takes other arguments: DoRA works, slower
+        warnings.warn(f"DoRA under torch.compile will break the graph at each adapted linear ({err})", stacklevel=2)
     _DORA_TRACEABLE = True
 
 
