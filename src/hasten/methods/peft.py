@@ -68,7 +68,7 @@ def _let_compile_trace_dora() -> None:
     whose test for torchao weights (a string test on the weight's class) Dynamo cannot trace:
     each DoRA linear then broke the compiled graph, and the frames resumed after each break
     recompiled for every weight shape, so a compiled DoRA step ran slower than an eager one. For
-    a weight that is a plain nn.Parameter that function returns the weight itself; this tells
+    a weight that is a plain nn.Parameter or tensor that function returns the weight itself; this tells
     Dynamo so (`torch.compiler.substitute_in_graph`, used while tracing only). Any other weight
     (HQQ, torchao, bitsandbytes) still goes through peft's own function, run outside the graph."""
     global _DORA_TRACEABLE
@@ -80,7 +80,7 @@ def _let_compile_trace_dora() -> None:
     run_eagerly = torch.compiler.disable(original)
 
     def dequantize_module_weight(module: nn.Module) -> torch.Tensor:
-        if type(module.weight) is nn.Parameter and not hasattr(module, "W_q"):
+        if type(module.weight) in (nn.Parameter, torch.Tensor) and not hasattr(module, "W_q"):  # (FSDP2 unsharded)
             return module.weight
         return run_eagerly(module)
 
