@@ -15,6 +15,7 @@ runs on CUDA only; on a CPU `apply` refuses with a ConfigError.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -58,11 +59,9 @@ def _quantize_nf4(model: nn.Module, names: list[str], device: torch.device) -> N
                 setattr(parent, child_name, q.to(device))  # the move to CUDA quantizes
 
 
-_DORA_TRACEABLE = False
-
-
+@functools.cache  # once per process
 def _let_compile_trace_dora() -> None:
-    """Let torch.compile trace DoRA's base weight (once per process).
+    """Let torch.compile trace DoRA's base weight.
 
     peft's DoRA reads its base weight through `peft.utils.integrations.dequantize_module_weight`,
     whose test for torchao weights (a string test on the weight's class) Dynamo cannot trace:
@@ -71,9 +70,6 @@ def _let_compile_trace_dora() -> None:
     a weight that is a plain nn.Parameter or tensor that function returns the weight itself; this tells
     Dynamo so (`torch.compiler.substitute_in_graph`, used while tracing only). Any other weight
     (HQQ, torchao, bitsandbytes) still goes through peft's own function, run outside the graph."""
-    global _DORA_TRACEABLE
-    if _DORA_TRACEABLE:
-        return
     from peft.utils import integrations
 
     original = integrations.dequantize_module_weight
@@ -88,7 +84,6 @@ def _let_compile_trace_dora() -> None:
         torch.compiler.substitute_in_graph(original)(dequantize_module_weight)
     except (TypeError, ValueError) as err:  # a peft whose function takes other arguments: DoRA works, slower
         warnings.warn(f"DoRA under torch.compile will break the graph at each adapted linear ({err})", stacklevel=2)
-    _DORA_TRACEABLE = True
 
 
 def apply(model: nn.Module, cfg: PeftConfig) -> nn.Module:
