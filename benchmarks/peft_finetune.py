@@ -14,12 +14,14 @@ down), AdamW (fused) at 2e-4 and bf16:
   hasten:qlora  the base linears in NF4 (bitsandbytes), adapters as above
   hf:qlora      BitsAndBytesConfig(load_in_4bit, nf4, bf16 compute) + prepare_model_for_kbit_training
                 (without its gradient checkpointing, as on hasten's side)
+  hasten:dora   peft.method=dora (LoRA plus a learned magnitude per output row, compiled as on LoRA)
+  hf:dora       as hf:lora with LoraConfig(use_dora=True)
 
 Each side runs in its own subprocess (memory peaks and compile caches stay apart). Throughput is
 timed after warm-up steps (compilation excluded), between two synchronizations; peak memory is
 `torch.cuda.max_memory_allocated` of the side's process. Each side checks its loss is finite and
 falling. Writes peft.json (summary.tokens_per_second_ratio_vs_hf, summary.peak_memory_ratio_vs_hf,
-and the QLoRA ratios when both QLoRA sides ran) and peft.md:
+and the QLoRA and DoRA ratios when both sides of those ran) and peft.md:
 
     PYTHONPATH=src python benchmarks/peft_finetune.py --out benchmarks/results
 
@@ -44,7 +46,7 @@ SHAPE_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, 
 SHAPE_SMOKE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=128, vocab_size=512)
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SIDES = ["hasten:lora", "hf:lora", "hasten:qlora", "hf:qlora"]
+SIDES = ["hasten:lora", "hf:lora", "hasten:qlora", "hf:qlora"]  # also hasten:dora, hf:dora
 
 
 def _data_overrides(args: argparse.Namespace) -> list[str]:
@@ -169,7 +171,8 @@ def run_hf(method: str, model_dir: Path, args: argparse.Namespace) -> dict:
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
-                                             target_modules=HF_TARGETS, bias="none", task_type="CAUSAL_LM"))
+                                             target_modules=HF_TARGETS, bias="none", task_type="CAUSAL_LM",
+                                             use_dora=method == "dora"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     targs = TrainingArguments(output_dir=f"{args.workdir}/hf_{method}", per_device_train_batch_size=batch,
@@ -200,7 +203,7 @@ def _environment() -> dict:
 def summarize(rows: list[dict]) -> dict:
     by = {r["side"]: r for r in rows if "error" not in r}
     summary: dict = {}
-    for method, suffix in (("lora", ""), ("qlora", "_qlora")):
+    for method, suffix in (("lora", ""), ("qlora", "_qlora"), ("dora", "_dora")):
         h, f = by.get(f"hasten:{method}"), by.get(f"hf:{method}")
         if h and f:
             summary[f"tokens_per_second_ratio_vs_hf{suffix}"] = h["tokens_per_second"] / f["tokens_per_second"]
@@ -214,7 +217,7 @@ def _number(value: float | list[float]) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# LoRA / QLoRA fine-tuning: hasten vs HF Trainer + peft ({result['device']}, torch {result['torch']})",
+    lines = [f"# LoRA / QLoRA / DoRA fine-tuning: hasten vs HF Trainer + peft ({result['device']}, torch {result['torch']})",
              "", f"Llama {result['shape']['num_hidden_layers']} layers, d {result['shape']['hidden_size']}, random init,"
              f" {'fp32' if result['smoke'] else 'bf16'} weights; LoRA r{result['rank']} alpha {2 * result['rank']} on all linears; batch "
              f"{result['batch_size']} x seq {result['seq_len']}; {result['steps']} timed steps after "

@@ -34,7 +34,7 @@ def test_bench_runs_rows_records_failures_and_resumes(tmp_path: Path) -> None:
     env = {**os.environ, "HASTEN_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
     out = tmp_path / "bench"
     command = [*_bench_command(), *TINY, "--budget-steps", "10", "--rows", "baseline,wsd,lora,ptq",
-               "--row", "broken:optim.lr=-1", "--out", str(out)]
+               "--row", "broken:optim.lr=-1", "--concurrent", "2", "--out", str(out)]
     first = _run(command, env, tmp_path)
 
     for name in ("report.json", "report.md", "report.html", "loss_vs_time.png", "pareto_time.png",

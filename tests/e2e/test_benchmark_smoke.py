@@ -100,7 +100,10 @@ def test_architectures_trains_models_side_by_side_and_joins_rows(tmp_path):
     ratio = rows["moe-alt"]["tokens_per_second"] / rows["dense"]["tokens_per_second"]
     assert joined["summary"]["moe_alternating_tokens_per_second_ratio"] == pytest.approx(ratio)
     assert "MoE on every other layer (moe-alt)" in (tmp_path / "a" / "architectures.md").read_text()
-    bench("--models", "dense", "--seed", "4", "--out", str(tmp_path / "c"))  # another seed: not a pair
+    # an earlier run whose dense row trained at another seed: not a pair for moe-alt's seed-3 row
+    (tmp_path / "c").mkdir()
+    earlier = {**joined, "models": [{**rows["dense"], "seed": 4}]}
+    (tmp_path / "c" / "architectures.json").write_text(json.dumps(earlier))
     moe_alt_only = tmp_path / "work" / "parallel-1" / "architectures.json"  # the second process's share
     bench("--models", "", "--skip-layers", "--out", str(tmp_path / "c"), "--rows-from", str(moe_alt_only))
     rejoined = json.loads((tmp_path / "c" / "architectures.json").read_text())
