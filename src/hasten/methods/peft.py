@@ -86,63 +86,6 @@ def _let_compile_trace_dora() -> None:
         warnings.warn(f"DoRA under torch.compile will break the graph at each adapted linear ({err})", stacklevel=2)
 
 
-class _DoraOutput(torch.autograd.Function):
-    """DoRA's output beside its base linear's, (c - 1) * base + c * s * lora (c the magnitude over the
-    detached weight norm, per output feature), keeping one tensor of the output's size for backward.
-
-    Written as c * (base + s * lora) - base, its gradients need c and base + s * lora only: the
-    magnitude's is the sum over tokens of grad * (base + s * lora). Autograd over peft's expression
-    keeps base and lora both, two tensors of every adapted linear's output size (on a 1.1B Llama with
-    all seven linears adapted, 16k-token batches, the bulk of DoRA's 18 GiB over LoRA's peak)."""
-
-    @staticmethod
-    def forward(ctx, base: torch.Tensor, lora: torch.Tensor, c: torch.Tensor, s: float) -> torch.Tensor:
-        combined = base.float() + s * lora.float()
-        ctx.save_for_backward(combined.to(base.dtype), c)  # the 16-bit copy: the magnitude's gradient only
-        ctx.s, ctx.dtypes = s, (base.dtype, lora.dtype)
-        return (c * combined - base.float()).to(torch.promote_types(c.dtype, base.dtype))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        combined, c = ctx.saved_tensors
-        grad = grad.float()
-        grad_c = (grad * combined.float()).reshape(-1, grad.shape[-1]).sum(0).reshape(c.shape).to(c.dtype)
-        return (grad * (c - 1)).to(ctx.dtypes[0]), (grad * (c * ctx.s)).to(ctx.dtypes[1]), grad_c, None
-
-
-@functools.cache  # one class per process
-def _lean_dora_layer_class() -> type:
-    """peft's DoraLinearLayer with its output through `_DoraOutput` (same values, less kept for backward)."""
-    from peft.tuners.lora.dora import DoraLinearLayer
-    from peft.utils.integrations import dequantize_module_weight
-
-    class LeanDoraLinearLayer(DoraLinearLayer):
-        def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"):
-            # peft's DoraLinearLayer.forward up to its last line (hasten adapts nn.Linear: no fan-in-fan-out)
-            lora_weight = self.get_lora_weight(lora_A=lora_A, lora_B=lora_B, adapter_name=adapter_name).to(x.dtype)
-            weight = dequantize_module_weight(base_layer).to(x.dtype)
-            norm = self.get_weight_norm(weight=weight, lora_weight=lora_weight.detach(), scaling=scaling,
-                                        adapter_name=adapter_name).detach()  # constant, as the DoRA paper has it
-            if base_result is None:  # dropout on the adapter's input: the base output of the same input
-                base_result = nn.functional.linear(x, weight)
-            elif base_layer.bias is not None:
-                base_result = base_result - base_layer.bias
-            return _DoraOutput.apply(base_result, lora_B(lora_A(x)), (self.weight / norm).view(1, -1), scaling)
-
-    return LeanDoraLinearLayer
-
-
-def _lean_dora(model: nn.Module) -> int:
-    """Swap each DoRA magnitude layer's class for the lean one (state and names unchanged); returns how many."""
-    from peft.tuners.lora.dora import DoraLinearLayer
-
-    lean = _lean_dora_layer_class()
-    layers = [m for m in model.modules() if type(m) is DoraLinearLayer]
-    for layer in layers:
-        layer.__class__ = lean
-    return len(layers)
-
-
 def apply(model: nn.Module, cfg: PeftConfig) -> nn.Module:
     """Freeze `model` and add adapters to its target linears (in place; returns it). method=none is a no-op."""
     if cfg.method == "none":
@@ -167,8 +110,6 @@ def apply(model: nn.Module, cfg: PeftConfig) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     model = inject_adapter_in_model(lora_config(cfg), model, adapter_name="default")
-    if cfg.method == "dora":
-        _lean_dora(model)
     for name, param in model.named_parameters():
         param.requires_grad_(any(marker in name for marker in ADAPTER_MARKERS))
     model.to(device)
