@@ -236,6 +236,74 @@ def test_lora_inputs_in_the_compute_dtype_keep_less_and_change_nothing(hf_dir, m
     assert kept_less < kept if method == "lora" else kept_less == kept, (kept_less, kept)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lean_dora_matches_peft_dora_and_keeps_less_for_backward(hf_dir, dropout):
+    """peft.dora_lean computes peft's DoRA output as c * (base + s * lora) - base, keeping one 16-bit
+    tensor of the output's size for backward instead of two: the loss and gradients of peft's own
+    layer (fp32; the lean one eager and compiled), and fewer bytes kept under bf16 autocast."""
+    import copy
+
+    import torch._dynamo
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))
+    model, _ = load_hf_llama(hf_dir)
+    torch.manual_seed(0)
+    lean = peft.apply(model, PeftConfig(method="dora", rank=4, alpha=8, dropout=dropout, targets="wk,w2",
+                                        dora_lean=True))
+    with torch.no_grad():  # B starts at zero; values make every gradient flow
+        for name, p in lean.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    reference = copy.deepcopy(lean)
+    layers = [m for m in reference.modules() if isinstance(m, DoraLinearLayer)]
+    assert len(layers) == 4 and all(type(m) is not DoraLinearLayer for m in layers)  # 2 linears x 2 blocks
+    for m in layers:
+        m.__class__ = DoraLinearLayer  # peft's own forward
+
+    def run(model, autocast: bool, compiled: bool = False):
+        saved = []
+        torch.manual_seed(5)  # the same dropout masks on both sides
+        torch._dynamo.reset()
+        forward = torch.compile(model) if compiled else model
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                logits = forward(ids)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.roll(-1, 1).flatten())
+        loss.backward()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads, sum(n for ptr, n in storages.items() if ptr not in weights)
+
+    model.train(), reference.train()
+    loss, grads, _ = run(lean, autocast=False)
+    ref_loss, ref_grads, _ = run(reference, autocast=False)
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert len(grads) == len(ref_grads) == 4 * 3
+    for g, h in zip(grads, ref_grads):
+        assert torch.allclose(g, h, rtol=1e-4, atol=1e-6)
+    if dropout == 0.0:  # compiled against peft's layer eager (masks drawn in a graph differ: no dropout)
+        loss, grads, _ = run(lean, autocast=False, compiled=True)
+        assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        for g, h in zip(grads, ref_grads):
+            assert torch.allclose(g, h, rtol=1e-4, atol=1e-6)
+    for model in (lean, reference):
+        peft.cast_frozen(model, torch.bfloat16)
+    _, _, kept = run(lean, autocast=True)
+    _, _, ref_kept = run(reference, autocast=True)
+    outputs = sum(m.base_layer.out_features for m in lean.modules() if hasattr(m, "lora_magnitude_vector"))
+    assert outputs == 2 * (32 + 64)
+    # at least one bf16 tensor of each adapted linear's output (2 x 24 tokens) fewer
+    assert ref_kept - kept >= 2 * 24 * outputs * 2, (kept, ref_kept, outputs)
+
+
+def test_dora_lean_is_for_dora_only():
+    with pytest.raises(ConfigError, match="peft.dora_lean"):
+        PeftConfig(method="lora", dora_lean=True)
+
+
 def test_dora_compiles_without_graph_breaks_and_matches_eager(hf_dir):
     """peft's DoRA reads its base weight through a function Dynamo cannot trace; `peft.apply`
     registers what it returns for a plain weight, so the compiled DoRA model is one graph (it

@@ -86,6 +86,55 @@ def _let_compile_trace_dora() -> None:
         warnings.warn(f"DoRA under torch.compile will break the graph at each adapted linear ({err})", stacklevel=2)
 
 
+def _dora_output(base: torch.Tensor, lora: torch.Tensor, c: torch.Tensor, s: float) -> torch.Tensor:
+    """DoRA's output beside its base linear's, (c - 1) * base + c * s * lora, keeping one 16-bit tensor
+    of the output's size for backward where autograd over that expression keeps two (base and lora).
+
+    c is the magnitude over the detached weight norm, one value per output feature. As
+    c * (base + s * lora) - base, the gradients need c and base + s * lora alone; the sum is formed
+    in fp32 for the output (c - 1 is small: rounding the sum to 16 bits first would swamp it) and
+    kept in 16 bits only for the magnitude's gradient, through a term that adds zero in the forward.
+    Plain autograd operations, no custom autograd.Function (torch.compile in PyTorch 2.11 misroutes
+    the gradients of some of those: pytorch/pytorch#180642)."""
+    combined = base.float() + s * lora.float()
+    kept = combined.detach().to(base.dtype)
+    frozen = c.detach()
+    return frozen * combined - base.float() + (c - frozen) * kept
+
+
+@functools.cache  # one class per process
+def _lean_dora_layer_class() -> type:
+    """peft's DoraLinearLayer with its output through `_dora_output` (same values, less kept for backward)."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+    from peft.utils.integrations import dequantize_module_weight
+
+    class LeanDoraLinearLayer(DoraLinearLayer):
+        def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"):
+            # peft's DoraLinearLayer.forward up to its last line (hasten adapts nn.Linear: no fan-in-fan-out)
+            lora_weight = self.get_lora_weight(lora_A=lora_A, lora_B=lora_B, adapter_name=adapter_name).to(x.dtype)
+            weight = dequantize_module_weight(base_layer).to(x.dtype)
+            norm = self.get_weight_norm(weight=weight, lora_weight=lora_weight.detach(), scaling=scaling,
+                                        adapter_name=adapter_name).detach()  # a constant, as in the DoRA paper
+            if base_result is None:  # dropout on the adapter's input: the base output of that input
+                base_result = nn.functional.linear(x, weight)
+            elif base_layer.bias is not None:
+                base_result = base_result - base_layer.bias
+            return _dora_output(base_result, lora_B(lora_A(x)), (self.weight / norm).view(1, -1), scaling)
+
+    return LeanDoraLinearLayer
+
+
+def _lean_dora(model: nn.Module) -> int:
+    """Swap each DoRA magnitude layer's class for the lean one (state and names unchanged); returns how many."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    lean = _lean_dora_layer_class()
+    layers = [m for m in model.modules() if type(m) is DoraLinearLayer]
+    for layer in layers:
+        layer.__class__ = lean
+    return len(layers)
+
+
 def apply(model: nn.Module, cfg: PeftConfig) -> nn.Module:
     """Freeze `model` and add adapters to its target linears (in place; returns it). method=none is a no-op."""
     if cfg.method == "none":
@@ -110,6 +159,8 @@ def apply(model: nn.Module, cfg: PeftConfig) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     model = inject_adapter_in_model(lora_config(cfg), model, adapter_name="default")
+    if cfg.method == "dora" and cfg.dora_lean:
+        _lean_dora(model)
     for name, param in model.named_parameters():
         param.requires_grad_(any(marker in name for marker in ADAPTER_MARKERS))
     model.to(device)
