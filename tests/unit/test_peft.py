@@ -277,7 +277,8 @@ def test_lean_dora_matches_peft_dora_and_keeps_less_for_backward(hf_dir, dropout
         model.zero_grad(set_to_none=True)
         return loss.detach(), grads, sum(n for ptr, n in storages.items() if ptr not in weights)
 
-    model.train(), reference.train()
+    lean.train()
+    reference.train()
     loss, grads, _ = run(lean, autocast=False)
     ref_loss, ref_grads, _ = run(reference, autocast=False)
     assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-6)
