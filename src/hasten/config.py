@@ -261,6 +261,11 @@ class TrainConfig:
     compile: bool = _f(False, "compile the forward pass and loss as one graph with torch.compile")
     compile_mode: str = _f("default", "torch.compile mode", choices=("default", "reduce-overhead", "max-autotune",
                                                                     "max-autotune-no-cudagraphs"))
+    compile_scope: str = _f("model", "what train.compile compiles in a one-process run: model (the forward and "
+                                     "loss as one graph, fused across blocks and into the loss) or blocks (each "
+                                     "block of the model's `layers` alone, as distributed runs always do: blocks "
+                                     "of one shape share one compiled graph, so compiling takes a fraction of the "
+                                     "time; the embedding, head and loss run uncompiled)", choices=("model", "blocks"))
     loss_chunk: int = _f(0, "hasten's decoder: output head + cross-entropy this many tokens at a time, their "
                             "gradients made in forward, never the whole logits (saves two tokens x vocab "
                             "tensors; 0 = off); on CUDA one Triton kernel makes each chunk's loss and logits' gradient")

@@ -369,3 +369,25 @@ def test_only_a_fused_optimizer_without_grad_scaler_clips_in_its_step():
     assert clips_in_step(torch.optim.AdamW(params, fused=True), None, params)
     assert not clips_in_step(torch.optim.AdamW(params, foreach=True), None, params)
     assert not clips_in_step(torch.optim.AdamW(params, fused=True), torch.amp.GradScaler("cpu"), params)
+
+
+def test_compile_scope_blocks_compiles_each_block_and_trains_as_eager(tiny_config):
+    """train.compile_scope=blocks compiles each block alone (the loss function stays uncompiled) and
+    trains to the uncompiled run's losses; a model without `layers` is refused."""
+    from hasten.config import ConfigError
+    from hasten.train.build import build_run, compiled_loss
+
+    steps = ("train.steps=6", "log.every=2", "train.eval_every=0", "train.compile_scope=blocks")
+    run = build_run(tiny_config(*steps, "train.compile=true", out="probe"))
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in run.model.layers)
+    assert not hasattr(compiled_loss(run), "_torchdynamo_orig_callable")  # the loss itself is not compiled
+    eager, blocks = (tiny_config(*steps, f"train.compile={on}", out=on) for on in ("false", "true"))
+    hasten.train(eager)
+    torch._dynamo.reset()
+    hasten.train(blocks)
+    a, b = _losses(Path(eager.train.out_dir)), _losses(Path(blocks.train.out_dir))
+    assert a.keys() == b.keys() == {2, 4, 6}
+    assert all(math.isclose(a[s], b[s], rel_tol=1e-4) for s in a), (a, b)
+    with pytest.raises(ConfigError, match="compile_scope=blocks"):
+        build_run(tiny_config(*steps, "train.compile=true", out="user"), model=Regression(), loss_fn=mse,
+                  train_batches=_regression_batches())

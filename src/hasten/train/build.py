@@ -360,7 +360,7 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
 def parallelize(model: nn.Module, config: RunConfig, device: torch.device, precision: Precision) -> nn.Module:
     """Activation checkpointing → compile → sharding per block then root (hasten.parallel says why
     at each step). Without a strategy, compilation stays whole-graph, in `compiled_loss`."""
-    from hasten.parallel import apply_parallelism, set_memory_budget
+    from hasten.parallel import apply_parallelism, blocks_of, set_memory_budget
 
     # The partitioner's budget is process-wide: set for every run, so one run's never leaks into the next.
     budget = config.parallel.activation_checkpointing == "budget"
@@ -370,15 +370,21 @@ def parallelize(model: nn.Module, config: RunConfig, device: torch.device, preci
         raise ConfigError("precision.dtype=fp16 is not supported with sharded gradients (zero2, zero3); "
                           "use bf16, which needs no loss scaling.")
     param_dtype = precision.dtype if distributed and precision.name == "bf16" else None
-    compile_mode = config.train.compile_mode if distributed and config.train.compile else None
+    per_block = config.train.compile and (distributed or config.train.compile_scope == "blocks")
+    if per_block and not distributed and not blocks_of(model):
+        raise ConfigError("train.compile_scope=blocks compiles the blocks of the model's `layers` nn.ModuleList, "
+                          "and this model has none; use train.compile_scope=model.")
+    compile_mode = config.train.compile_mode if per_block else None
     return apply_parallelism(model, config.parallel, device, param_dtype=param_dtype, compile_mode=compile_mode)
 
 
 def compiled_loss(run: Run) -> Callable[[Batch], torch.Tensor]:
-    """The forward + loss function the loop calls; compiled as one graph when train.compile is set,
-    so the loss fuses with the output head instead of materializing fp32 logits."""
+    """The forward + loss function the loop calls; compiled as one graph when train.compile is set
+    (and train.compile_scope=model), so the loss fuses with the output head instead of materializing
+    fp32 logits."""
     fn = functools.partial(run.loss_fn, run.model)
-    if run.config.train.compile and run.config.parallel.strategy == "none":  # else compiled per block
+    whole = run.config.parallel.strategy == "none" and run.config.train.compile_scope == "model"
+    if run.config.train.compile and whole:  # else compiled per block, in `parallelize`
         mode = run.config.train.compile_mode
         fn = torch.compile(fn, mode=None if mode == "default" else mode)
     return fn
