@@ -258,7 +258,8 @@ class TrainConfig:
                                   "every train.seed, so runs of different seeds compare)")
     seed: int = _f(1337, "seed of initialization, sampling and dropout")
     device: str = _f("auto", "auto (cuda when present), cpu, cuda, cuda:N")
-    compile: bool = _f(False, "compile the forward pass and loss as one graph with torch.compile")
+    compile: bool = _f(False, "compile with torch.compile (train.compile_scope says what: by default the forward "
+                              "pass and loss as one graph)")
     compile_mode: str = _f("default", "torch.compile mode", choices=("default", "reduce-overhead", "max-autotune",
                                                                     "max-autotune-no-cudagraphs"))
     compile_scope: str = _f("model", "what train.compile compiles in a one-process run: model (the forward and "

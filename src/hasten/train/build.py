@@ -359,7 +359,8 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
 
 def parallelize(model: nn.Module, config: RunConfig, device: torch.device, precision: Precision) -> nn.Module:
     """Activation checkpointing → compile → sharding per block then root (hasten.parallel says why
-    at each step). Without a strategy, compilation stays whole-graph, in `compiled_loss`."""
+    at each step). Without a strategy, compilation is whole-graph, in `compiled_loss`, unless
+    train.compile_scope=blocks asks for it here, per block."""
     from hasten.parallel import apply_parallelism, blocks_of, set_memory_budget
 
     # The partitioner's budget is process-wide: set for every run, so one run's never leaks into the next.
