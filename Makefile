@@ -34,7 +34,7 @@ demo: $(STAMP)
 	@echo "next: '$(BIN)/hasten bench' measures every method side by side (about 7 minutes here) into runs/bench/report.html"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=15
 
 clean:
 	rm -rf $(VENV) runs
