@@ -184,6 +184,5 @@ def _summary(rows: list[dict], largest: list[dict], nproc: int) -> dict:
             if ok else None}
 
 
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -68,7 +68,6 @@ SMOKE = ["model.preset=tiny", "data.tokenizer=byte", "data.max_documents=60", "t
          "precision.dtype=fp32"]
 
 
-
 def run_one(name: str, lr: float, args: argparse.Namespace, horizon: float = 1.0) -> dict[str, Any]:
     """Train one (optimizer, rate, horizon); a finished run in the work folder is read back instead."""
     import hasten

@@ -96,10 +96,11 @@ def _dora_output(base: torch.Tensor, lora: torch.Tensor, c: torch.Tensor, s: flo
     kept in 16 bits only for the magnitude's gradient, through a term that adds zero in the forward.
     Plain autograd operations, no custom autograd.Function (torch.compile in PyTorch 2.11 misroutes
     the gradients of some of those: pytorch/pytorch#180642)."""
-    combined = base.float() + s * lora.float()
+    base32 = base.float()
+    combined = base32 + s * lora.float()
     kept = combined.detach().to(base.dtype)
     frozen = c.detach()
-    return frozen * combined - base.float() + (c - frozen) * kept
+    return frozen * combined - base32 + (c - frozen) * kept
 
 
 @functools.cache  # one class per process

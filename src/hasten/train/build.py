@@ -371,7 +371,7 @@ def parallelize(model: nn.Module, config: RunConfig, device: torch.device, preci
         raise ConfigError("precision.dtype=fp16 is not supported with sharded gradients (zero2, zero3); "
                           "use bf16, which needs no loss scaling.")
     param_dtype = precision.dtype if distributed and precision.name == "bf16" else None
-    per_block = config.train.compile and (distributed or config.train.compile_scope == "blocks")
+    per_block = compiles_per_block(config)
     if per_block and not distributed and not blocks_of(model):
         raise ConfigError("train.compile_scope=blocks compiles the blocks of the model's `layers` nn.ModuleList, "
                           "and this model has none; use train.compile_scope=model.")
@@ -379,13 +379,18 @@ def parallelize(model: nn.Module, config: RunConfig, device: torch.device, preci
     return apply_parallelism(model, config.parallel, device, param_dtype=param_dtype, compile_mode=compile_mode)
 
 
+def compiles_per_block(config: RunConfig) -> bool:
+    """Whether train.compile compiles each block alone (`parallelize`): always in a distributed run,
+    with train.compile_scope=blocks in one process; else the forward and loss as one graph (`compiled_loss`)."""
+    return config.train.compile and (config.parallel.strategy != "none" or config.train.compile_scope == "blocks")
+
+
 def compiled_loss(run: Run) -> Callable[[Batch], torch.Tensor]:
     """The forward + loss function the loop calls; compiled as one graph when train.compile is set
     (and train.compile_scope=model), so the loss fuses with the output head instead of materializing
     fp32 logits."""
     fn = functools.partial(run.loss_fn, run.model)
-    whole = run.config.parallel.strategy == "none" and run.config.train.compile_scope == "model"
-    if run.config.train.compile and whole:  # else compiled per block, in `parallelize`
+    if run.config.train.compile and not compiles_per_block(run.config):
         mode = run.config.train.compile_mode
         fn = torch.compile(fn, mode=None if mode == "default" else mode)
     return fn
