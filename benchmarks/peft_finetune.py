@@ -276,12 +276,21 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--only", item, *sys.argv[1:]]
         cmd = [c for i, c in enumerate(cmd) if not (c == "--sides" or (i and cmd[i - 1] == "--sides"))]
         start = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            error = None if found and not proc.returncode else (proc.stdout[-1500:] + proc.stderr[-3000:])
-        except subprocess.TimeoutExpired:
-            found, error = [], f"timed out after {args.timeout} s"
+        log = Path(args.workdir) / "logs" / f"{item.replace(':', '_')}.log"  # the side's whole output, kept
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as stream:
+            try:
+                returncode = subprocess.run(cmd, stdout=stream, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+        output = log.read_text(errors="replace")
+        found = [line for line in output.splitlines() if line.startswith("RESULT ")]
+        error = None
+        if timed_out:
+            error = f"timed out after {args.timeout} s; the end of its output ({log}):\n{output[-3000:]}"
+        elif not found or returncode:
+            error = output[-4500:]
         if error:
             print(f"{item} failed:\n{error}", flush=True)
             rows.append(dict(side=item, error=error))
