@@ -362,8 +362,9 @@ class PeftConfig:
     dropout: float = _f(0.0, "dropout on the adapter's input")
     targets: str = _f("all-linear", "linears that get adapters: attention (wq wk wv wo), mlp (w1 w2 w3), "
                                     "all-linear (both), or a comma list of names such as wq,wv")
-    dora_lean: bool = _f(False, "DoRA only: keep one tensor of each adapted linear's output size for backward "
-                                "instead of peft's two (the same values and gradients; docs/peft.md)")
+    dora_lean: bool = _f(True, "DoRA: keep one tensor of each adapted linear's output size for backward instead "
+                               "of peft's several (the same values and gradients, ~10 % less peak memory on a 1.1B "
+                               "model; docs/peft.md); false runs peft's own layer. Other methods ignore it")
 
     def target_names(self) -> list[str]:
         groups = {"attention": ["wq", "wk", "wv", "wo"], "mlp": ["w1", "w2", "w3"],
@@ -376,8 +377,6 @@ class PeftConfig:
         _check(self.rank > 0, "peft.rank", self.rank, "it must be > 0")
         _check(self.alpha > 0, "peft.alpha", self.alpha, "it must be > 0")
         _check(0.0 <= self.dropout < 1.0, "peft.dropout", self.dropout, "it must be in [0, 1)")
-        _check(not self.dora_lean or self.method == "dora", "peft.dora_lean", self.dora_lean,
-               f"it applies to peft.method=dora only, not {self.method}")
         known = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}
         names = self.target_names()
         _check(bool(names) and set(names) <= known, "peft.targets", self.targets,

@@ -300,9 +300,17 @@ def test_lean_dora_matches_peft_dora_and_keeps_less_for_backward(hf_dir, dropout
     assert ref_kept - kept >= 2 * 24 * outputs * 2, (kept, ref_kept, outputs)
 
 
-def test_dora_lean_is_for_dora_only():
-    with pytest.raises(ConfigError, match="peft.dora_lean"):
-        PeftConfig(method="lora", dora_lean=True)
+def test_dora_lean_is_the_default_and_can_be_turned_off(hf_dir):
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    def dora_classes(cfg: PeftConfig) -> set[type]:
+        model, _ = load_hf_llama(hf_dir)
+        return {type(m) for m in peft.apply(model, cfg).modules() if isinstance(m, DoraLinearLayer)}
+
+    assert PeftConfig(method="dora").dora_lean
+    lean = dora_classes(PeftConfig(method="dora", targets="wq"))
+    assert len(lean) == 1 and DoraLinearLayer not in lean
+    assert dora_classes(PeftConfig(method="dora", targets="wq", dora_lean=False)) == {DoraLinearLayer}
 
 
 def test_dora_compiles_without_graph_breaks_and_matches_eager(hf_dir):

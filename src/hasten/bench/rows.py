@@ -152,9 +152,9 @@ register(Row(name="lora", family="PEFT", benefit="memory", overrides=("model.fro
              description="LoRA (rank 8, attention and MLP) fine-tuning the trained baseline for the same budget"))
 register(Row(name="dora", family="PEFT", benefit="memory", overrides=("model.from={baseline}", "peft.method=dora"),
              description="DoRA (LoRA plus a learned per-row magnitude) fine-tuning the trained baseline"))
-register(Row(name="dora-lean", family="PEFT", benefit="memory",
-             overrides=("model.from={baseline}", "peft.method=dora", "peft.dora_lean=true"),
-             description="DoRA keeping one tensor of each adapted linear's output size for backward instead of two"))
+register(Row(name="dora-peft", family="PEFT", benefit="memory",
+             overrides=("model.from={baseline}", "peft.method=dora", "peft.dora_lean=false"),
+             description="DoRA through peft's own layer, for the memory the default lean DoRA saves"))
 register(Row(name="qlora", family="PEFT", benefit="memory", overrides=("model.from={baseline}", "peft.method=qlora"),
              description="LoRA on the trained baseline held in 4-bit NF4 (bitsandbytes; CUDA only)"))
 register(Row(name="distill", family="distillation", benefit="inference time",
