@@ -33,8 +33,8 @@ demo: $(STAMP)
 	@echo "run folder: runs/default (loss.png, metrics.jsonl, summary.json, checkpoints/)"
 	@echo "next: '$(BIN)/hasten bench' measures every method side by side (about 7 minutes here) into runs/bench/report.html"
 
-test: $(STAMP)
-	$(BIN)/python -m pytest tests --durations=15
+test: $(STAMP)  # two workers (pytest-xdist): compilation, most of the suite's time, runs on both cores
+	$(BIN)/python -m pytest tests -n 2 --dist worksteal --durations=15
 
 clean:
 	rm -rf $(VENV) runs
