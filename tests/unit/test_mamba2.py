@@ -68,11 +68,13 @@ def test_recurrent_step_matches_parallel_forward_token_by_token():
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_mamba_decoder_trains_and_generates_with_its_cache():
+@pytest.mark.parametrize("recompute", [False, True])
+def test_mamba_decoder_trains_and_generates_with_its_cache(recompute):
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, max_seq_len=32, mixers="MM", ssm_state=16, ssm_head_dim=16,
-                      ssm_chunk=8)
+                      ssm_chunk=8, ssm_recompute=recompute)
     torch.manual_seed(0)
     model = build_model(cfg, 256)
+    assert [m.recompute for m in model.modules() if isinstance(m, Mamba2)] == [recompute] * 2
     idx = torch.randint(0, 256, (4, 32))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -128,6 +130,50 @@ def test_mamba_mixer_keeps_no_fp32_inner_width_tensor_for_backward(compiled):
     out.float().sum().backward()
     inner = [t for t in saved if t.dtype == torch.float32 and t.shape[-1] == mixer.inner]
     assert saved and not inner, [tuple(t.shape) for t in inner]
+
+
+def _kept_bytes(module, x) -> int:
+    """Bytes of the tensors one forward keeps for backward, parameters and the input left out."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = module(x)
+    out.float().sum().backward()
+    skip = {p.untyped_storage().data_ptr() for p in module.parameters()} | {x.untyped_storage().data_ptr()}
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    return sum(n for ptr, n in storages.items() if ptr not in skip)
+
+
+def test_mamba_recompute_gives_the_same_gradients_and_keeps_a_fraction_for_backward():
+    """model.ssm_recompute: conv and SSD scan rerun in backward from the in-projection's output: the
+    same output and gradients (eager, fp32), and under torch.compile in bf16 a fifth of the bytes
+    kept (measured 34.2 -> 6.3 KiB a token for the gpt2-124m-sized mixer)."""
+    torch.manual_seed(0)
+    plain = Mamba2(64, d_state=16, head_dim=16, expand=2, chunk_size=16)
+    lean = Mamba2(64, d_state=16, head_dim=16, expand=2, chunk_size=16, recompute=True)
+    lean.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 40, 64, requires_grad=True)
+    outs, grads = [], []
+    for m in (plain, lean):
+        out = m(x)
+        (out.pow(2).sum() + out.sum()).backward()
+        outs.append(out.detach())
+        grads.append([x.grad.clone(), *(p.grad.clone() for p in m.parameters())])
+        x.grad = None
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    for g, h in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # no backward to come: one forward, as without recompute
+        torch.testing.assert_close(lean(x), outs[0], rtol=0, atol=0)
+
+    kept = {}
+    for m in (plain, lean):
+        m.to(torch.bfloat16)
+        run = torch.compile(m)
+        xb = torch.randn(1, 64, 64, dtype=torch.bfloat16, requires_grad=True)
+        run(xb).float().sum().backward()  # compile outside the count
+        kept[m.recompute] = _kept_bytes(run, xb)
+    in_proj_output = 64 * plain.in_proj.out_features * 2
+    assert kept[True] <= in_proj_output * 1.1 and kept[True] * 3 < kept[False], kept
 
 
 @pytest.mark.parametrize("with_initial_state", [False, True])

@@ -201,3 +201,6 @@ register(Row(name="mamba", family="architectures", benefit="training time", over
              description="every sequence mixer a Mamba-2 (SSD) layer instead of attention"))
 register(Row(name="hybrid", family="architectures", benefit="training time", overrides=("model.mixers=MA",),
              description="Mamba-2 and attention layers alternating"))
+register(Row(name="mamba-recompute", family="architectures", benefit="memory",
+             overrides=("model.mixers=M", "model.ssm_recompute=true"),
+             description="every mixer Mamba-2, its conv and SSD scan rerun in backward from the in-projection's output"))

@@ -59,7 +59,8 @@ def _out_std(c: ModelConfig) -> float:
 MIXERS: dict[str, Callable[[ModelConfig], Callable[[], nn.Module]]] = {
     "A": lambda c: partial(Attention, c.dim, c.n_heads, c.n_kv_heads or c.n_heads, c.dropout, c.qkv_bias),
     "M": lambda c: partial(Mamba2, c.dim, d_state=c.ssm_state, head_dim=c.ssm_head_dim, expand=c.ssm_expand,
-                           n_groups=c.ssm_groups, chunk_size=c.ssm_chunk, d_conv=c.ssm_conv, norm_eps=c.norm_eps),
+                           n_groups=c.ssm_groups, chunk_size=c.ssm_chunk, d_conv=c.ssm_conv, norm_eps=c.norm_eps,
+                           recompute=c.ssm_recompute),
 }
 FFNS: dict[str, Callable[[ModelConfig], Callable[[], nn.Module]]] = {
     "D": lambda c: partial(SwiGLU, c.dim, ffn_hidden_dim(c)),

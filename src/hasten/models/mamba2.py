@@ -161,18 +161,24 @@ class Mamba2(nn.Module):
     """Mamba-2 mixer: in_proj -> [z | x B C | dt], causal depthwise conv + SiLU on x B C, SSD scan
     with a D skip, gated RMSNorm with z, out_proj. `rope` is accepted and ignored (no positions
     needed: the recurrence is ordered). With a `cache` dict it fills the conv and SSM states on a
-    prompt and continues from them one token at a time."""
+    prompt and continues from them one token at a time.
+
+    With `recompute`, training keeps only the in-projection's output for the convolution and the
+    scan, and runs them (conv, SiLU, step sizes, SSD scan, D skip) again in backward: the padded conv
+    input, the conv output, the copies of x in the scan's layouts, the chunk states and the in-chunk
+    scores are not kept (the gated norm already recomputes its own work). It costs one more forward
+    of the conv and the scan."""
 
     def __init__(self, dim: int, d_state: int = 64, head_dim: int = 64, expand: int = 2, n_groups: int = 1,
                  chunk_size: int = 64, d_conv: int = 4, dt_min: float = 1e-3, dt_max: float = 0.1,
-                 norm_eps: float = 1e-5) -> None:
+                 norm_eps: float = 1e-5, recompute: bool = False) -> None:
         super().__init__()
         inner = expand * dim
         if inner % head_dim or (inner // head_dim) % n_groups:
             raise ValueError(f"expand*dim={inner} must divide by head_dim={head_dim} into heads that divide by n_groups={n_groups}")
         self.inner, self.n_heads, self.head_dim = inner, inner // head_dim, head_dim
         self.d_state, self.n_groups, self.chunk_size, self.d_conv = d_state, n_groups, chunk_size, d_conv
-        self.dt_min, self.dt_max, self.norm_eps = dt_min, dt_max, norm_eps
+        self.dt_min, self.dt_max, self.norm_eps, self.recompute = dt_min, dt_max, norm_eps, recompute
         self.conv_dim = inner + 2 * n_groups * d_state
         self.in_proj = nn.Linear(dim, inner + self.conv_dim + self.n_heads, bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1)
@@ -212,17 +218,26 @@ class Mamba2(nn.Module):
             return self.step(x_BTD, cache)
         T = x_BTD.shape[1]
         z, xbc, dt = self.in_proj(x_BTD).split([self.inner, self.conv_dim, self.n_heads], dim=-1)
+        if self.recompute and cache is None and torch.is_grad_enabled():
+            y = checkpoint(self._scan, xbc, dt, use_reentrant=False)[0]
+        else:
+            y, state = self._scan(xbc, dt)
+            if cache is not None:  # the last K-1 conv inputs and the final SSM state
+                cache["conv"] = F.pad(xbc.transpose(1, 2), (max(0, self.d_conv - 1 - T), 0))[..., -(self.d_conv - 1):]
+                cache["ssm"] = state
+        return self._out(y, z)
+
+    def _scan(self, xbc: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conv + SiLU, step sizes, SSD scan and D skip: y (B,T,H,P) and the final state."""
         x, B, C = self._split(F.silu(causal_conv(xbc, self.conv1d.weight, self.conv1d.bias)))
         dt = F.softplus(dt.float() + self.dt_bias.float())
-        A = -torch.exp(self.A_log.float())
-        y, state = ssd_scan(x, dt, A, B, C, self.chunk_size)
-        if cache is not None:  # the last K-1 conv inputs and the final SSM state
-            cache["conv"] = F.pad(xbc.transpose(1, 2), (max(0, self.d_conv - 1 - T), 0))[..., -(self.d_conv - 1):]
-            cache["ssm"] = state
-        return self._out(y, x, z)
+        y, state = ssd_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.chunk_size)
+        return self._skip(y, x), state
 
-    def _out(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        y = y + x * self.D.to(x.dtype)[:, None]
+    def _skip(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return y + x * self.D.to(x.dtype)[:, None]
+
+    def _out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         y = gated_rms_norm(y.flatten(-2), z, self.norm_weight, self.n_groups, self.norm_eps)
         return self.out_proj(y)
 
@@ -235,4 +250,4 @@ class Mamba2(nn.Module):
         x, B, C = self._split(xbc)
         dt = F.softplus(dt.float() + self.dt_bias.float())
         y, cache["ssm"] = ssd_step(cache["ssm"], x, dt, -torch.exp(self.A_log.float()), B, C)
-        return self._out(y, x, z)[:, None]
+        return self._out(self._skip(y, x), z)[:, None]
