@@ -280,7 +280,8 @@ def main() -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as stream:
             try:
-                returncode = subprocess.run(cmd, stdout=stream, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+                done = subprocess.run(cmd, stdout=stream, stderr=subprocess.STDOUT, timeout=args.timeout)
+                returncode = done.returncode
                 timed_out = False
             except subprocess.TimeoutExpired:
                 timed_out = True

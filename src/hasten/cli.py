@@ -190,8 +190,8 @@ def _print_summary(summary: dict, out_dir: str) -> None:
         console.print("[bold]sample:[/bold]")
         console.print(summary["sample"], markup=False, highlight=False)
     # soft_wrap: the paths are printed whole (rich would fold a long path across lines), for copying
-    console.print(f"loss curve: {out_dir}/loss.png   metrics: {out_dir}/metrics.jsonl   summary: {out_dir}/summary.json",
-                  soft_wrap=True)
+    console.print(f"loss curve: {out_dir}/loss.png   metrics: {out_dir}/metrics.jsonl   "
+                  f"summary: {out_dir}/summary.json", soft_wrap=True)
 
 
 def _cmd_generate(ns: argparse.Namespace) -> int:

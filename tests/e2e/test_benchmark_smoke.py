@@ -87,9 +87,9 @@ def test_architectures_trains_models_side_by_side_and_joins_rows(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HASTEN_CACHE": str(tmp_path / "cache")}
 
     def bench(*args):
-        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "architectures.py"), "--smoke", "--seed", "3", "--seconds", "3",
-                               "--workdir", str(tmp_path / "work"), *args], capture_output=True, text=True, env=env,
-                              cwd=tmp_path, timeout=600)
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "architectures.py"), "--smoke", "--seed", "3",
+                               "--seconds", "3", "--workdir", str(tmp_path / "work"), *args], capture_output=True,
+                              text=True, env=env, cwd=tmp_path, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     bench("--models", "dense,moe-alt", "--parallel", "2", "--out", str(tmp_path / "a"))

@@ -203,4 +203,4 @@ register(Row(name="hybrid", family="architectures", benefit="training time", ove
              description="Mamba-2 and attention layers alternating"))
 register(Row(name="mamba-recompute", family="architectures", benefit="memory",
              overrides=("model.mixers=M", "model.ssm_recompute=true"),
-             description="every mixer Mamba-2, its conv and SSD scan rerun in backward from the in-projection's output"))
+             description="every mixer Mamba-2, its conv and SSD scan rerun in backward from its in-projection"))
