@@ -10,6 +10,13 @@ import pytest
 
 from hasten.config import load_config
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on a 2-core machine: one thread each
+    # (inherited by the processes the tests start), not two each contending for the two cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 TINY = ["model.preset=tiny", "data.tokenizer=byte", "data.max_documents=60", "train.batch_size=4",
         "train.seq_len=32", "train.eval_batches=2", "log.progress=false", "log.tensorboard=false",
         "log.plot=false", "log.sample_tokens=0", "optim.warmup_steps=2"]
