@@ -177,6 +177,30 @@ def test_mamba_recompute_gives_the_same_gradients_and_keeps_a_fraction_for_backw
     assert kept[True] <= in_proj_output * 1.1 and kept[True] * 3 < kept[False], kept
 
 
+@pytest.mark.parametrize("mode", ["full", "ops"])
+def test_mamba_recompute_nests_inside_block_checkpointing(mode):
+    """ssm_recompute's checkpoint inside a checkpointed block (full or per-op): the plain model's loss
+    and gradients."""
+    from hasten.parallel.ac import apply_activation_checkpointing
+
+    cfg = dict(dim=64, n_layers=2, n_heads=4, max_seq_len=32, mixers="M", ssm_state=16, ssm_head_dim=16, ssm_chunk=8)
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(**cfg), 256)
+    nested = build_model(ModelConfig(**cfg, ssm_recompute=True), 256)
+    nested.load_state_dict(plain.state_dict())
+    apply_activation_checkpointing(nested.layers, mode)
+    idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (plain, nested):
+        logits = model(idx[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), idx[:, 1:].reshape(-1))
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for g, h in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("with_initial_state", [False, True])
 def test_scan_matmuls_have_no_chunks_plus_one_dimension(with_initial_state):
     """State passing runs in chunk-count-sized matmuls: a (chunks + 1)-sized dimension (the initial
