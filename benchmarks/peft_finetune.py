@@ -280,15 +280,14 @@ def main() -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as stream:
             try:
-                done = subprocess.run(cmd, stdout=stream, stderr=subprocess.STDOUT, timeout=args.timeout)
-                returncode = done.returncode
-                timed_out = False
+                returncode = subprocess.run(cmd, stdout=stream, stderr=subprocess.STDOUT,
+                                            timeout=args.timeout).returncode
             except subprocess.TimeoutExpired:
-                timed_out = True
+                returncode = None
         output = log.read_text(errors="replace")
         found = [line for line in output.splitlines() if line.startswith("RESULT ")]
         error = None
-        if timed_out:
+        if returncode is None:
             error = f"timed out after {args.timeout} s; the end of its output ({log}):\n{output[-3000:]}"
         elif not found or returncode:
             error = output[-4500:]

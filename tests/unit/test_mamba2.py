@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.saved import kept_storage_bytes
 
 from hasten.config import ModelConfig
 from hasten.models import Mamba2, build_model, generate, ssd_scan, ssd_scan_ref
@@ -132,17 +133,6 @@ def test_mamba_mixer_keeps_no_fp32_inner_width_tensor_for_backward(compiled):
     assert saved and not inner, [tuple(t.shape) for t in inner]
 
 
-def _kept_bytes(module, x) -> int:
-    """Bytes of the tensors one forward keeps for backward, parameters and the input left out."""
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = module(x)
-    out.float().sum().backward()
-    skip = {p.untyped_storage().data_ptr() for p in module.parameters()} | {x.untyped_storage().data_ptr()}
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
-    return sum(n for ptr, n in storages.items() if ptr not in skip)
-
-
 def test_mamba_recompute_gives_the_same_gradients_and_keeps_a_fraction_for_backward():
     """model.ssm_recompute: conv and SSD scan rerun in backward from the in-projection's output: the
     same output and gradients (eager, fp32), and under torch.compile in bf16 no more than the
@@ -172,7 +162,7 @@ def test_mamba_recompute_gives_the_same_gradients_and_keeps_a_fraction_for_backw
         run = torch.compile(m)
         xb = torch.randn(1, 64, 64, dtype=torch.bfloat16, requires_grad=True)
         run(xb).float().sum().backward()  # compile outside the count
-        kept[m.recompute] = _kept_bytes(run, xb)
+        kept[m.recompute] = kept_storage_bytes(run, m.parameters(), xb)
     in_proj_output = 64 * plain.in_proj.out_features * 2
     assert kept[True] <= in_proj_output * 1.1 and kept[True] * 3 < kept[False], kept
 
