@@ -273,6 +273,12 @@ class TrainConfig:
     loss_chunk: int = _f(0, "hasten's decoder: output head + cross-entropy this many tokens at a time, their "
                             "gradients made in forward, never the whole logits (saves two tokens x vocab "
                             "tensors; 0 = off); on CUDA one Triton kernel makes each chunk's loss and logits' gradient")
+    loss_kernel: str = _f("auto", "what computes the train.loss_chunk path: auto = QuACK's fused linear cross-entropy "
+                                  "on a Hopper GPU under bf16 when the quack-kernels package is installed (the head's "
+                                  "GEMMs make loss and gradients without a pass over the logits), else triton on "
+                                  "CUDA, else torch; quack = QuACK's (its package, a Hopper GPU and bf16 needed); "
+                                  "triton = the head's matmuls around one Triton kernel; torch = compiled PyTorch "
+                                  "operations", choices=("auto", "quack", "triton", "torch"))
     attention_backend: str = _f("auto", "scaled-dot-product attention kernel on GPU (auto = PyTorch's choice; fa4 = "
                                         "FlashAttention-4's CuTe kernels in place of PyTorch's flash kernel, on Hopper "
                                         "and Blackwell, from the flash-attn-4 package)",
@@ -292,6 +298,8 @@ class TrainConfig:
         _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "it must be >= 0")
         _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "it must be >= 0")
         _check(self.loss_chunk >= 0, "train.loss_chunk", self.loss_chunk, "it must be >= 0 (0 = off)")
+        _check(self.loss_kernel == "auto" or self.loss_chunk > 0, "train.loss_kernel", self.loss_kernel,
+               "it chooses the kernel of the train.loss_chunk path, which is off: set train.loss_chunk > 0 too")
         _check(self.time_limit_s >= 0, "train.time_limit_s", self.time_limit_s, "it must be >= 0")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "train.device", self.device, "use auto, cpu, cuda or cuda:N")

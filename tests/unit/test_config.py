@@ -46,6 +46,9 @@ def test_a_misspelt_choice_suggests_the_nearest():
     ("optim.schedule=linear", "choose one of cosine, wsd, constant"),
     ("train.device=tpu", "use auto, cpu, cuda or cuda:N"),
     ("train.loss_chunk=-1", "train.loss_chunk=-1 is not allowed: it must be >= 0 (0 = off)"),
+    ("train.loss_kernel=quack", "train.loss_kernel='quack' is not allowed: it chooses the kernel of the "
+                                "train.loss_chunk path, which is off: set train.loss_chunk > 0 too"),
+    ("train.loss_kernel=cutlass", "choose one of auto, quack, triton, torch"),
     ("nosuchform", "not of the form section.field=value"),
 ])
 def test_bad_values_name_key_value_and_allowed(override, fragment):

@@ -8,6 +8,7 @@ from tests.saved import kept_for_backward, nbytes
 
 from hasten.config import ModelConfig
 from hasten.models import build_model
+from hasten.models.ops import cross_entropy
 from hasten.models.ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy, linear_cross_entropy_ref
 
 
@@ -172,6 +173,57 @@ def test_fp16_gradients_neither_underflow_nor_overflow():
     torch.testing.assert_close(gw[1:], torch.full((15, 8), 8.0 / 16))
 
 
+@pytest.fixture
+def loss_kernel():
+    """Sets the process-wide loss kernel for one test and puts `auto` back after it."""
+    yield cross_entropy.set_kernel
+    cross_entropy.set_kernel("auto")
+
+
+def test_torch_kernel_matches_the_plain_loss_and_bad_names_fail(loss_kernel):
+    loss_kernel("torch")
+    h, w, t = _inputs()
+    got, want = linear_cross_entropy(h, w, t, 8), linear_cross_entropy_ref(h, w, t)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, (h, w)), torch.autograd.grad(want, (h, w))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="loss kernel must be one of"):
+        loss_kernel("cutlass")
+
+
+def _quack_ready() -> bool:
+    return torch.cuda.is_available() and cross_entropy.quack_available(torch.cuda.current_device())
+
+
+@pytest.mark.skipif(not _quack_ready(), reason="QuACK's linear cross-entropy runs on a Hopper GPU with quack-kernels")
+@pytest.mark.parametrize("kernel", ["auto", "quack"])
+def test_quack_path_matches_the_plain_loss_on_hopper(loss_kernel, kernel):
+    """bf16 under autocast with fp32 weights, as training runs it: QuACK's loss and gradients match
+    the plain loss in float64 from the same rounded inputs, with ignored targets and a last chunk
+    shorter than the others; a batch with every target ignored gives 0, not 0 / 0."""
+    loss_kernel(kernel)
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 3000, 256, 50304
+    h = torch.randn(n, d, generator=g).bfloat16().cuda().requires_grad_()
+    w = (torch.randn(v, d, generator=g) * 0.05).cuda().requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g).cuda()
+    t[::4] = IGNORE_INDEX
+    with torch.autocast("cuda", torch.bfloat16):
+        got = linear_cross_entropy(h, w, t, 1024)
+    gh, gw = torch.autograd.grad(2 * got, (h, w))
+    assert gw.dtype == torch.float32
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().bfloat16().double().requires_grad_()
+    want = linear_cross_entropy_ref(h64, w64, t)
+    wh, ww = torch.autograd.grad(2 * want, (h64, w64))
+    torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(gh.double(), wh, rtol=2e-2, atol=2e-5)
+    torch.testing.assert_close(gw.double(), ww, rtol=2e-2, atol=2e-5)
+    t[:] = IGNORE_INDEX
+    with torch.autocast("cuda", torch.bfloat16):
+        none = linear_cross_entropy(h, w, t, 1024)
+    assert none.item() == 0.0 and not torch.autograd.grad(none, (h,))[0].any()
+
+
 def _triton_ready() -> bool:
     from hasten.models.ops.triton_cross_entropy import available
 
@@ -180,10 +232,11 @@ def _triton_ready() -> bool:
 
 @pytest.mark.skipif(not _triton_ready(), reason="the Triton cross-entropy runs on CUDA with Triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_triton_path_matches_the_plain_loss_on_cuda(dtype):
+def test_triton_path_matches_the_plain_loss_on_cuda(loss_kernel, dtype):
     """On CUDA the chunks take the in-place Triton kernel: loss and gradients match the plain loss
     computed from the same (rounded) inputs in float64, with ignored targets, a vocabulary no power
     of two and chunks that do not divide the tokens; eval (no grad) gives the same loss."""
+    loss_kernel("triton")
     g = torch.Generator().manual_seed(0)
     n, d, v = 301, 64, 5003
     h = torch.randn(n, d, generator=g).to(dtype).cuda().requires_grad_()

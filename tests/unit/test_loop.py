@@ -120,6 +120,14 @@ def test_user_model_with_loss_chunk_is_refused(tiny_config):
                      train_batches=_regression_batches())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a GPU-only loss kernel on the CPU")
+@pytest.mark.parametrize("kernel, fragment", [("quack", "train.loss_kernel=quack runs on a Hopper GPU"),
+                                              ("triton", "train.loss_kernel=triton runs on CUDA with Triton")])
+def test_gpu_loss_kernels_are_refused_on_the_cpu(tiny_config, kernel, fragment):
+    with pytest.raises(hasten.ConfigError, match=fragment):
+        hasten.train(tiny_config("train.loss_chunk=64", f"train.loss_kernel={kernel}"))
+
+
 def test_non_finite_steps_are_skipped_and_counted(tiny_config):
     cfg = tiny_config("train.steps=12", "log.every=4", "train.eval_every=0")
     torch.manual_seed(0)

@@ -344,6 +344,7 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
         peft.cast_frozen(parts["model"], precision.dtype)  # FSDP2's mixed-precision policy does this when sharded
         peft.keep_adapter_input_dtype(parts["model"])
     select_attention_backend(config.train.attention_backend, device)
+    select_loss_kernel(config.train.loss_kernel, device, precision)
     parts["model"] = parallelize(parts["model"], config, device, precision)
     optimizer = build_optimizer(parts["model"], config.optim, device)
     if isinstance(optimizer, CurvatureOptimizer) and parts.get("sampled_loss_fn") is None:
@@ -409,6 +410,28 @@ def select_attention_backend(name: str, device: torch.device) -> None:
     torch.backends.cuda.enable_cudnn_sdp(name == "cudnn")
     torch.backends.cuda.enable_mem_efficient_sdp(name == "efficient")
     torch.backends.cuda.enable_math_sdp(name == "math")
+
+
+def select_loss_kernel(name: str, device: torch.device, precision: Precision) -> None:
+    """train.loss_kernel, set process-wide for this run (hasten.models.ops.cross_entropy.set_kernel),
+    after checking that a kernel asked for by name can run here."""
+    from hasten.models.ops import cross_entropy, triton_cross_entropy
+
+    if name == "quack":
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+            where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+            raise ConfigError(f"train.loss_kernel=quack runs on a Hopper GPU (compute capability 9.0); this run is "
+                              f"on {where}: use train.loss_kernel=auto")
+        if not cross_entropy.quack_available(device.index if device.index is not None else torch.cuda.current_device()):
+            raise ConfigError("train.loss_kernel=quack needs the quack-kernels package (pip install quack-kernels), "
+                              "which did not import")
+        if precision.name != "bf16":
+            raise ConfigError(f"train.loss_kernel=quack computes in bf16; precision is {precision.name}: "
+                              "use precision.dtype=bf16 or train.loss_kernel=auto")
+    if name == "triton" and (device.type != "cuda" or not triton_cross_entropy.available()):
+        raise ConfigError(f"train.loss_kernel=triton runs on CUDA with Triton installed; this run is on {device.type}: "
+                          "use train.loss_kernel=auto")
+    cross_entropy.set_kernel(name)
 
 
 def activate_fa4(device: torch.device) -> None:

@@ -9,7 +9,11 @@ backward run anyway, so nothing is recomputed (the fused linear cross-entropy of
 
 On CUDA (with Triton) each chunk's loss and logits' gradient come from one kernel that reads the
 logits and overwrites them with their gradient (hasten.models.ops.triton_cross_entropy), between
-the head's matmuls; elsewhere from the plain operations below.
+the head's matmuls; elsewhere from the plain operations below. On Hopper, with the quack-kernels
+package installed, QuACK's fused linear cross-entropy does the whole of it instead: the head's
+GEMM writes the logits' exponentials with their row sums in its epilogue, and the two gradient
+GEMMs turn them into softmax - one-hot as they load them, so the logits and their gradient never
+make a separate pass through memory (train.loss_kernel; benchmarks/quack_kernels.py measures it).
 
 The chunk loop runs outside torch.compile's graph, in Python, so each chunk's temporaries are
 freed before the next one is made; each chunk's work is compiled on its own. (Traced into the
@@ -27,6 +31,56 @@ import torch
 
 IGNORE_INDEX = -100  # targets with this value add nothing (the prompt of instruction data)
 FP16_WEIGHT_GRAD_TOKENS = 4096  # fp16: the head's weight gradient summed over this many tokens per matmul
+QUACK_CHUNK = 8192  # QuACK's tokens per chunk at most: 4096 / 8192 / 16384 took 12.6 / 12.3 / 12.4 ms on an H200
+KERNELS = ("auto", "quack", "triton", "torch")
+_kernel = "auto"  # process-wide, as PyTorch's attention flags are; set for every run (hasten.train.build)
+
+
+def set_kernel(name: str) -> None:
+    """What computes each chunk (train.loss_kernel): quack (QuACK's fused linear cross-entropy),
+    triton (the head's matmuls around one Triton kernel), torch (compiled PyTorch operations), or
+    auto: quack where `quack_available` and the call qualifies, else triton on CUDA, else torch."""
+    global _kernel
+    if name not in KERNELS:
+        raise ValueError(f"loss kernel must be one of {KERNELS}, got {name!r}")
+    _kernel = name
+
+
+@functools.cache
+def quack_available(device_index: int) -> bool:
+    """Whether QuACK's fused linear cross-entropy can run on this CUDA device: the quack-kernels
+    package imports and the GPU is a Hopper (compute capability 9.0, the kernels' target)."""
+    if torch.cuda.get_device_capability(device_index) != (9, 0):
+        return False
+    try:
+        import quack.linear_cross_entropy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_quack(h_ND: torch.Tensor, weight_VD: torch.Tensor, chunk: int, dtype: torch.dtype) -> bool:
+    if _kernel == "quack":
+        return True
+    if _kernel != "auto" or not h_ND.is_cuda or dtype != torch.bfloat16 or not quack_available(h_ND.device.index or 0):
+        return False
+    from quack.linear_cross_entropy import scaled_exp_lce_supported
+
+    return scaled_exp_lce_supported(h_ND, weight_VD, _quack_chunk(chunk), "sum")
+
+
+def _quack_chunk(chunk: int) -> int:
+    return max(128, min(chunk, QUACK_CHUNK) // 128 * 128)  # its kernels take chunks of a multiple of 128 tokens
+
+
+def _quack_loss(h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The mean loss through QuACK (its own autograd function): summed there, divided here so that a
+    batch with no counted target gives 0, as the other kernels do, not 0 / 0."""
+    from quack.linear_cross_entropy import chunked_linear_cross_entropy
+
+    total = chunked_linear_cross_entropy(h_ND, weight_VD, targets_N, chunk_size=_quack_chunk(chunk),
+                                         ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (targets_N != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def _weight_grad(g_nV: torch.Tensor, h_nD: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -74,7 +128,8 @@ def _chunk_triton(h_nD: torch.Tensor, w_VD: torch.Tensor, t_n: torch.Tensor, sca
 def _use_triton(h_ND: torch.Tensor, dtype: torch.dtype) -> bool:
     from hasten.models.ops import triton_cross_entropy
 
-    return h_ND.is_cuda and dtype in (torch.float32, torch.bfloat16, torch.float16) and triton_cross_entropy.available()
+    return (_kernel != "torch" and h_ND.is_cuda and dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and triton_cross_entropy.available())
 
 
 @functools.cache
@@ -128,6 +183,8 @@ def _linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N
     torch._assert_async(((targets_N >= 0) & (targets_N < vocab) | (targets_N == IGNORE_INDEX)).all(),
                         f"a cross-entropy target is outside [0, {vocab}) and not the ignore index {IGNORE_INDEX}: "
                         "the tokenizer's ids must be below model.vocab_size")
+    if _use_quack(h_ND, weight_VD, chunk, dtype):
+        return _quack_loss(h_ND, weight_VD, targets_N, chunk)
     grad = torch.is_grad_enabled()
     return _LinearCrossEntropy.apply(h_ND, weight_VD, targets_N, chunk, dtype, compiled,
                                      grad and h_ND.requires_grad, grad and weight_VD.requires_grad)
