@@ -183,6 +183,8 @@ def _print_summary(summary: dict, out_dir: str) -> None:
                 "teacher_params", "precision", "device"):
         if key in summary:
             table.add_row(key, _fmt(summary[key]))
+    if summary.get("loss_kernel"):  # what ran the output head and loss (train.loss_chunk on)
+        table.add_row("loss_kernel", summary["loss_kernel"])
     console.print(table)
     if summary.get("stop_reason"):
         console.print(f"[yellow]{summary['stop_reason']}[/yellow]")

@@ -1,5 +1,8 @@
 """Chunked output head + cross-entropy (hasten.models.ops.cross_entropy) against the plain loss."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,6 +141,9 @@ def test_training_with_loss_chunk_follows_the_plain_loss(tiny_config):
 
     plain, chunked = losses(out="plain"), losses("train.loss_chunk=48", out="chunked")
     assert len(plain) == 4
+    summaries = [json.loads((Path(tiny_config(out=out).train.out_dir) / "summary.json").read_text())
+                 for out in ("plain", "chunked")]
+    assert [s["loss_kernel"] for s in summaries] == [None, "torch"]  # what ran the head and loss, if the chunk did
     torch.testing.assert_close(torch.tensor(chunked), torch.tensor(plain), rtol=1e-4, atol=1e-4)
 
 

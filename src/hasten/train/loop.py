@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from hasten.models.ops.cross_entropy import last_kernel
 from hasten.optim.hooks import (evaluation_weights, optimizer_metrics, set_learning_rate, set_train_mode,
                                 wants_hessian)
 from hasten.parallel import clip_grad_norm_, grad_norm, gradient_sync, memory_bytes
@@ -439,7 +440,7 @@ def _finish(run: Run, state: TrainerState, logger: RunLogger, timer: Timer, peak
         peak_memory_gib=peak_memory_bytes(run.device) / GIB, skipped_steps=state.skipped_steps,
         optimizer_state_bytes=memory[run.rank]["optimizer_state_bytes"], precision=run.precision.name,
         device=str(run.device), world_size=run.world_size, flops_per_token=run.flops_per_token,
-        global_batch_tokens=global_batch_tokens(run), memory_per_rank=memory, **run.info)
+        global_batch_tokens=global_batch_tokens(run), memory_per_rank=memory, loss_kernel=last_kernel(), **run.info)
     logger.log("summary", state.step, **summary)
     if stop_reason:
         logger.print(stop_reason)

@@ -34,16 +34,22 @@ FP16_WEIGHT_GRAD_TOKENS = 4096  # fp16: the head's weight gradient summed over t
 QUACK_CHUNK = 8192  # QuACK's tokens per chunk at most: 4096 / 8192 / 16384 took 12.6 / 12.3 / 12.4 ms on an H200
 KERNELS = ("auto", "quack", "triton", "torch")
 _kernel = "auto"  # process-wide, as PyTorch's attention flags are; set for every run (hasten.train.build)
+_last_used: str | None = None  # the kernel of the latest call, for the run's summary
 
 
 def set_kernel(name: str) -> None:
     """What computes each chunk (train.loss_kernel): quack (QuACK's fused linear cross-entropy),
     triton (the head's matmuls around one Triton kernel), torch (compiled PyTorch operations), or
     auto: quack where `quack_available` and the call qualifies, else triton on CUDA, else torch."""
-    global _kernel
+    global _kernel, _last_used
     if name not in KERNELS:
         raise ValueError(f"loss kernel must be one of {KERNELS}, got {name!r}")
-    _kernel = name
+    _kernel, _last_used = name, None
+
+
+def last_kernel() -> str | None:
+    """The kernel of the latest call since `set_kernel` (quack, triton or torch), None before any."""
+    return _last_used
 
 
 @functools.cache
@@ -183,8 +189,11 @@ def _linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N
     torch._assert_async(((targets_N >= 0) & (targets_N < vocab) | (targets_N == IGNORE_INDEX)).all(),
                         f"a cross-entropy target is outside [0, {vocab}) and not the ignore index {IGNORE_INDEX}: "
                         "the tokenizer's ids must be below model.vocab_size")
+    global _last_used
     if _use_quack(h_ND, weight_VD, chunk, dtype):
+        _last_used = "quack"
         return _quack_loss(h_ND, weight_VD, targets_N, chunk)
+    _last_used = "triton" if _use_triton(h_ND, dtype) else "torch"
     grad = torch.is_grad_enabled()
     return _LinearCrossEntropy.apply(h_ND, weight_VD, targets_N, chunk, dtype, compiled,
                                      grad and h_ND.requires_grad, grad and weight_VD.requires_grad)
