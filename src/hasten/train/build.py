@@ -429,7 +429,8 @@ def select_loss_kernel(name: str, device: torch.device, precision: Precision) ->
             raise ConfigError(f"train.loss_kernel=quack computes in bf16; precision is {precision.name}: "
                               "use precision.dtype=bf16 or train.loss_kernel=auto")
     if name == "triton" and (device.type != "cuda" or not triton_cross_entropy.available()):
-        raise ConfigError(f"train.loss_kernel=triton runs on CUDA with Triton installed; this run is on {device.type}: "
+        why = "Triton did not import" if device.type == "cuda" else f"this run is on {device.type}"
+        raise ConfigError(f"train.loss_kernel=triton runs on CUDA with Triton installed; {why}: "
                           "use train.loss_kernel=auto")
     cross_entropy.set_kernel(name)
 

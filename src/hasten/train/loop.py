@@ -352,8 +352,10 @@ def train_loop(run: Run) -> dict[str, Any]:
             if stop.requested and not stop_reason:
                 stop_reason = f"received {stop.signal_name}"
             spent = counted_before + timer.training_seconds()
+            if log_step and (by_time or cfg.train.time_limit_s):
+                spent = _agreed_seconds(run, spent)  # one reading on every rank: the same rates, the same stop
             if by_time and log_step:
-                clock.observe(state.step, _agreed_seconds(run, spent))
+                clock.observe(state.step, spent)
             if cfg.train.time_limit_s and spent >= cfg.train.time_limit_s:
                 stop_reason = stop_reason or f"time limit of {cfg.train.time_limit_s:g} s reached"
             if run.world_size > 1:  # ranks stop together, at a log step, or the next collective hangs

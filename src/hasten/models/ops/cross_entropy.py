@@ -68,7 +68,10 @@ def quack_available(device_index: int) -> bool:
 def _use_quack(h_ND: torch.Tensor, weight_VD: torch.Tensor, chunk: int, dtype: torch.dtype) -> bool:
     if _kernel == "quack":
         return True
-    if _kernel != "auto" or not h_ND.is_cuda or dtype != torch.bfloat16 or not quack_available(h_ND.device.index or 0):
+    if _kernel != "auto" or not h_ND.is_cuda or dtype != torch.bfloat16:
+        return False
+    index = h_ND.device.index
+    if not quack_available(torch.cuda.current_device() if index is None else index):
         return False
     from quack.linear_cross_entropy import scaled_exp_lce_supported
 
