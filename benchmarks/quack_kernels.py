@@ -15,7 +15,8 @@ against the same computation in fp32 (largest error over the tensor's largest va
     PYTHONPATH=src python benchmarks/quack_kernels.py --out runs/quack-kernels
 
 Needs a CUDA GPU of compute capability 9.0 and the quack-kernels package (with nvidia-cutlass-dsl).
-Writes quack_kernels.json under --out after every measurement, so a stopped run keeps what it did.
+Writes quack_kernels.json under --out after every measurement, so a stopped run keeps what it did, and
+quack_kernels.md (its tables) at the end; `--render FILE.json` writes the tables of a results file again.
 """
 
 from __future__ import annotations
@@ -185,6 +186,29 @@ def gemm_section(results: Results, args) -> None:
             del ref
 
 
+def markdown(data: dict) -> str:
+    """The results as tables, one per section (what quack_kernels.md holds)."""
+    lines = [f"# QuACK's fused kernels against hasten's ({data['device']}, torch {data['torch']}, quack {data['quack']})", "",
+             f"{data['shapes']['tokens']} tokens, width {data['shapes']['dim']}, SwiGLU hidden {data['shapes']['hidden']}, "
+             f"vocabulary {data['shapes']['vocab']}; forward + backward (a GEMM alone for the gemm section), median ms. "
+             "Error: largest |difference| over largest |value| against fp32.", ""]
+    for section in dict.fromkeys(r["section"] for r in data["rows"]):
+        rows = [r for r in data["rows"] if r["section"] == section]
+        lines += [f"## {section}", "", "| case | ms | TFLOP/s | first call s | peak GiB | largest error |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            if "ms" not in r:
+                lines.append(f"| {r['name']} | {r.get('error') or r.get('skipped')} | | | | |")
+                continue
+            err = max(r["rel_err"].values())
+            lines.append(f"| {r['name']} | {r['ms']:.3f} | {r.get('tflops', '')} | {r['first_call_s']} | "
+                         f"{r['peak_gib']} | {err:.4f} |")
+        lines.append("")
+    if data.get("note"):
+        lines += [data["note"], ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="mlp,head,gemm")
@@ -193,7 +217,12 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--budget-seconds", type=float, default=480)
     parser.add_argument("--out", default="runs/quack-kernels")
+    parser.add_argument("--render", metavar="JSON", help="only write the tables of a results file (no GPU needed)")
     args = parser.parse_args()
+    if args.render:
+        path = Path(args.render)
+        path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())))
+        return
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         raise SystemExit("quack_kernels.py needs a CUDA GPU of compute capability 9.0 (Hopper)")
     import quack
@@ -205,7 +234,8 @@ def main() -> None:
     sections = dict(mlp=mlp_section, head=head_section, gemm=gemm_section)
     for section in args.sections.split(","):
         sections[section](results, args)
-    print(f"wrote {results.path}")
+    results.path.with_suffix(".md").write_text(markdown(results.data))
+    print(f"wrote {results.path} and its .md")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,31 @@ def test_pretrain_summary_reports_variants_without_the_recipe_row_and_lists_fail
     assert "hasten[bf16res] / HF Trainer: **1.500**" in text and "Failed (error kept in the JSON): plain." in text
 
 
+def test_quack_kernels_renders_its_tables_and_refuses_a_gpu_it_cannot_use(tmp_path):
+    """The QuACK comparison needs a Hopper GPU: without one it says so; its tables come from the
+    results file alone (a case that failed or was skipped keeps its reason in the table)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    script = str(ROOT / "benchmarks" / "quack_kernels.py")
+    results = dict(device="gpu", torch="x", quack="0.0", shapes=dict(tokens=8, dim=4, hidden=8, vocab=16), rows=[
+        dict(section="head + cross-entropy", name="hasten", ms=2.0, first_call_s=1.0, peak_gib=0.5,
+             rel_err=dict(loss=0.0, dh=0.003)),
+        dict(section="gemm", name="down: quack tuned", ms=0.5, tflops=600.0, first_call_s=9.0, peak_gib=0.1,
+             rel_err=dict(out=0.002)),
+        dict(section="gemm", name="head: cublas", skipped="time budget spent")])
+    (tmp_path / "q.json").write_text(json.dumps(results))
+    done = subprocess.run([sys.executable, script, "--render", str(tmp_path / "q.json")], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (tmp_path / "q.md").read_text()
+    assert "## head + cross-entropy" in text and "| hasten | 2.000 |  | 1.0 | 0.5 | 0.0030 |" in text
+    assert "| down: quack tuned | 0.500 | 600.0 |" in text and "| head: cublas | time budget spent |" in text
+    import torch
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        refused = subprocess.run([sys.executable, script, "--out", str(tmp_path / "out")], capture_output=True,
+                                 text=True, env=env, timeout=120)
+        assert refused.returncode != 0 and "needs a CUDA GPU of compute capability 9.0" in refused.stderr
+
+
 def test_ptq_schemes_quantizes_a_trained_run_at_each_scheme(tiny_config, tmp_path):
     import hasten
 
