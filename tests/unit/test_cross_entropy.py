@@ -1,6 +1,7 @@
 """Chunked output head + cross-entropy (hasten.models.ops.cross_entropy) against the plain loss."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,51 @@ def loss_kernel():
     """Sets the process-wide loss kernel for one test and puts `auto` back after it."""
     yield cross_entropy.set_kernel
     cross_entropy.set_kernel("auto")
+    cross_entropy._quack_failed = False
+
+
+def test_auto_goes_on_without_quack_when_it_fails_and_by_name_it_raises(loss_kernel, monkeypatch):
+    """A QuACK call that raises (a kernel that does not build on this machine, say) leaves `auto` on
+    the other kernels with a warning, for this call and the next, which does not try it again; asked
+    for by name, the error is the caller's."""
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(cross_entropy, "_use_quack", lambda *args: True)
+    monkeypatch.setattr(cross_entropy, "_quack_loss", failing)
+    h, w, t = _inputs()
+    loss_kernel("quack")
+    with pytest.raises(RuntimeError, match="no kernel for this GPU"):
+        linear_cross_entropy(h, w, t, 8)
+    loss_kernel("auto")
+    with pytest.warns(UserWarning, match="QuACK's linear cross-entropy failed .*no kernel for this GPU"):
+        got = linear_cross_entropy(h, w, t, 8)
+    torch.testing.assert_close(got, linear_cross_entropy_ref(h, w, t), rtol=1e-12, atol=1e-12)
+    assert cross_entropy.last_kernel() == "torch"
+    linear_cross_entropy(h, w, t, 8)
+    assert len(calls) == 2  # the failed `auto` call was the last attempt
+
+
+def test_a_broken_quack_install_is_reported_not_raised(tmp_path, monkeypatch):
+    """Installed but failing at import (as quack-kernels does against a cutlass-dsl it does not
+    match): the reason comes back as text, for `auto` to pass over and `quack` to name."""
+    package = tmp_path / "quack"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "linear_cross_entropy.py").write_text("raise TypeError('epilogue fn depends on a ContextVar')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "quack" or m.startswith("quack.")]:
+        monkeypatch.delitem(sys.modules, name)
+    cross_entropy.quack_import_error.cache_clear()
+    try:
+        assert cross_entropy.quack_import_error() == "TypeError: epilogue fn depends on a ContextVar"
+    finally:
+        cross_entropy.quack_import_error.cache_clear()
+        for name in [m for m in sys.modules if m == "quack" or m.startswith("quack.")]:
+            del sys.modules[name]
 
 
 def test_torch_kernel_matches_the_plain_loss_and_bad_names_fail(loss_kernel):

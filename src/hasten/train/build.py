@@ -422,9 +422,10 @@ def select_loss_kernel(name: str, device: torch.device, precision: Precision) ->
             where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
             raise ConfigError(f"train.loss_kernel=quack runs on a Hopper GPU (compute capability 9.0); this run is "
                               f"on {where}: use train.loss_kernel=auto")
-        if not cross_entropy.quack_available(device.index if device.index is not None else torch.cuda.current_device()):
-            raise ConfigError("train.loss_kernel=quack needs the quack-kernels package (pip install quack-kernels), "
-                              "which did not import")
+        error = cross_entropy.quack_import_error()
+        if error is not None:
+            raise ConfigError(f"train.loss_kernel=quack needs the quack-kernels package (pip install 'hasten[quack]'), "
+                              f"which did not import ({error[:300]})")
         if precision.name != "bf16":
             raise ConfigError(f"train.loss_kernel=quack computes in bf16; precision is {precision.name}: "
                               "use precision.dtype=bf16 or train.loss_kernel=auto")

@@ -26,6 +26,7 @@ Shape legend: N tokens, D hidden width, V vocabulary, n tokens of one chunk.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -35,6 +36,7 @@ QUACK_CHUNK = 8192  # QuACK's tokens per chunk at most: 4096 / 8192 / 16384 took
 KERNELS = ("auto", "quack", "triton", "torch")
 _kernel = "auto"  # process-wide, as PyTorch's attention flags are; set for every run (hasten.train.build)
 _last_used: str | None = None  # the kernel of the latest call, for the run's summary
+_quack_failed = False  # set when a call through QuACK raised under `auto`: the other kernels from then on
 
 
 def set_kernel(name: str) -> None:
@@ -53,16 +55,27 @@ def last_kernel() -> str | None:
 
 
 @functools.cache
-def quack_available(device_index: int) -> bool:
-    """Whether QuACK's fused linear cross-entropy can run on this CUDA device: the quack-kernels
-    package imports and the GPU is a Hopper (compute capability 9.0, the kernels' target)."""
-    if torch.cuda.get_device_capability(device_index) != (9, 0):
-        return False
+def quack_import_error() -> str | None:
+    """Why QuACK's linear cross-entropy cannot be imported (the package missing, or installed but
+    failing at import, e.g. against an nvidia-cutlass-dsl it does not match), None when it can."""
     try:
         import quack.linear_cross_entropy  # noqa: F401
-    except ImportError:
+    except Exception as err:  # a broken install must leave `auto` on the other kernels, not stop the run
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+@functools.cache
+def quack_available(device_index: int) -> bool:
+    """Whether QuACK's fused linear cross-entropy can run on this CUDA device: the GPU is a Hopper
+    (compute capability 9.0, the kernels' target) and the quack-kernels package imports."""
+    if torch.cuda.get_device_capability(device_index) != (9, 0):
         return False
-    return True
+    error = quack_import_error()
+    if error is not None and "No module named 'quack'" not in error:
+        warnings.warn(f"quack-kernels is installed but does not import ({error[:300]}); the output head and loss "
+                      "run on the Triton kernel", stacklevel=2)
+    return error is None
 
 
 def _use_quack(h_ND: torch.Tensor, weight_VD: torch.Tensor, chunk: int, dtype: torch.dtype) -> bool:
@@ -192,10 +205,19 @@ def _linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N
     torch._assert_async(((targets_N >= 0) & (targets_N < vocab) | (targets_N == IGNORE_INDEX)).all(),
                         f"a cross-entropy target is outside [0, {vocab}) and not the ignore index {IGNORE_INDEX}: "
                         "the tokenizer's ids must be below model.vocab_size")
-    global _last_used
-    if _use_quack(h_ND, weight_VD, chunk, dtype):
-        _last_used = "quack"
-        return _quack_loss(h_ND, weight_VD, targets_N, chunk)
+    global _last_used, _quack_failed
+    if not _quack_failed and _use_quack(h_ND, weight_VD, chunk, dtype):
+        try:
+            loss = _quack_loss(h_ND, weight_VD, targets_N, chunk)
+        except Exception as err:
+            if _kernel == "quack":
+                raise
+            _quack_failed = True  # `auto` goes on without it, in this process; by name it is an error
+            warnings.warn(f"QuACK's linear cross-entropy failed ({type(err).__name__}: {str(err)[:300]}); the output "
+                          "head and loss run on the Triton kernel from here on", stacklevel=2)
+        else:
+            _last_used = "quack"
+            return loss
     _last_used = "triton" if _use_triton(h_ND, dtype) else "torch"
     grad = torch.is_grad_enabled()
     return _LinearCrossEntropy.apply(h_ND, weight_VD, targets_N, chunk, dtype, compiled,
