@@ -22,6 +22,7 @@ from hasten.bench.report import (
     build_report,
     compare_markdown,
     load_report,
+    markdown,
     pareto_front,
     ratio,
     row_metrics,
@@ -225,6 +226,10 @@ def test_report_files_have_the_columns(tmp_path: Path) -> None:
     assert NOT_REACHED in slow_line and "0.50x" in slow_line
     assert "Row `broken` failed" in md
     assert "fast (30%)" in md  # the row that shared the CPU with other processes is flagged
+    assert "computed by" not in md  # no row ran the chunked head and loss
+    kernels = [r | dict(summary=r["summary"] | dict(loss_kernel=k)) for r, k in zip(RESULTS[:3], ["quack", "triton", "quack"])]
+    md = markdown(build_report(kernels, dict(device="cuda (test)", budget=dict(kind="steps", value=100))))
+    assert "Output head and loss (train.loss_chunk, train.loss_kernel) computed by: quack (baseline, slow); triton (fast)." in md
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and all(h in page for h in HEADERS)
 

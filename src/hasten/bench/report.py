@@ -122,7 +122,7 @@ def row_metrics(result: dict[str, Any], target: float | None) -> dict[str, Any]:
         tokens_per_second=_finite(summary.get("tokens_per_second")), mfu=_finite(summary.get("mfu")),
         peak_memory_gib=_finite(summary.get("peak_memory_gib")),
         trainable_params=summary.get("trainable_params", summary.get("params")),
-        precision=summary.get("precision"),
+        precision=summary.get("precision"), loss_kernel=summary.get("loss_kernel"),
         final_val_loss=_finite(summary.get("quantized_val_loss", summary.get("final_val_loss"))),  # what it ships
         reached_baseline_loss=None if target is None or result.get("status") not in TRAINED else reached is not None,
         steps_to_baseline_loss=reached[0] if reached else None,
@@ -203,6 +203,13 @@ def _notes(report: dict[str, Any]) -> list[str]:
     if busy:
         notes.append("Other processes used part of the CPU while these rows trained (share of all CPU time): "
                      f"{', '.join(busy)}; their timings are inflated.")
+    kernels: dict[str, list[str]] = {}
+    for row in report["rows"]:
+        if row.get("loss_kernel"):
+            kernels.setdefault(row["loss_kernel"], []).append(row["name"])
+    if kernels:  # QuACK's kernel where it is installed, else Triton's: a baseline of another machine may differ
+        notes.append("Output head and loss (train.loss_chunk, train.loss_kernel) computed by: "
+                     + "; ".join(f"{kernel} ({', '.join(names)})" for kernel, names in kernels.items()) + ".")
     for row in report["rows"]:
         if row["status"] in TRAINED and row.get("stop_reason") and not row["stop_reason"].startswith("time limit"):
             notes.append(f"Row `{row['name']}` stopped early: {row['stop_reason']}.")
