@@ -30,13 +30,20 @@ def nbytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def kept_storage_bytes(module: Callable[..., torch.Tensor], params: Iterable[torch.Tensor], x: torch.Tensor) -> int:
-    """Bytes of the storages one forward of `module(x)` keeps for backward, `params` and `x` left out,
-    each storage counted once (views of one tensor share it); runs the backward."""
+def saved_by_forward(module: Callable[..., torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors one forward of `module(x)` keeps for backward (parameters and x among them); runs
+    the backward of its output's sum."""
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = module(x)
     out.float().sum().backward()
+    return saved
+
+
+def kept_storage_bytes(module: Callable[..., torch.Tensor], params: Iterable[torch.Tensor], x: torch.Tensor) -> int:
+    """Bytes of the storages one forward of `module(x)` keeps for backward, `params` and `x` left out,
+    each storage counted once (views of one tensor share it); runs the backward."""
+    saved = saved_by_forward(module, x)
     skip = {p.untyped_storage().data_ptr() for p in [*params, x]}
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
     return sum(n for ptr, n in storages.items() if ptr not in skip)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.saved import kept_storage_bytes
+from tests.saved import kept_storage_bytes, saved_by_forward
 
 from hasten.config import ModelConfig
 from hasten.models import Mamba2, build_model, generate, ssd_scan, ssd_scan_ref
@@ -125,10 +125,7 @@ def test_mamba_mixer_keeps_no_fp32_inner_width_tensor_for_backward(compiled):
     x = torch.randn(1, 64, 64, dtype=torch.bfloat16, requires_grad=True)
     run = torch.compile(mixer) if compiled else mixer
     run(x).float().sum().backward()  # compile outside the count
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = run(x)
-    out.float().sum().backward()
+    saved = saved_by_forward(run, x)
     inner = [t for t in saved if t.dtype == torch.float32 and t.shape[-1] == mixer.inner]
     assert saved and not inner, [tuple(t.shape) for t in inner]
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -162,8 +163,7 @@ def _compiled_chunk():
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, chunk: int,
-                dtype: torch.dtype, compiled: bool, grad_h: bool, grad_w: bool) -> torch.Tensor:
-        step = _chunk_triton if _use_triton(h_ND, dtype) else _compiled_chunk() if compiled else _chunk
+                dtype: torch.dtype, step: Callable, grad_h: bool, grad_w: bool) -> torch.Tensor:
         acc = torch.promote_types(dtype, torch.float32)
         w_VD = weight_VD.to(dtype)
         scale = 1.0 / (targets_N != IGNORE_INDEX).sum().clamp(min=1).to(acc)  # a mean over counted tokens
@@ -218,9 +218,11 @@ def _linear_cross_entropy(h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N
         else:
             _last_used = "quack"
             return loss
-    _last_used = "triton" if _use_triton(h_ND, dtype) else "torch"
+    triton = _use_triton(h_ND, dtype)
+    _last_used = "triton" if triton else "torch"
+    step = _chunk_triton if triton else _compiled_chunk() if compiled else _chunk
     grad = torch.is_grad_enabled()
-    return _LinearCrossEntropy.apply(h_ND, weight_VD, targets_N, chunk, dtype, compiled,
+    return _LinearCrossEntropy.apply(h_ND, weight_VD, targets_N, chunk, dtype, step,
                                      grad and h_ND.requires_grad, grad and weight_VD.requires_grad)
 
 
