@@ -79,6 +79,11 @@ class ModelConfig:
                                      "rounding and the remainder: sums keep ~16 bits of mantissa, and backward's "
                                      "gradient of the stream is bf16 (half the bytes)")
     qkv_bias: bool = _f(False, "biases on the attention q/k/v projections (Qwen2 checkpoints)")
+    fuse_projections: bool = _f(False, "on a GPU with Triton: attention's q, k, v as one matmul over their weights "
+                                       "concatenated at each forward, RoPE and the split in one kernel after it; the "
+                                       "SwiGLU's gate and up likewise, silu(gate) * up in one kernel (parameters and "
+                                       "checkpoints unchanged; layers wrapped by an adapter or a quantizer, cached "
+                                       "generation and packed sequences keep the unfused path; no effect on the CPU)")
     init_std: float = _f(0.02, "std of the normal init; output projections are scaled by 1/sqrt(2*n_layers)")
     mixers: str = _f("", "sequence mixer of each layer, one letter per layer: A attention, M Mamba-2 (e.g. 'MMAM'); "
                          "a shorter pattern whose length divides n_layers repeats ('M' = all Mamba-2); empty = all A")
@@ -493,6 +498,9 @@ class RunConfig:
         _check(self.qat.scheme == "none" or self.peft.method == "none", "qat.scheme", self.qat.scheme,
                "quantization-aware training with adapters is not supported yet; fine-tune with qat alone, or "
                "use peft.method=qlora for a 4-bit base")
+        _check(not (self.model.fuse_projections and self.parallel.strategy == "zero3"), "model.fuse_projections",
+               self.model.fuse_projections, "the concatenated weights it keeps for backward would hold every layer's "
+               "full weights, which parallel.strategy=zero3 shards; use it with none, ddp, zero1 or zero2")
         _check(not (self.parallel.strategy == "zero1" and self.optim.name in ("sophia", "schedulefree_adamw", "muon")),
                "optim.name", self.optim.name, "it does not work with parallel.strategy=zero1 yet; use ddp, zero2 or zero3")
 
@@ -517,10 +525,7 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": 
 # Spellings accepted in recipes and overrides for fields whose name is a Python keyword.
 KEY_ALIASES: dict[str, str] = {"model.from": "model.from_path"}
 # Keys that existed once: a saved run's config.toml that holds one at its default value still loads.
-REMOVED_KEYS: dict[str, tuple[Any, str]] = {
-    "model.fuse_projections": (False, ("q/k/v and gate/up as one matmul each measured no faster on an H200 "
-                                       "(slower for pre-training, equal with LoRA; benchmarks/README.md)")),
-}
+REMOVED_KEYS: dict[str, tuple[Any, str]] = {}
 
 
 def field_help() -> list[tuple[str, str, Any, str]]:

@@ -112,11 +112,14 @@ def test_finetune_without_a_model_is_refused(capsys):
     assert "hasten finetune needs model.from=PATH" in capsys.readouterr().err
 
 
-def test_a_removed_key_loads_at_its_old_default_and_is_refused_otherwise():
-    """A saved run's config.toml from before model.fuse_projections was removed still loads; asking for it fails."""
-    assert load_config("default", ["model.fuse_projections=false"]) == load_config("default")
-    with pytest.raises(ConfigError, match="model.fuse_projections was removed: .*measured no faster"):
-        load_config("default", ["model.fuse_projections=true"])
+def test_a_removed_key_loads_at_its_old_default_and_is_refused_otherwise(monkeypatch):
+    """A saved run's config.toml that holds a removed key at its old default still loads; asking for it fails."""
+    from hasten import config
+
+    monkeypatch.setitem(config.REMOVED_KEYS, "model.old_knob", (False, "it measured no faster"))
+    assert load_config("default", ["model.old_knob=false"]) == load_config("default")
+    with pytest.raises(ConfigError, match="model.old_knob was removed: it measured no faster"):
+        load_config("default", ["model.old_knob=true"])
 
 
 def test_fa4_attention_without_its_package_is_refused_with_the_install_line():

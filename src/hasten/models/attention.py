@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hasten.models.layers import apply_rope
+from hasten.models.layers import apply_rope, fusable
+from hasten.models.ops import projections
 
 # SDPA broadcasts K kv heads over H query heads itself since torch 2.5 (no copy of k and v, and
 # the flash kernel handles it natively). Checked once so that older builds fall back cleanly.
@@ -20,13 +21,13 @@ SDPA_HAS_GQA: bool = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or 
 
 class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int = 0, dropout: float = 0.0,
-                 qkv_bias: bool = False) -> None:
+                 qkv_bias: bool = False, fuse_qkv: bool = False) -> None:
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         if dim % n_heads or n_heads % n_kv_heads:
             raise ValueError(f"dim={dim} must divide by n_heads={n_heads}, which must divide by n_kv_heads={n_kv_heads}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
-        self.dropout = dropout
+        self.dropout, self.fuse_qkv = dropout, fuse_qkv
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=qkv_bias)  # biases: Qwen2 checkpoints
         self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=qkv_bias)
@@ -39,11 +40,21 @@ class Attention(nn.Module):
         appended. `mask_B1TT` (True = may attend) replaces the causal mask: packed sequences."""
         B, T, _ = x_BTD.shape
         H, K, d = self.n_heads, self.n_kv_heads, self.head_dim
-        q_BHTd = self.wq(x_BTD).view(B, T, H, d).transpose(1, 2)
-        k_BKTd = self.wk(x_BTD).view(B, T, K, d).transpose(1, 2)
-        v_BKTd = self.wv(x_BTD).view(B, T, K, d).transpose(1, 2)
         cos_Td, sin_Td = rope
-        q_BHTd, k_BKTd = apply_rope(q_BHTd, cos_Td, sin_Td), apply_rope(k_BKTd, cos_Td, sin_Td)
+        if (self.fuse_qkv and cache is None and cos_Td.dim() == 2 and x_BTD.is_cuda and projections.available()
+                and fusable(self.wq, self.wk, self.wv)):
+            # One matmul over [Wq; Wk; Wv], then one kernel that rotates q and k and copies v out of
+            # it (and, backward, writes the fused output's gradient in one pass): ops/projections.py.
+            weight = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
+            bias = torch.cat([self.wq.bias, self.wk.bias, self.wv.bias]) if self.wq.bias is not None else None
+            q_BTHd, k_BTKd, v_BTKd = projections.qkv_rope(F.linear(x_BTD, weight, bias), cos_Td.float().contiguous(),
+                                                          sin_Td.float().contiguous(), H, K)
+            q_BHTd, k_BKTd, v_BKTd = q_BTHd.transpose(1, 2), k_BTKd.transpose(1, 2), v_BTKd.transpose(1, 2)
+        else:
+            q_BHTd = self.wq(x_BTD).view(B, T, H, d).transpose(1, 2)
+            k_BKTd = self.wk(x_BTD).view(B, T, K, d).transpose(1, 2)
+            v_BKTd = self.wv(x_BTD).view(B, T, K, d).transpose(1, 2)
+            q_BHTd, k_BKTd = apply_rope(q_BHTd, cos_Td, sin_Td), apply_rope(k_BKTd, cos_Td, sin_Td)
         mask = mask_B1TT
         if cache is not None:
             if "k" in cache:

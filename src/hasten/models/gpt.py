@@ -57,13 +57,14 @@ def _out_std(c: ModelConfig) -> float:
 
 # Layer factories by pattern letter (config.MIXER_LETTERS / FFN_LETTERS): config -> () -> module.
 MIXERS: dict[str, Callable[[ModelConfig], Callable[[], nn.Module]]] = {
-    "A": lambda c: partial(Attention, c.dim, c.n_heads, c.n_kv_heads or c.n_heads, c.dropout, c.qkv_bias),
+    "A": lambda c: partial(Attention, c.dim, c.n_heads, c.n_kv_heads or c.n_heads, c.dropout, c.qkv_bias,
+                           fuse_qkv=c.fuse_projections),
     "M": lambda c: partial(Mamba2, c.dim, d_state=c.ssm_state, head_dim=c.ssm_head_dim, expand=c.ssm_expand,
                            n_groups=c.ssm_groups, chunk_size=c.ssm_chunk, d_conv=c.ssm_conv, norm_eps=c.norm_eps,
                            recompute=c.ssm_recompute),
 }
 FFNS: dict[str, Callable[[ModelConfig], Callable[[], nn.Module]]] = {
-    "D": lambda c: partial(SwiGLU, c.dim, ffn_hidden_dim(c)),
+    "D": lambda c: partial(SwiGLU, c.dim, ffn_hidden_dim(c), fused=c.fuse_projections),
     "E": lambda c: partial(MoE, c.dim, moe_hidden_dim(c), num_experts=c.num_experts, top_k=c.top_k,
                            router=c.moe_router, shared_expert=c.moe_shared_expert,
                            capacity_factor=c.moe_capacity_factor, aux_weight=c.moe_aux_weight,

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hasten.models.ops import projections
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned gain (no bias, no mean subtraction), as in Llama."""
@@ -57,14 +59,27 @@ def apply_rope(x_BHTd: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor)
     return (x * cos_Td + _rotate_half(x) * sin_Td).to(x_BHTd.dtype)
 
 
-class SwiGLU(nn.Module):
-    """Gated feed-forward: w2(silu(w1 x) * w3 x). Names follow Llama (w1 gate, w3 up, w2 down)."""
+def fusable(*modules: nn.Module) -> bool:
+    """Whether every module is exactly an nn.Linear, whose weight a fused matmul may take: not an
+    adapter (peft), a quantized, fake-quantized or fp8 layer, or anything else with its own matmul."""
+    return all(type(m) is nn.Linear for m in modules)
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward: w2(silu(w1 x) * w3 x). Names follow Llama (w1 gate, w3 up, w2 down).
+
+    With `fused` on CUDA (Triton), gate and up run as one matmul over [W1; W3] and one kernel makes
+    silu(gate) * up from it (and, backward, both halves of its gradient): ops/projections.py."""
+
+    def __init__(self, dim: int, hidden_dim: int, fused: bool = False) -> None:
         super().__init__()
+        self.fused = fused
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        if self.fused and x_BTD.is_cuda and projections.available() and fusable(self.w1, self.w3):
+            gate_up_BTF2 = F.linear(x_BTD, torch.cat([self.w1.weight, self.w3.weight]))
+            return self.w2(projections.swiglu(gate_up_BTF2))
         return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))

@@ -1,0 +1,224 @@
+"""The element-wise work around fused projections, on CUDA: one Triton kernel each way, every element
+read and written once.
+
+With q/k/v computed as one matmul (`x @ [Wq; Wk; Wv]^T`) and the SwiGLU's gate and up as another
+(nanoGPT's `c_attn`, Megatron's `linear_fc1`), the matmuls run faster than three or two narrow ones,
+but autograd then has to assemble one gradient of the fused output from its pieces. Under
+torch.compile that concatenation becomes a masked kernel that evaluates every piece for every
+element, and on the `gpt2-124m` step it cost more than the fused matmuls saved
+(benchmarks/README.md). These two custom ops compute the pieces and their concatenation in one pass:
+
+- `qkv_rope(qkv, cos, sin, H, K)`: from the fused output (B, T, (H + 2K) * d), the rotated queries
+  and keys and a copy of the values, each (B, T, heads, d) contiguous; its backward writes the
+  gradient of `qkv` from those of q, k and v (RoPE's inverse rotation on q and k).
+- `swiglu(h)`: `silu(g) * u` for h = [g | u] (B, T, 2F); its backward writes [dg | du] in one pass.
+
+Both compute in fp32 and round once to the input's dtype. The reference is the plain PyTorch of
+`hasten.models.layers` (tests/unit/test_projections.py, on a GPU); torch.compile treats the ops as
+opaque, so the kernels are the ones measured.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def _triton_on_cuda() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_AVAILABLE = _triton_on_cuda()  # decided once, so that compiled forwards read a constant
+
+
+def available() -> bool:
+    """True when a GPU is there and Triton imports; the callers keep the unfused layers otherwise."""
+    return _AVAILABLE
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def qkv_rope_fwd(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, H: tl.constexpr, K: tl.constexpr,
+                     HALF: tl.constexpr, HEADS: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # one (batch, position) row: all its heads
+        t = row % T
+        D: tl.constexpr = 2 * HALF
+        hh = tl.arange(0, HEADS)[:, None]
+        j = tl.arange(0, HALF)[None, :]
+        live = hh < H + 2 * K
+        src = qkv_ptr + row * (H + 2 * K) * D + hh * D + j
+        x1 = tl.load(src, mask=live, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=live, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + t * D + j)
+        s = tl.load(sin_ptr + t * D + j)
+        rotate = hh < H + K  # queries and keys turn, values are copied
+        y1 = tl.where(rotate, x1 * c - x2 * s, x1).to(q_ptr.dtype.element_ty)
+        y2 = tl.where(rotate, x2 * c + x1 * s, x2).to(q_ptr.dtype.element_ty)
+        is_q, is_k, is_v = hh < H, (hh >= H) & (hh < H + K), (hh >= H + K) & live
+        dq = q_ptr + row * H * D + hh * D + j
+        dk = k_ptr + row * K * D + (hh - H) * D + j
+        dv = v_ptr + row * K * D + (hh - H - K) * D + j
+        tl.store(dq, y1, mask=is_q)
+        tl.store(dq + HALF, y2, mask=is_q)
+        tl.store(dk, y1, mask=is_k)
+        tl.store(dk + HALF, y2, mask=is_k)
+        tl.store(dv, y1, mask=is_v)
+        tl.store(dv + HALF, y2, mask=is_v)
+
+    @triton.jit
+    def qkv_rope_bwd(dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dqkv_ptr, T, H: tl.constexpr, K: tl.constexpr,
+                     HALF: tl.constexpr, HEADS: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        t = row % T
+        D: tl.constexpr = 2 * HALF
+        hh = tl.arange(0, HEADS)[:, None]
+        j = tl.arange(0, HALF)[None, :]
+        live = hh < H + 2 * K
+        is_q, is_k, is_v = hh < H, (hh >= H) & (hh < H + K), (hh >= H + K) & live
+        sq = dq_ptr + row * H * D + hh * D + j  # the three sources cover disjoint heads: their sum picks one
+        sk = dk_ptr + row * K * D + (hh - H) * D + j
+        sv = dv_ptr + row * K * D + (hh - H - K) * D + j
+        g1 = (tl.load(sq, mask=is_q, other=0.0).to(tl.float32) + tl.load(sk, mask=is_k, other=0.0).to(tl.float32)
+              + tl.load(sv, mask=is_v, other=0.0).to(tl.float32))
+        g2 = (tl.load(sq + HALF, mask=is_q, other=0.0).to(tl.float32)
+              + tl.load(sk + HALF, mask=is_k, other=0.0).to(tl.float32)
+              + tl.load(sv + HALF, mask=is_v, other=0.0).to(tl.float32))
+        c = tl.load(cos_ptr + t * D + j)
+        s = tl.load(sin_ptr + t * D + j)
+        rotate = hh < H + K  # the inverse rotation: the transpose of [[c, -s], [s, c]]
+        dx1 = tl.where(rotate, g1 * c + g2 * s, g1).to(dqkv_ptr.dtype.element_ty)
+        dx2 = tl.where(rotate, g2 * c - g1 * s, g2).to(dqkv_ptr.dtype.element_ty)
+        dst = dqkv_ptr + row * (H + 2 * K) * D + hh * D + j
+        tl.store(dst, dx1, mask=live)
+        tl.store(dst + HALF, dx2, mask=live)
+
+    @triton.jit
+    def swiglu_fwd(h_ptr, y_ptr, F, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < F
+        g = tl.load(h_ptr + row * 2 * F + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + row * 2 * F + F + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * F + cols, (g * tl.sigmoid(g) * u).to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def swiglu_bwd(h_ptr, dy_ptr, dh_ptr, F, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < F
+        g = tl.load(h_ptr + row * 2 * F + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + row * 2 * F + F + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row * F + cols, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        dg = dy * u * (sig + silu * (1.0 - sig))  # d silu / dg = sig * (1 + g * (1 - sig))
+        tl.store(dh_ptr + row * 2 * F + cols, dg.to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh_ptr + row * 2 * F + F + cols, (dy * silu).to(dh_ptr.dtype.element_ty), mask=mask)
+
+    return dict(qkv_rope_fwd=qkv_rope_fwd, qkv_rope_bwd=qkv_rope_bwd, swiglu_fwd=swiglu_fwd, swiglu_bwd=swiglu_bwd)
+
+
+def _heads_block(H: int, K: int) -> int:
+    return 1 << (H + 2 * K - 1).bit_length()  # the next power of two (Triton's block shapes)
+
+
+@torch.library.custom_op("hasten::qkv_rope", mutates_args=())
+def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
+             n_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv (B, T, (H + 2K) * d), cos and sin (T, d) fp32 -> rotated q (B, T, H, d), rotated k and v (B, T, K, d)."""
+    B, T, _ = qkv.shape
+    H, K, d = n_heads, n_kv_heads, cos.shape[-1]
+    q, k, v = qkv.new_empty(B, T, H, d), qkv.new_empty(B, T, K, d), qkv.new_empty(B, T, K, d)
+    _kernels()["qkv_rope_fwd"][(B * T,)](qkv.contiguous(), cos, sin, q, k, v, T, H, K, d // 2, _heads_block(H, K))
+    return q, k, v
+
+
+@qkv_rope.register_fake
+def _(qkv, cos, sin, n_heads, n_kv_heads):
+    B, T, _ = qkv.shape
+    d = cos.shape[-1]
+    return qkv.new_empty(B, T, n_heads, d), qkv.new_empty(B, T, n_kv_heads, d), qkv.new_empty(B, T, n_kv_heads, d)
+
+
+@torch.library.custom_op("hasten::qkv_rope_backward", mutates_args=())
+def qkv_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> torch.Tensor:
+    B, T, H, d = dq.shape
+    K = dk.shape[2]
+    dqkv = dq.new_empty(B, T, (H + 2 * K) * d)
+    _kernels()["qkv_rope_bwd"][(B * T,)](dq.contiguous(), dk.contiguous(), dv.contiguous(), cos, sin, dqkv, T,
+                                         H, K, d // 2, _heads_block(H, K))
+    return dqkv
+
+
+@qkv_rope_backward.register_fake
+def _(dq, dk, dv, cos, sin):
+    B, T, H, d = dq.shape
+    return dq.new_empty(B, T, (H + 2 * dk.shape[2]) * d)
+
+
+def _qkv_rope_setup(ctx, inputs, output):
+    _, cos, sin, _, _ = inputs
+    ctx.save_for_backward(cos, sin)
+
+
+def _qkv_rope_grad(ctx, dq, dk, dv):
+    cos, sin = ctx.saved_tensors
+    return qkv_rope_backward(dq, dk, dv, cos, sin), None, None, None, None
+
+
+qkv_rope.register_autograd(_qkv_rope_grad, setup_context=_qkv_rope_setup)
+
+_SWIGLU_BLOCK = 1024
+
+
+@torch.library.custom_op("hasten::swiglu", mutates_args=())
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """h = [gate | up] along the last axis (..., 2F) -> silu(gate) * up (..., F)."""
+    F = h.shape[-1] // 2
+    y = h.new_empty(*h.shape[:-1], F)
+    rows = h.numel() // (2 * F)
+    _kernels()["swiglu_fwd"][(rows, -(-F // _SWIGLU_BLOCK))](h.contiguous(), y, F, _SWIGLU_BLOCK)
+    return y
+
+
+@swiglu.register_fake
+def _(h):
+    return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
+
+
+@torch.library.custom_op("hasten::swiglu_backward", mutates_args=())
+def swiglu_backward(h: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    F = h.shape[-1] // 2
+    dh = torch.empty_like(h, memory_format=torch.contiguous_format)
+    rows = h.numel() // (2 * F)
+    _kernels()["swiglu_bwd"][(rows, -(-F // _SWIGLU_BLOCK))](h.contiguous(), dy.contiguous(), dh, F, _SWIGLU_BLOCK)
+    return dh
+
+
+@swiglu_backward.register_fake
+def _(h, dy):
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_grad(ctx, dy):
+    (h,) = ctx.saved_tensors
+    return swiglu_backward(h, dy)
+
+
+swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)

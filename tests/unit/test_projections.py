@@ -1,0 +1,115 @@
+"""model.fuse_projections: q/k/v and gate/up as one matmul each, with the Triton kernels of
+hasten.models.ops.projections around them. The kernels run on CUDA only (skipped elsewhere); the
+reference is the unfused PyTorch of hasten.models.layers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hasten.config import ConfigError, load_config
+from hasten.models import build_model
+from hasten.models.layers import apply_rope, fusable, rope_tables
+from hasten.models.ops import projections
+
+cuda = pytest.mark.skipif(not projections.available(), reason="the fused projections' kernels run on CUDA with Triton")
+
+
+def test_fusable_takes_plain_linears_only():
+    class Wrapped(nn.Linear):  # as fake-quantized and fp8 linears are: subclasses with their own forward
+        pass
+
+    assert fusable(nn.Linear(4, 4), nn.Linear(4, 8))
+    assert not fusable(nn.Linear(4, 4), Wrapped(4, 4))
+
+
+def test_fuse_projections_is_refused_with_zero3():
+    load_config("default", ["model.fuse_projections=true", "parallel.strategy=zero2"])
+    with pytest.raises(ConfigError, match="model.fuse_projections.*zero3"):
+        load_config("default", ["model.fuse_projections=true", "parallel.strategy=zero3"])
+
+
+def test_on_the_cpu_the_fused_model_is_the_unfused_one():
+    """Without the kernels the key changes nothing: same parameters, same outputs, bit for bit."""
+    plain, fused = (load_config("default", ["model.preset=tiny", f"model.fuse_projections={f}"]).model
+                    for f in ("false", "true"))
+    torch.manual_seed(0)
+    a = build_model(plain, 256, torch.device("cpu"))
+    b = build_model(fused, 256, torch.device("cpu"))
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 256, (2, 16))
+    assert torch.equal(a(x), b(x))
+
+
+def _qkv_reference(qkv, cos, sin, H, K, d):
+    B, T, _ = qkv.shape
+    q, k, v = qkv.split([H * d, K * d, K * d], dim=-1)
+    q = apply_rope(q.view(B, T, H, d).transpose(1, 2), cos, sin).transpose(1, 2)
+    k = apply_rope(k.view(B, T, K, d).transpose(1, 2), cos, sin).transpose(1, 2)
+    return q, k, v.reshape(B, T, K, d)
+
+
+@cuda
+@pytest.mark.parametrize("H,K,d", [(12, 12, 64), (8, 2, 64), (6, 3, 32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_qkv_rope_matches_the_unfused_rope_and_its_gradient(H, K, d, dtype):
+    torch.manual_seed(0)
+    B, T = 3, 40
+    cos, sin = rope_tables(d, T, device="cuda")
+    qkv = torch.randn(B, T, (H + 2 * K) * d, device="cuda", dtype=dtype, requires_grad=True)
+    outs = projections.qkv_rope(qkv, cos, sin, H, K)
+    refs = _qkv_reference(qkv, cos, sin, H, K, d)
+    tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    grads = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(sum((o * g).sum() for o, g in zip(outs, grads)), qkv)[0]
+    want = torch.autograd.grad(sum((r * g).sum() for r, g in zip(refs, grads)), qkv)[0]
+    for o, r in zip(outs, refs):
+        assert o.is_contiguous() and o.shape == r.shape
+        torch.testing.assert_close(o, r, **tol)
+    torch.testing.assert_close(got, want, **tol)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_swiglu_matches_silu_gate_times_up_and_its_gradient(dtype):
+    torch.manual_seed(0)
+    h = torch.randn(5, 7, 2 * 1500, device="cuda", dtype=dtype, requires_grad=True)  # 1500: a partial block
+    y = projections.swiglu(h)
+    gate, up = h.chunk(2, dim=-1)
+    ref = F.silu(gate.float()) * up.float()
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y.float(), ref, **tol)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad((y * dy).sum(), h)[0]
+    want = torch.autograd.grad((ref * dy.float()).sum(), h)[0]
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+@cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_fused_model_matches_the_unfused_model_in_loss_and_gradients(compile):
+    """A GQA model (tiny preset: 4 heads, 2 kv heads) with and without fuse_projections, same weights,
+    bf16 autocast: close losses and gradients, and the fused one really ran the kernels."""
+    cfgs = [load_config("default", ["model.preset=tiny", f"model.fuse_projections={f}"]).model for f in ("false", "true")]
+    torch.manual_seed(0)
+    a = build_model(cfgs[0], 256, torch.device("cuda"))
+    b = build_model(cfgs[1], 256, torch.device("cuda"))
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 256, (4, 64), device="cuda")
+    results = []
+    for model in (a, b):
+        run = torch.compile(model) if compile else model
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = run(x[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (la, ga), (lb, gb) = results
+    torch.testing.assert_close(lb, la, atol=2e-2, rtol=0)
+    for name, g in ga.items():
+        torch.testing.assert_close(gb[name], g, atol=5e-3, rtol=5e-2, msg=lambda m: f"{name}: {m}")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            b(x)
+    names = " ".join(e.key for e in prof.key_averages())
+    assert "qkv_rope_fwd" in names and "swiglu_fwd" in names
