@@ -48,7 +48,7 @@ def _repeat(pattern: str, n_layers: int) -> str:
 
 # Model fields that say how a run computes, not what the weights are: a run from pretrained weights
 # (model.from) keeps its own values of these and takes the rest from the source.
-RUN_MODEL_FIELDS = ("dropout", "fp32_residual", "split_residual")
+RUN_MODEL_FIELDS = ("dropout", "fp32_residual", "split_residual", "fuse_projections")
 
 
 @dataclass(kw_only=True)

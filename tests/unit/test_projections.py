@@ -90,7 +90,8 @@ def test_swiglu_matches_silu_gate_times_up_and_its_gradient(dtype):
 def test_fused_model_matches_the_unfused_model_in_loss_and_gradients(compile):
     """A GQA model (tiny preset: 4 heads, 2 kv heads) with and without fuse_projections, same weights,
     bf16 autocast: close losses and gradients, and the fused one really ran the kernels."""
-    cfgs = [load_config("default", ["model.preset=tiny", f"model.fuse_projections={f}"]).model for f in ("false", "true")]
+    cfgs = [load_config("default", ["model.preset=tiny", f"model.fuse_projections={f}"]).model
+            for f in ("false", "true")]
     torch.manual_seed(0)
     a = build_model(cfgs[0], 256, torch.device("cuda"))
     b = build_model(cfgs[1], 256, torch.device("cuda"))

@@ -24,18 +24,10 @@ import functools
 
 import torch
 
-
-def _triton_on_cuda() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+from hasten.models.ops import triton_cross_entropy
 
 
-_AVAILABLE = _triton_on_cuda()  # decided once, so that compiled forwards read a constant
+_AVAILABLE = triton_cross_entropy.available()  # CUDA and Triton; decided once, so compiled forwards read a constant
 
 
 def available() -> bool:
