@@ -42,22 +42,23 @@ def _kernels():
 
     @triton.jit
     def qkv_rope_fwd(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, H: tl.constexpr, K: tl.constexpr,
-                     HALF: tl.constexpr, HEADS: tl.constexpr):
+                     HALF: tl.constexpr, HEADS: tl.constexpr, HALF_BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # one (batch, position) row: all its heads
         t = row % T
         D: tl.constexpr = 2 * HALF
-        hh = tl.arange(0, HEADS)[:, None]
-        j = tl.arange(0, HALF)[None, :]
-        live = hh < H + 2 * K
+        hh = tl.arange(0, HEADS)[:, None]  # both blocks padded to powers of two (Triton's shapes)
+        j = tl.arange(0, HALF_BLOCK)[None, :]
+        jm = j < HALF
+        live = (hh < H + 2 * K) & jm
         src = qkv_ptr + row * (H + 2 * K) * D + hh * D + j
         x1 = tl.load(src, mask=live, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=live, other=0.0).to(tl.float32)
-        c = tl.load(cos_ptr + t * D + j)
-        s = tl.load(sin_ptr + t * D + j)
+        c = tl.load(cos_ptr + t * D + j, mask=jm, other=0.0)
+        s = tl.load(sin_ptr + t * D + j, mask=jm, other=0.0)
         rotate = hh < H + K  # queries and keys turn, values are copied
         y1 = tl.where(rotate, x1 * c - x2 * s, x1).to(q_ptr.dtype.element_ty)
         y2 = tl.where(rotate, x2 * c + x1 * s, x2).to(q_ptr.dtype.element_ty)
-        is_q, is_k, is_v = hh < H, (hh >= H) & (hh < H + K), (hh >= H + K) & live
+        is_q, is_k, is_v = (hh < H) & jm, (hh >= H) & (hh < H + K) & jm, (hh >= H + K) & live
         dq = q_ptr + row * H * D + hh * D + j
         dk = k_ptr + row * K * D + (hh - H) * D + j
         dv = v_ptr + row * K * D + (hh - H - K) * D + j
@@ -70,14 +71,15 @@ def _kernels():
 
     @triton.jit
     def qkv_rope_bwd(dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dqkv_ptr, T, H: tl.constexpr, K: tl.constexpr,
-                     HALF: tl.constexpr, HEADS: tl.constexpr):
+                     HALF: tl.constexpr, HEADS: tl.constexpr, HALF_BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         t = row % T
         D: tl.constexpr = 2 * HALF
-        hh = tl.arange(0, HEADS)[:, None]
-        j = tl.arange(0, HALF)[None, :]
-        live = hh < H + 2 * K
-        is_q, is_k, is_v = hh < H, (hh >= H) & (hh < H + K), (hh >= H + K) & live
+        hh = tl.arange(0, HEADS)[:, None]  # both blocks padded to powers of two (Triton's shapes)
+        j = tl.arange(0, HALF_BLOCK)[None, :]
+        jm = j < HALF
+        live = (hh < H + 2 * K) & jm
+        is_q, is_k, is_v = (hh < H) & jm, (hh >= H) & (hh < H + K) & jm, (hh >= H + K) & live
         sq = dq_ptr + row * H * D + hh * D + j  # the three sources cover disjoint heads: their sum picks one
         sk = dk_ptr + row * K * D + (hh - H) * D + j
         sv = dv_ptr + row * K * D + (hh - H - K) * D + j
@@ -86,8 +88,8 @@ def _kernels():
         g2 = (tl.load(sq + HALF, mask=is_q, other=0.0).to(tl.float32)
               + tl.load(sk + HALF, mask=is_k, other=0.0).to(tl.float32)
               + tl.load(sv + HALF, mask=is_v, other=0.0).to(tl.float32))
-        c = tl.load(cos_ptr + t * D + j)
-        s = tl.load(sin_ptr + t * D + j)
+        c = tl.load(cos_ptr + t * D + j, mask=jm, other=0.0)
+        s = tl.load(sin_ptr + t * D + j, mask=jm, other=0.0)
         rotate = hh < H + K  # the inverse rotation: the transpose of [[c, -s], [s, c]]
         dx1 = tl.where(rotate, g1 * c + g2 * s, g1).to(dqkv_ptr.dtype.element_ty)
         dx2 = tl.where(rotate, g2 * c - g1 * s, g2).to(dqkv_ptr.dtype.element_ty)
@@ -121,8 +123,8 @@ def _kernels():
     return dict(qkv_rope_fwd=qkv_rope_fwd, qkv_rope_bwd=qkv_rope_bwd, swiglu_fwd=swiglu_fwd, swiglu_bwd=swiglu_bwd)
 
 
-def _heads_block(H: int, K: int) -> int:
-    return 1 << (H + 2 * K - 1).bit_length()  # the next power of two (Triton's block shapes)
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()  # the next power of two (Triton's block shapes)
 
 
 @torch.library.custom_op("hasten::qkv_rope", mutates_args=())
@@ -132,7 +134,8 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: i
     B, T, _ = qkv.shape
     H, K, d = n_heads, n_kv_heads, cos.shape[-1]
     q, k, v = qkv.new_empty(B, T, H, d), qkv.new_empty(B, T, K, d), qkv.new_empty(B, T, K, d)
-    _kernels()["qkv_rope_fwd"][(B * T,)](qkv.contiguous(), cos, sin, q, k, v, T, H, K, d // 2, _heads_block(H, K))
+    _kernels()["qkv_rope_fwd"][(B * T,)](qkv.contiguous(), cos, sin, q, k, v, T, H, K, d // 2, _pow2(H + 2 * K),
+                                         _pow2(d // 2))
     return q, k, v
 
 
@@ -150,7 +153,7 @@ def qkv_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos:
     K = dk.shape[2]
     dqkv = dq.new_empty(B, T, (H + 2 * K) * d)
     _kernels()["qkv_rope_bwd"][(B * T,)](dq.contiguous(), dk.contiguous(), dv.contiguous(), cos, sin, dqkv, T,
-                                         H, K, d // 2, _heads_block(H, K))
+                                         H, K, d // 2, _pow2(H + 2 * K), _pow2(d // 2))
     return dqkv
 
 
