@@ -306,3 +306,27 @@ def test_triton_path_matches_the_plain_loss_on_cuda(loss_kernel, dtype):
     torch.testing.assert_close(gw.double(), ww, **tol)
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy(h, w, t, 128), got.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernel_rows_match_cross_entropy_and_its_gradient(dtype, triton_device):
+    """The kernel itself, on a GPU or under Triton's interpreter on the CPU: per-row losses (0 on
+    ignored rows) and, written over the logits, the gradient of scale * sum(loss), against float64;
+    a vocabulary no multiple of the block; without write_grad the logits stay as they were."""
+    from hasten.models.ops.triton_cross_entropy import cross_entropy_
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(9, 1000, generator=g) * 3).to(dtype).to(triton_device)
+    t = torch.randint(0, 1000, (9,), generator=g).to(triton_device)
+    t[::4] = IGNORE_INDEX
+    x64 = logits.double().requires_grad_()
+    want = F.cross_entropy(x64, t, ignore_index=IGNORE_INDEX, reduction="none")
+    (grad_want,) = torch.autograd.grad(0.5 * want.sum(), x64)
+    kept = logits.clone()
+    loss = cross_entropy_(kept, t, torch.tensor(0.5, device=triton_device), IGNORE_INDEX, write_grad=False, block=256)
+    assert torch.equal(kept, logits)
+    loss_g = cross_entropy_(logits, t, torch.tensor(0.5, device=triton_device), IGNORE_INDEX, block=256)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=4e-3)
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_g, loss)
+    torch.testing.assert_close(logits.double(), grad_want, **tol)

@@ -1,6 +1,7 @@
 """model.fuse_projections: q/k/v and gate/up as one matmul each, with the Triton kernels of
-hasten.models.ops.projections around them. The kernels run on CUDA only (skipped elsewhere); the
-reference is the unfused PyTorch of hasten.models.layers."""
+hasten.models.ops.projections around them. The reference is the unfused PyTorch of
+hasten.models.layers. The kernels are checked on a GPU, or on the CPU under Triton's interpreter
+(`triton_device`); the fused model itself runs them on CUDA only."""
 
 import pytest
 import torch
@@ -49,14 +50,13 @@ def _qkv_reference(qkv, cos, sin, H, K, d):
     return q, k, v.reshape(B, T, K, d)
 
 
-@cuda
 @pytest.mark.parametrize("H,K,d", [(12, 12, 64), (8, 2, 64), (6, 3, 32), (4, 2, 40)])  # 40: a padded half
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_qkv_rope_matches_the_unfused_rope_and_its_gradient(H, K, d, dtype):
+def test_qkv_rope_matches_the_unfused_rope_and_its_gradient(H, K, d, dtype, triton_device):
     torch.manual_seed(0)
     B, T = 3, 40
-    cos, sin = rope_tables(d, T, device="cuda")
-    qkv = torch.randn(B, T, (H + 2 * K) * d, device="cuda", dtype=dtype, requires_grad=True)
+    cos, sin = rope_tables(d, T, device=triton_device)
+    qkv = torch.randn(B, T, (H + 2 * K) * d, device=triton_device, dtype=dtype, requires_grad=True)
     outs = projections.qkv_rope(qkv, cos, sin, H, K)
     refs = _qkv_reference(qkv, cos, sin, H, K, d)
     tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
@@ -69,11 +69,10 @@ def test_qkv_rope_matches_the_unfused_rope_and_its_gradient(H, K, d, dtype):
     torch.testing.assert_close(got, want, **tol)
 
 
-@cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_swiglu_matches_silu_gate_times_up_and_its_gradient(dtype):
+def test_swiglu_matches_silu_gate_times_up_and_its_gradient(dtype, triton_device):
     torch.manual_seed(0)
-    h = torch.randn(5, 7, 2 * 1500, device="cuda", dtype=dtype, requires_grad=True)  # 1500: a partial block
+    h = torch.randn(5, 7, 2 * 1500, device=triton_device, dtype=dtype, requires_grad=True)  # 1500: a partial block
     y = projections.swiglu(h)
     gate, up = h.chunk(2, dim=-1)
     ref = F.silu(gate.float()) * up.float()
