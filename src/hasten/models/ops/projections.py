@@ -14,8 +14,8 @@ element, and on the `gpt2-124m` step it cost more than the fused matmuls saved
 - `swiglu(h)`: `silu(g) * u` for h = [g | u] (B, T, 2F); its backward writes [dg | du] in one pass.
 
 Both compute in fp32 and round once to the input's dtype. The reference is the plain PyTorch of
-`hasten.models.layers` (tests/unit/test_projections.py, on a GPU); torch.compile treats the ops as
-opaque, so the kernels are the ones measured.
+`hasten.models.layers` (tests/unit/test_projections.py: on a GPU, or on the CPU under Triton's
+interpreter); torch.compile treats the ops as opaque, so the kernels are the ones measured.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import functools
 import torch
 
 from hasten.models.ops import triton_cross_entropy
-
 
 _AVAILABLE = triton_cross_entropy.available()  # CUDA and Triton; decided once, so compiled forwards read a constant
 
