@@ -33,6 +33,16 @@ if concat_kernel:
 orig_attn = attention.Attention.forward
 
 
+def _uncached_full_heads(forward):
+    """The variant's forward for training (no cache, no mask, as many kv heads as query heads); the
+    layer's own forward otherwise."""
+    def wrapped(self, x_BTD, rope, cache=None, mask_B1TT=None):
+        if cache is not None or mask_B1TT is not None or self.n_kv_heads != self.n_heads:
+            return orig_attn(self, x_BTD, rope, cache, mask_B1TT)
+        return forward(self, x_BTD, rope)
+    return wrapped
+
+
 def _finish(self, q, k, v, rope, B, T):
     """q, k, v: (B, T, H, d) views; RoPE applied in that layout, then the heads moved for SDPA."""
     H, d = self.n_heads, self.head_dim
@@ -42,9 +52,8 @@ def _finish(self, q, k, v, rope, B, T):
     return self.wo(y.transpose(1, 2).reshape(B, T, H * d))
 
 
-def attn_fused(self, x_BTD, rope, cache=None, mask_B1TT=None):
-    if cache is not None or mask_B1TT is not None or self.n_kv_heads != self.n_heads:
-        return orig_attn(self, x_BTD, rope, cache, mask_B1TT)
+@_uncached_full_heads
+def attn_fused(self, x_BTD, rope):
     B, T, _ = x_BTD.shape
     H, d = self.n_heads, self.head_dim
     w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
@@ -58,9 +67,8 @@ def attn_fused(self, x_BTD, rope, cache=None, mask_B1TT=None):
     return self.wo(y.transpose(1, 2).reshape(B, T, H * d))
 
 
-def attn_qkv2(self, x_BTD, rope, cache=None, mask_B1TT=None):
-    if cache is not None or mask_B1TT is not None or self.n_kv_heads != self.n_heads:
-        return orig_attn(self, x_BTD, rope, cache, mask_B1TT)
+@_uncached_full_heads
+def attn_qkv2(self, x_BTD, rope):
     B, T, _ = x_BTD.shape
     H, d = self.n_heads, self.head_dim
     w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
@@ -68,9 +76,8 @@ def attn_qkv2(self, x_BTD, rope, cache=None, mask_B1TT=None):
     return _finish(self, q, k, v, rope, B, T)
 
 
-def attn_rope(self, x_BTD, rope, cache=None, mask_B1TT=None):
-    if cache is not None or mask_B1TT is not None or self.n_kv_heads != self.n_heads:
-        return orig_attn(self, x_BTD, rope, cache, mask_B1TT)
+@_uncached_full_heads
+def attn_rope(self, x_BTD, rope):
     B, T, _ = x_BTD.shape
     H, d = self.n_heads, self.head_dim
     q, k, v = (lin(x_BTD).view(B, T, H, d) for lin in (self.wq, self.wk, self.wv))
