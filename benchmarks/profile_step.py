@@ -37,20 +37,33 @@ def family(name: str) -> str:
     return "other (element-wise, norms, copies)"
 
 
+def _annotation(name: str) -> bool:
+    """Whether a GPU-timeline event is a span that torch.compile or the optimizer puts around its
+    kernels ("## Call CompiledFxGraph ..", "Optimizer.step#AdamW.step"), not a kernel or copy."""
+    return name.startswith("## ") or "#" in name.split("(")[0]
+
+
 def idle_gaps(prof: profile, min_us: float = 20.0) -> dict:
     """Where the GPU waited: the gaps between consecutive kernels (and copies) longer than `min_us`,
     with the kernels around each and the host operations that began during it; and the idle time
     of all gaps, however short (launch latency between back-to-back kernels included)."""
     device, host = [], []
     for e in prof.events():
-        kind = getattr(e, "device_type", None)
-        (device if kind == torch.autograd.DeviceType.CUDA else host).append(e)
+        if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            host.append(e)
+        elif not (getattr(e, "is_user_annotation", False) or _annotation(e.name)):  # a span over many kernels would hide the gaps between them
+            device.append(e)
     device.sort(key=lambda e: e.time_range.start)
     host.sort(key=lambda e: e.time_range.start)
     found, end, last, idle_all = [], None, None, 0.0
+    bins = {"under 2 us": [0, 0.0], "2-5 us": [0, 0.0], "5-20 us": [0, 0.0], "over 20 us": [0, 0.0]}
     for e in device:
         if end is not None and e.time_range.start > end:
-            idle_all += e.time_range.start - end
+            gap = e.time_range.start - end
+            idle_all += gap
+            bin_ = bins["under 2 us" if gap < 2 else "2-5 us" if gap < 5 else "5-20 us" if gap <= 20 else "over 20 us"]
+            bin_[0] += 1
+            bin_[1] += gap / 1000
         if end is not None and e.time_range.start - end > min_us:
             found.append((e.time_range.start - end, end, e.time_range.start, last.name, e.name))
         if end is None or e.time_range.end > end:
@@ -60,6 +73,7 @@ def idle_gaps(prof: profile, min_us: float = 20.0) -> dict:
         during = [h.name for h in host if lo <= h.time_range.start < hi][:6]
         longest.append(dict(ms=us / 1000, after=before, before=after, host=", ".join(during)))
     return dict(idle_ms_total=sum(g[0] for g in found) / 1000, count=len(found), idle_ms_all_gaps=idle_all / 1000,
+                device_events=len(device), by_size={k: dict(count=n, ms=ms) for k, (n, ms) in bins.items()},
                 longest=longest)
 
 
@@ -118,8 +132,7 @@ def main() -> None:
     if gpu:  # kernels only (with the host side recorded, host operations carry their kernels' time too), and
         # not the spans that annotate them on the GPU's timeline ("## Call CompiledFxGraph ..", "Optimizer.step#..")
         events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
-                  and not getattr(e, "is_user_annotation", False) and not e.key.startswith("## ")
-                  and "#" not in e.key.split("(")[0]]
+                  and not getattr(e, "is_user_annotation", False) and not _annotation(e.key)]
     if not gpu:  # a CPU run only checks the script: rank operators by their own CPU time
         for e in events:
             e.device_time_total = e.self_cpu_time_total
@@ -143,7 +156,11 @@ def main() -> None:
     print(f"wall time per step: {wall_ms:.1f} ms (under the profiler)")
     if gaps:
         print(f"GPU idle: {gaps['idle_ms_all_gaps'] / args.steps:.2f} ms per step in all, "
-              f"{gaps['idle_ms_total'] / args.steps:.2f} ms in gaps over 20 us; longest:")
+              f"{gaps['idle_ms_total'] / args.steps:.2f} ms in gaps over 20 us; {gaps['device_events'] / args.steps:.0f} "
+              "kernels and copies a step; by gap size, per step:")
+        for size, b in gaps["by_size"].items():
+            print(f"  {size:<11} {b['count'] / args.steps:7.1f} gaps {b['ms'] / args.steps:6.2f} ms")
+        print("longest:")
         for g in gaps["longest"][:12]:
             print(f"  {g['ms']:6.2f} ms after {g['after'][:50]} before {g['before'][:50]} | host: {g['host'][:120]}")
     for m in matmuls or []:

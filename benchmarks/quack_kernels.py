@@ -94,26 +94,36 @@ def mlp_section(results: Results, args) -> None:
     ffn = SwiGLU(DIM, HIDDEN).cuda()  # fp32 master weights under bf16 autocast, as the recipe trains
     x = torch.randn(TOKENS, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(TOKENS, DIM, device="cuda", dtype=torch.bfloat16)
-    params = [x, ffn.w1.weight, ffn.w3.weight, ffn.w2.weight]
     names = ["out", "dx", "dw1", "dw3", "dw2"]
 
     ref_out = ffn(x.float())
     ref_out.backward(dy.float())
-    ref = dict(zip(names, [ref_out.detach()] + [p.grad.clone() for p in params]))
+    ref = dict(zip(names, [ref_out.detach()] + [p.grad.clone() for p in (x, ffn.w1.weight, ffn.w3.weight, ffn.w2.weight)]))
 
-    def quack_ffn(x_: torch.Tensor, tuned: bool) -> torch.Tensor:
-        w13 = torch.stack((ffn.w1.weight, ffn.w3.weight), dim=1).flatten(0, 1)  # gate and up rows interleaved
-        return mlp_func(x_, w13, ffn.w2.weight, activation="swiglu", tuned=tuned)
+    def quack_ffn(x_: torch.Tensor, tuned: bool, concat: bool = False) -> torch.Tensor:
+        if concat:  # [W1; W3] as hasten's fused projection makes it; QuACK reads it as interleaved
+            w13 = torch.cat((ffn.w1.weight, ffn.w3.weight))
+        else:
+            w13 = torch.stack((ffn.w1.weight, ffn.w3.weight), dim=1).flatten(0, 1)  # gate and up rows interleaved
+        return mlp_func(x_, w13, ffn.w2.weight, activation="swiglu", tuned=tuned, concat_layout=concat)
 
+    fused = SwiGLU(DIM, HIDDEN, fused=True).cuda()  # one matmul for gate and up, the Triton SwiGLU kernel
+    fused.load_state_dict(ffn.state_dict())
+    fused_grads = [x, fused.w1.weight, fused.w3.weight, fused.w2.weight]
     variants = {"hasten compiled": torch.compile(ffn),
+                "hasten fused, compiled": torch.compile(fused),
                 "quack untuned": lambda x_: quack_ffn(x_, False),
+                "quack untuned, concat": lambda x_: quack_ffn(x_, False, concat=True),
                 "quack untuned, compiled": torch.compile(lambda x_: quack_ffn(x_, False)),
                 "quack tuned": lambda x_: quack_ffn(x_, True),
                 "quack tuned, compiled": torch.compile(lambda x_: quack_ffn(x_, True))}
     for name, fn in variants.items():
+        if args.mlp_cases and name not in args.mlp_cases:
+            continue
+        params = fused_grads if name.startswith("hasten fused") else [x, ffn.w1.weight, ffn.w3.weight, ffn.w2.weight]
         last = {}
 
-        def step(fn=fn, last=last):
+        def step(fn=fn, last=last, params=params):
             for p in params:
                 p.grad = None
             with torch.autocast("cuda", torch.bfloat16):
@@ -122,7 +132,8 @@ def mlp_section(results: Results, args) -> None:
             last["out"] = out
 
         run_case(results, "swiglu ffn", name, step,
-                 lambda last=last: dict(zip(names, [last["out"].detach()] + [p.grad for p in params])), ref, args)
+                 lambda last=last, params=params: dict(zip(names, [last["out"].detach()] + [p.grad for p in params])),
+                 ref, args)
 
 
 def head_section(results: Results, args) -> None:
@@ -213,6 +224,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="mlp,head,gemm")
     parser.add_argument("--chunks", type=lambda s: [int(c) for c in s.split(",")], default=[4096, 8192, 16384])
+    parser.add_argument("--mlp-cases", type=lambda s: s.split(";"), default=None,
+                        help="only these cases of the mlp section, separated by semicolons (default: all)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--budget-seconds", type=float, default=480)
