@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default="/tmp/hasten-profile")
+    parser.add_argument("--top", type=int, default=30, help="kernels listed, the longest first")
     parser.add_argument("--gaps", action="store_true", help="also record the host side and report where the GPU "
                         "sat idle between kernels (wall time per step against kernel time, the longest gaps)")
     parser.add_argument("--matmuls", action="store_true", help="also record operand shapes and list each distinct "
@@ -140,7 +141,7 @@ def main() -> None:
     by_family: dict[str, float] = defaultdict(float)
     for e in events:
         by_family[family(e.key)] += e.device_time_total
-    rows = sorted(events, key=lambda e: -e.device_time_total)[:30]
+    rows = sorted(events, key=lambda e: -e.device_time_total)[:args.top]
     report = dict(recipe=args.recipe, overrides=args.overrides, steps=args.steps, device=torch.cuda.get_device_name() if gpu else "cpu",
                   gpu_ms_per_step=total / 1000 / args.steps, wall_ms_per_step=wall_ms, gaps=gaps,
                   peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
