@@ -1,9 +1,10 @@
 """hasten's compiled kernels against QuACK's fused CuTe-DSL kernels on a Hopper GPU, at the gpt2-124m
 recipe's shapes (32 x 1024 tokens, width 768, SwiGLU hidden 2048, vocabulary 50,304):
 
-- the SwiGLU feed-forward: hasten's module compiled (cuBLAS GEMMs, the gate in a Triton kernel)
+- the SwiGLU feed-forward: hasten's module compiled (cuBLAS GEMMs; the gate in a kernel of
+  Inductor's, or with fused=True gate and up as one GEMM and the gate in hasten's Triton kernel)
   against quack.mlp.mlp_func (the gate in the up-projection GEMM's epilogue, its backward in the
-  down projection's gradient GEMM);
+  down projection's gradient GEMM), with gate/up rows interleaved or concatenated (--mlp-cases picks);
 - the output head with its cross-entropy: hasten.models.ops.cross_entropy.linear_cross_entropy
   (cuBLAS GEMMs, one Triton kernel for loss and logits' gradient) against
   quack.linear_cross_entropy.chunked_linear_cross_entropy (on SM90 its scaled-exp pipeline);

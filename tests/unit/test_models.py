@@ -42,30 +42,6 @@ def test_rmsnorm_matches_formula():
     assert norm.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16  # computes in the input dtype
 
 
-def test_rmsnorm_of_a_bf16_pair_is_the_norm_of_its_fp32_sum():
-    """RMSNorm(hi, lo), the split stream's norm with a backward of its own: the output and the
-    gradients (of hi, to bf16, and of the gain) of F.rms_norm on hi + lo in fp32; lo gets none."""
-    from hasten.models.gpt import split_stream
-
-    g = torch.Generator().manual_seed(0)
-    norm = RMSNorm(64)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(64, generator=g))
-    hi, lo = split_stream(3 * torch.randn(3, 5, 64, generator=g))
-    hi.requires_grad_()
-    grad = torch.randn(3, 5, 64, generator=g)
-    out = norm(hi, lo)
-    dhi, dw = torch.autograd.grad(out, (hi, norm.weight), grad)
-    ref = F.rms_norm(hi.float() + lo.float(), (64,), norm.weight, norm.eps)
-    ref_dhi, ref_dw = torch.autograd.grad(ref, (hi, norm.weight), grad)
-    assert out.dtype == torch.float32 and dhi.dtype == torch.bfloat16 and not lo.requires_grad
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(dhi, ref_dhi)
-    torch.testing.assert_close(dw, ref_dw, rtol=1e-5, atol=1e-5)
-    dhi_frozen, = torch.autograd.grad(norm.requires_grad_(False)(hi, lo), hi, grad)  # a frozen gain (PEFT)
-    torch.testing.assert_close(dhi_frozen, ref_dhi)
-
-
 def test_rope_preserves_norm_and_dtype():
     cos, sin = rope_tables(16, 32, 10000.0)
     assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (32, 16)
@@ -268,7 +244,7 @@ def test_bf16_autocast():
 
 def _stream(model: Decoder, idx: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Under bf16 autocast, after backward: the stream entering each block (the first tensor
-    argument, its gradient kept), and the stream entering the final norm (the sum, where it is a pair)."""
+    argument, its gradient kept), and the stream entering the final norm."""
     entering, final = [], []
 
     def keep(_, args):
@@ -276,8 +252,7 @@ def _stream(model: Decoder, idx: torch.Tensor) -> tuple[list[torch.Tensor], torc
         entering.append(args[0])
 
     hooks = [m.register_forward_pre_hook(keep) for m in model.layers]
-    hooks.append(model.norm.register_forward_pre_hook(
-        lambda _, args: final.append(sum(a.detach().float() for a in args) if len(args) == 2 else args[0].detach().clone())))
+    hooks.append(model.norm.register_forward_pre_hook(lambda _, args: final.append(args[0].detach().clone())))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(idx).float().pow(2).mean().backward()
     for h in hooks:
@@ -332,22 +307,6 @@ def test_split_stream_keeps_sixteen_bits():
     assert hi.dtype == lo.dtype == torch.bfloat16
     assert ((join_stream(hi, lo) - x).abs() <= x.abs() * 2.0**-16).all()
     assert ((hi.float() - x).abs() > x.abs() * 2.0**-12).any()  # bf16 alone is far coarser
-
-
-def test_split_residual_stream_keeps_the_pair_not_an_fp32_stream_compiled():
-    """Compiled, the split stream's norms keep the bf16 pair for backward, not an fp32 tensor of the
-    stream (its sum or its normalized sum, which the kernel before each norm would write out in
-    addition to the pair): of the stream's shape, only the embedding's fp32 output remains in fp32."""
-    model = tiny_model(split_residual=True, n_layers=2)
-
-    def loss_fn(idx):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return F.cross_entropy(model(idx[:, :-1]).float().flatten(0, 1), idx[:, 1:].flatten())
-
-    acts, _ = kept_for_backward(loss_fn, model.parameters(), batch(2, 33))
-    stream = [t for t in acts if t.shape == (2, 32, model.config.dim)]
-    fp32 = [t for t in stream if t.dtype == torch.float32]
-    assert len(fp32) <= 1 and sum(t.dtype == torch.bfloat16 for t in stream) >= 4, [(t.dtype, t.shape) for t in stream]
 
 
 def test_split_residual_stream_is_fp32_forward_and_bf16_backward():

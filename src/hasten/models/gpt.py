@@ -132,12 +132,12 @@ class Block(nn.Module):
 
     def _forward_split(self, hi_BTD: torch.Tensor, lo_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                        extra: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        # Each of the stream's two uses, the norm and the sum, takes the pair itself: backward then
-        # adds the two uses' gradients as bf16 tensors, the gradient of the bf16 `hi`, and never
-        # holds an fp32 gradient of the stream in memory; nor does forward keep an fp32 sum for it.
-        branch = self.mixer(self.mixer_norm(hi_BTD, lo_BTD), rope=rope, **extra)
+        # The fp32 stream is rebuilt from the pair for each of its two uses, the norm and the sum:
+        # backward then adds the two uses' gradients as bf16 tensors, the gradient of the bf16 `hi`,
+        # and never holds an fp32 gradient of the stream in memory.
+        branch = self.mixer(self.mixer_norm(join_stream(hi_BTD, lo_BTD)), rope=rope, **extra)
         hi_BTD, lo_BTD = split_stream(join_stream(hi_BTD, lo_BTD) + self.dropout(branch).float())
-        branch = self.ffn(self.ffn_norm(hi_BTD, lo_BTD))
+        branch = self.ffn(self.ffn_norm(join_stream(hi_BTD, lo_BTD)))
         return split_stream(join_stream(hi_BTD, lo_BTD) + self.dropout(branch).float())
 
 
@@ -217,9 +217,11 @@ class Decoder(nn.Module):
                 h_BTD, lo_BTD = block(h_BTD, rope, layer_cache, mask_B1TT, lo_BTD=lo_BTD)
             else:
                 h_BTD = block(h_BTD, rope, layer_cache, mask_B1TT)
+        if split:
+            h_BTD = join_stream(h_BTD, lo_BTD)
         if cache is not None:
             cache.pos = end
-        h_BTD = self.norm(h_BTD, lo_BTD) if split else self.norm(h_BTD)
+        h_BTD = self.norm(h_BTD)
         if targets_BT is None:
             return self.output(h_BTD)  # logits_BTV, in autocast's dtype
         if type(self.output) is nn.Linear:  # not a peft or quantized wrapper

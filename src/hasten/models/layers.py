@@ -25,48 +25,10 @@ class RMSNorm(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
-    def forward(self, x_BTD: torch.Tensor, lo_BTD: torch.Tensor | None = None) -> torch.Tensor:
-        """The norm of x; with `lo_BTD`, of the stream held as the bf16 pair (x, lo), in fp32,
-        keeping the pair for backward rather than its sum (see _PairRMSNorm)."""
-        if lo_BTD is not None:
-            return _PairRMSNorm.apply(x_BTD, lo_BTD, self.weight, self.eps)
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         # Under autocast the residual stream is fp32 by default (model.fp32_residual); with a bf16
         # stream, PyTorch's rms_norm still computes the statistics in fp32 (its opmath type).
         return F.rms_norm(x_BTD, (self.dim,), self.weight, self.eps)
-
-
-class _PairRMSNorm(torch.autograd.Function):
-    """RMSNorm of hi + lo, a stream held as a bf16 pair (`hasten.models.gpt.split_stream`), in fp32.
-
-    The result of F.rms_norm of the pair's fp32 sum, with a backward written so that what backward
-    keeps is the pair itself, which the step holds anyway. Left to the compiler, it kept an fp32
-    tensor of the stream (the sum, or the normalized sum), as many bytes as the pair but written out
-    by the kernel before each norm in addition to the pair. torch.compile's partitioner may move any
-    part of backward that needs no gradient into forward and keep its result, so every product in
-    backward below takes a gradient-dependent factor before it meets the pair. Gradients reach hi
-    (`lo` is a constant correction) and the gain."""
-
-    @staticmethod
-    def forward(ctx, hi: torch.Tensor, lo: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x = hi.float() + lo.float()
-        rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(hi, lo, weight, rstd)
-        return x * rstd * weight
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
-        hi, lo, weight, rstd = ctx.saved_tensors
-        dtype = hi.dtype
-        hi, lo = hi.float(), lo.float()
-        gr = grad.float() * rstd  # d out * rstd
-        t = gr * hi + gr * lo  # d out * x-hat, x-hat = (hi + lo) * rstd
-        dw = t.flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
-        if not ctx.needs_input_grad[0]:
-            return None, None, dw, None
-        # d x = rstd * (d out * w - x-hat * mean(d out * w * x-hat))
-        k = rstd * rstd * (t * weight).mean(-1, keepdim=True)
-        dx = gr * weight - k * hi - k * lo
-        return dx.to(dtype), None, dw, None
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0,
