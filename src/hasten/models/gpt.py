@@ -22,7 +22,6 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from hasten.config import FFN_LETTERS, MIXER_LETTERS, ConfigError, ModelConfig
 from hasten.models.attention import Attention
@@ -106,25 +105,6 @@ def join_stream(hi_BTD: torch.Tensor, lo_BTD: torch.Tensor) -> torch.Tensor:
     return hi_BTD.float() + lo_BTD.float()
 
 
-def _save_bf16_output(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.MUST_RECOMPUTE
-
-
-def _norm_bf16(norm: nn.Module, hi_BTD: torch.Tensor, lo_BTD: torch.Tensor) -> torch.Tensor:
-    return norm(join_stream(hi_BTD, lo_BTD)).to(torch.bfloat16)
-
-
-def norm_of_pair(norm: nn.Module, hi_BTD: torch.Tensor, lo_BTD: torch.Tensor) -> torch.Tensor:
-    """norm(hi + lo) in fp32, rounded to bf16 (what the matmul after it takes under bf16 autocast),
-    keeping for backward only the pair and that bf16 output. Left to torch.compile, backward kept an
-    fp32 tensor of the stream (its sum) as well, which the kernel before each norm then wrote out in
-    addition to the pair; a selective checkpoint of the norm has its sum recomputed in backward instead."""
-    return checkpoint(_norm_bf16, norm, hi_BTD, lo_BTD, use_reentrant=False,
-                      context_fn=partial(create_selective_checkpoint_contexts, _save_bf16_output))
-
-
 class Block(nn.Module):
     """Pre-norm residual block: h + mixer(norm(h)), then h + ffn(norm(h))."""
 
@@ -155,9 +135,9 @@ class Block(nn.Module):
         # The fp32 stream is rebuilt from the pair for each of its two uses, the norm and the sum:
         # backward then adds the two uses' gradients as bf16 tensors, the gradient of the bf16 `hi`,
         # and never holds an fp32 gradient of the stream in memory.
-        branch = self.mixer(norm_of_pair(self.mixer_norm, hi_BTD, lo_BTD), rope=rope, **extra)
+        branch = self.mixer(self.mixer_norm(join_stream(hi_BTD, lo_BTD)), rope=rope, **extra)
         hi_BTD, lo_BTD = split_stream(join_stream(hi_BTD, lo_BTD) + self.dropout(branch).float())
-        branch = self.ffn(norm_of_pair(self.ffn_norm, hi_BTD, lo_BTD))
+        branch = self.ffn(self.ffn_norm(join_stream(hi_BTD, lo_BTD)))
         return split_stream(join_stream(hi_BTD, lo_BTD) + self.dropout(branch).float())
 
 
@@ -237,9 +217,11 @@ class Decoder(nn.Module):
                 h_BTD, lo_BTD = block(h_BTD, rope, layer_cache, mask_B1TT, lo_BTD=lo_BTD)
             else:
                 h_BTD = block(h_BTD, rope, layer_cache, mask_B1TT)
+        if split:
+            h_BTD = join_stream(h_BTD, lo_BTD)
         if cache is not None:
             cache.pos = end
-        h_BTD = norm_of_pair(self.norm, h_BTD, lo_BTD) if split else self.norm(h_BTD)
+        h_BTD = self.norm(h_BTD)
         if targets_BT is None:
             return self.output(h_BTD)  # logits_BTV, in autocast's dtype
         if type(self.output) is nn.Linear:  # not a peft or quantized wrapper
