@@ -200,6 +200,7 @@ VARIANTS = {"recipe": [], "flash": ["train.attention_backend=flash"], "cudnn": [
             "triton": ["train.loss_kernel=triton"],  # the loss chunk's Triton kernel, also where QuACK is installed
             "quack": ["train.loss_kernel=quack"],  # QuACK's fused linear cross-entropy (Hopper, quack-kernels)
             "fused": ["model.fuse_projections=true"], "unfused": ["model.fuse_projections=false"],  # plain too
+            "fusednorms": ["model.fuse_norms=true"], "unfusednorms": ["model.fuse_norms=false"],  # plain too
             "fp8": ["precision.fp8=rowwise"], "fp8_tensorwise": ["precision.fp8=tensorwise"]}
 # Variants of the compiler's own settings, through its environment (each side runs in its own process):
 # programmatic dependent launch (Hopper: a kernel starts while the one before it finishes) and

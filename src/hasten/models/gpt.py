@@ -28,6 +28,8 @@ from hasten.models.attention import Attention
 from hasten.models.layers import RMSNorm, SwiGLU, rope_tables
 from hasten.models.mamba2 import Mamba2
 from hasten.models.moe import MoE
+from hasten.models.ops import add_norm
+from hasten.models.ops.add_norm import add_rms_norm
 from hasten.models.ops.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 
 # Linears that write into the residual stream. Their init is scaled by 1/sqrt(2*n_layers) so the
@@ -119,16 +121,33 @@ class Block(nn.Module):
 
     def forward(self, h_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: dict | None = None, mask_B1TT: torch.Tensor | None = None,
-                lo_BTD: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                lo_BTD: torch.Tensor | None = None, fused: bool = False, pending_BTD: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """h + mixer(norm(h)), then h + ffn(norm(h)). With `lo_BTD` the stream is the split pair
-        (h_BTD, lo_BTD) of `split_stream`, and so is the result."""
+        (h_BTD, lo_BTD) of `split_stream`, and so is the result. With `fused` too (model.fuse_norms),
+        each sum, its split and the norm after it are one kernel (hasten.models.ops.add_norm): the
+        block takes the previous block's FFN output not yet added (`pending_BTD`, None for the first
+        block) and returns (hi, lo, its own FFN output), which the next block or the final norm adds."""
         extra = {} if cache is None else {"cache": cache}  # mixers without a cache never see the argument
         if mask_B1TT is not None:  # packed sequences (attention mixers only: Decoder.forward checks)
             extra["mask_B1TT"] = mask_B1TT
+        if fused:
+            return self._forward_fused(h_BTD, lo_BTD, pending_BTD, rope, extra)
         if lo_BTD is not None:
             return self._forward_split(h_BTD, lo_BTD, rope, extra)
         h_BTD = h_BTD + self.dropout(self.mixer(self.mixer_norm(h_BTD), rope=rope, **extra))
         return h_BTD + self.dropout(self.ffn(self.ffn_norm(h_BTD)))
+
+    def _forward_fused(self, hi_BTD: torch.Tensor, lo_BTD: torch.Tensor, pending_BTD: torch.Tensor | None,
+                       rope: tuple[torch.Tensor, torch.Tensor], extra: dict) -> tuple[torch.Tensor, ...]:
+        if pending_BTD is None:
+            x_BTD = self.mixer_norm(join_stream(hi_BTD, lo_BTD))
+        else:
+            hi_BTD, lo_BTD, x_BTD, _ = add_rms_norm(hi_BTD, lo_BTD, pending_BTD, self.mixer_norm.weight,
+                                                    self.mixer_norm.eps)
+        branch = self.mixer(x_BTD, rope=rope, **extra)
+        hi_BTD, lo_BTD, x_BTD, _ = add_rms_norm(hi_BTD, lo_BTD, branch, self.ffn_norm.weight, self.ffn_norm.eps)
+        return hi_BTD, lo_BTD, self.ffn(x_BTD)
 
     def _forward_split(self, hi_BTD: torch.Tensor, lo_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                        extra: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,19 +228,27 @@ class Decoder(nn.Module):
             h_BTD = h_BTD.to(torch.get_autocast_dtype(device))  # the blocks' sums then stay in it
         split = (self.config.fp32_residual and self.config.split_residual and torch.is_autocast_enabled(device)
                  and torch.get_autocast_dtype(device) == torch.bfloat16)
+        # model.fuse_norms: the split stream's sums and norms as one kernel each (dropout adds nothing then)
+        fused = (split and self.config.fuse_norms and h_BTD.is_cuda and add_norm.available()
+                 and not (self.training and self.config.dropout))
         if split:
             h_BTD, lo_BTD = split_stream(h_BTD)
+        pending_BTD = None
         for i, block in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            if split:
+            if fused:
+                h_BTD, lo_BTD, pending_BTD = block(h_BTD, rope, layer_cache, mask_B1TT, lo_BTD=lo_BTD, fused=True,
+                                                   pending_BTD=pending_BTD)
+            elif split:
                 h_BTD, lo_BTD = block(h_BTD, rope, layer_cache, mask_B1TT, lo_BTD=lo_BTD)
             else:
                 h_BTD = block(h_BTD, rope, layer_cache, mask_B1TT)
-        if split:
-            h_BTD = join_stream(h_BTD, lo_BTD)
         if cache is not None:
             cache.pos = end
-        h_BTD = self.norm(h_BTD)
+        if fused and pending_BTD is not None:
+            h_BTD = add_rms_norm(h_BTD, lo_BTD, pending_BTD, self.norm.weight, self.norm.eps)[2]
+        else:
+            h_BTD = self.norm(join_stream(h_BTD, lo_BTD) if split else h_BTD)
         if targets_BT is None:
             return self.output(h_BTD)  # logits_BTV, in autocast's dtype
         if type(self.output) is nn.Linear:  # not a peft or quantized wrapper
