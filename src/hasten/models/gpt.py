@@ -99,8 +99,16 @@ def split_stream(h_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ~16 bits of mantissa; fp32's 24, bf16's 8). Gradients flow through `hi` alone, as through the
     identity: `lo` is a constant correction."""
     hi_BTD = h_BTD.to(torch.bfloat16)
-    lo_BTD = (h_BTD.detach() - hi_BTD.detach().float()).to(torch.bfloat16)
+    lo_BTD = (h_BTD.detach() - bf16_bits_to_float(hi_BTD.detach())).to(torch.bfloat16)
     return hi_BTD, lo_BTD
+
+
+def bf16_bits_to_float(x: torch.Tensor) -> torch.Tensor:
+    """x.float() for bf16 x, made from its bits. Inside one generated kernel, torch.compile keeps a
+    value cast to bf16 and back in fp32 without rounding it (unless emulate_precision_casts is on),
+    so `h - h.to(bf16).float()` compiled to 0 and the pair to a bf16 stream; from the bits, the
+    rounding must happen (tests/unit/test_models.py checks the compiled pair)."""
+    return (x.view(torch.int16).to(torch.int32) << 16).view(torch.float32)
 
 
 def join_stream(hi_BTD: torch.Tensor, lo_BTD: torch.Tensor) -> torch.Tensor:
