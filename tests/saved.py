@@ -14,6 +14,7 @@ def kept_for_backward(loss_fn: Callable[..., torch.Tensor], params: Iterable[tor
     tensors kept for its backward that are not `params`; runs that backward, so the params' grads
     are those of the second run. Returns the kept tensors and the loss."""
     params = list(params)
+    torch._dynamo.reset()  # what the compiler keeps must not depend on what earlier tests compiled
     compiled = torch.compile(loss_fn)
     compiled(*args).backward()
     for p in params:
