@@ -84,10 +84,10 @@ class ModelConfig:
                                        "SwiGLU's gate and up likewise, silu(gate) * up in one kernel (parameters and "
                                        "checkpoints unchanged; layers wrapped by an adapter or a quantizer, cached "
                                        "generation and packed sequences keep the unfused path; no effect on the CPU)")
-    fuse_norms: bool = _f(False, "with model.split_residual, on a GPU with Triton: each residual sum, its split into "
-                                 "the bf16 pair and the next RMSNorm as one kernel each way (no fp32 sum kept for "
-                                 "backward, the norm's weight gradient in the same pass; not with dropout while "
-                                 "training; no effect on the CPU)")
+    fuse_norms: bool = _f(False, "with the split stream (model.split_residual under bf16), on a GPU with Triton: each "
+                                 "residual sum, its split into the bf16 pair and the next RMSNorm as one kernel each "
+                                 "way (no fp32 sum kept for backward, the norm's weight gradient in the same pass); "
+                                 "no effect without the split stream, with dropout while training, or on the CPU")
     init_std: float = _f(0.02, "std of the normal init; output projections are scaled by 1/sqrt(2*n_layers)")
     mixers: str = _f("", "sequence mixer of each layer, one letter per layer: A attention, M Mamba-2 (e.g. 'MMAM'); "
                          "a shorter pattern whose length divides n_layers repeats ('M' = all Mamba-2); empty = all A")
@@ -505,8 +505,6 @@ class RunConfig:
         _check(not (self.model.fuse_projections and self.parallel.strategy == "zero3"), "model.fuse_projections",
                self.model.fuse_projections, "the concatenated weights it keeps for backward would hold every layer's "
                "full weights, which parallel.strategy=zero3 shards; use it with none, ddp, zero1 or zero2")
-        _check(not self.model.fuse_norms or self.model.split_residual, "model.fuse_norms", self.model.fuse_norms,
-               "it fuses the sums and norms of the split residual stream; set model.split_residual=true with it")
         _check(not (self.parallel.strategy == "zero1" and self.optim.name in ("sophia", "schedulefree_adamw", "muon")),
                "optim.name", self.optim.name, "it does not work with parallel.strategy=zero1 yet; use ddp, zero2 or zero3")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hasten.config import ConfigError, load_config
+from hasten.config import load_config
 from hasten.models import build_model
 from hasten.models.gpt import join_stream, split_stream
 from hasten.models.ops import add_norm
@@ -55,15 +55,11 @@ def test_add_rms_norm_matches_the_split_block_and_its_gradients(shape, hi_used, 
     torch.testing.assert_close(got[2], want[2], atol=1e-3 * want[2].abs().max().item(), rtol=1e-3)
 
 
-def test_fuse_norms_needs_the_split_stream():
-    load_config("default", ["model.fuse_norms=true", "model.split_residual=true"])
-    with pytest.raises(ConfigError, match="model.fuse_norms.*split_residual"):
-        load_config("default", ["model.fuse_norms=true"])
-
-
-def test_on_the_cpu_the_fused_norms_change_nothing():
-    """Without the kernels the key changes nothing: same outputs, bit for bit."""
-    plain, fused = (load_config("default", ["model.preset=tiny", "model.split_residual=true",
+@pytest.mark.parametrize("split", ["true", "false"])
+def test_on_the_cpu_or_without_the_split_stream_the_fused_norms_change_nothing(split):
+    """Without the kernels, or without the split stream they fuse, the key changes nothing: same
+    outputs, bit for bit."""
+    plain, fused = (load_config("default", ["model.preset=tiny", f"model.split_residual={split}",
                                             f"model.fuse_norms={f}"]).model for f in ("false", "true"))
     torch.manual_seed(0)
     a = build_model(plain, 256, torch.device("cpu"))
