@@ -236,7 +236,7 @@ class Decoder(nn.Module):
             h_BTD = h_BTD.to(torch.get_autocast_dtype(device))  # the blocks' sums then stay in it
         split = (self.config.fp32_residual and self.config.split_residual and torch.is_autocast_enabled(device)
                  and torch.get_autocast_dtype(device) == torch.bfloat16)
-        # model.fuse_norms: the split stream's sums and norms as one kernel each (dropout adds nothing then)
+        # model.fuse_norms: the split stream's sums and norms as one kernel each way (the fused blocks have no dropout)
         fused = (split and self.config.fuse_norms and h_BTD.is_cuda and add_norm.available()
                  and not (self.training and self.config.dropout))
         if split:

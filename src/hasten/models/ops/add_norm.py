@@ -109,9 +109,9 @@ def _launch_backward(D: int) -> tuple[int, int, int]:
 @torch.library.custom_op("hasten::add_rms_norm", mutates_args=())
 def add_rms_norm(hi: torch.Tensor, lo: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(hi, lo) the split stream, `branch` what a block adds to it, all (..., D) and of the pair's
-    dtype -> the new pair, the RMSNorm of its sum times `weight` (..., D), and the norm's fp32
-    reciprocal root mean square per token (N,), which backward reads."""
+    """(hi, lo) the split stream (bf16), `branch` what a block adds to it (any float dtype), all
+    (..., D) -> the new pair, the RMSNorm of its sum times `weight` in the pair's dtype (..., D), and
+    the norm's fp32 reciprocal root mean square per token (N,), which backward reads."""
     D = hi.shape[-1]
     N = hi.numel() // D
     hi_out, lo_out, y = torch.empty_like(hi), torch.empty_like(lo), torch.empty_like(hi)
