@@ -11,6 +11,7 @@ from hasten.config import load_config
 from hasten.models import build_model
 from hasten.models.gpt import join_stream, split_stream
 from hasten.models.ops import add_norm
+from tests.fused import fused_against_plain, kernels_run
 
 cuda = pytest.mark.skipif(not add_norm.available(), reason="the fused norms' kernels run on CUDA with Triton")
 
@@ -76,25 +77,7 @@ def test_on_the_cpu_or_without_the_split_stream_the_fused_norms_change_nothing(s
 def test_fused_norms_model_matches_the_split_model_in_loss_and_gradients(compile, fuse_projections):
     """The split-stream model with and without fuse_norms, same weights, bf16 autocast: close losses
     and gradients, and the fused one really ran the kernels."""
-    cfgs = [load_config("default", ["model.preset=tiny", "model.split_residual=true", f"model.fuse_norms={f}",
-                                    f"model.fuse_projections={fuse_projections}"]).model for f in ("false", "true")]
-    torch.manual_seed(0)
-    a = build_model(cfgs[0], 256, torch.device("cuda"))
-    b = build_model(cfgs[1], 256, torch.device("cuda"))
-    b.load_state_dict(a.state_dict())
-    x = torch.randint(0, 256, (4, 64), device="cuda")
-    results = []
-    for model in (a, b):
-        run = torch.compile(model) if compile else model
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = run(x[:, :-1], targets_BT=x[:, 1:])
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (la, ga), (lb, gb) = results
-    torch.testing.assert_close(lb, la, atol=1e-2, rtol=0)
-    for name, g in ga.items():
-        torch.testing.assert_close(gb[name], g, atol=5e-3, rtol=5e-2, msg=lambda m: f"{name}: {m}")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            b(x)
-    assert "add_norm_fwd" in " ".join(e.key for e in prof.key_averages())
+    common = ["model.preset=tiny", "model.split_residual=true", f"model.fuse_projections={fuse_projections}"]
+    model, x = fused_against_plain(common, [*common, "model.fuse_norms=true"],
+                                   lambda run, x: run(x[:, :-1], targets_BT=x[:, 1:]), compile, loss_atol=1e-2)
+    assert "add_norm_fwd" in kernels_run(model, x)

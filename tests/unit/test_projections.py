@@ -12,6 +12,7 @@ from hasten.config import ConfigError, load_config
 from hasten.models import build_model
 from hasten.models.layers import apply_rope, fusable, rope_tables
 from hasten.models.ops import projections
+from tests.fused import fused_against_plain, kernels_run
 
 cuda = pytest.mark.skipif(not projections.available(), reason="the fused projections' kernels run on CUDA with Triton")
 
@@ -89,27 +90,10 @@ def test_swiglu_matches_silu_gate_times_up_and_its_gradient(dtype, triton_device
 def test_fused_model_matches_the_unfused_model_in_loss_and_gradients(compile):
     """A GQA model (tiny preset: 4 heads, 2 kv heads) with and without fuse_projections, same weights,
     bf16 autocast: close losses and gradients, and the fused one really ran the kernels."""
-    cfgs = [load_config("default", ["model.preset=tiny", f"model.fuse_projections={f}"]).model
-            for f in ("false", "true")]
-    torch.manual_seed(0)
-    a = build_model(cfgs[0], 256, torch.device("cuda"))
-    b = build_model(cfgs[1], 256, torch.device("cuda"))
-    b.load_state_dict(a.state_dict())
-    x = torch.randint(0, 256, (4, 64), device="cuda")
-    results = []
-    for model in (a, b):
-        run = torch.compile(model) if compile else model
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = run(x[:, :-1])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (la, ga), (lb, gb) = results
-    torch.testing.assert_close(lb, la, atol=2e-2, rtol=0)
-    for name, g in ga.items():
-        torch.testing.assert_close(gb[name], g, atol=5e-3, rtol=5e-2, msg=lambda m: f"{name}: {m}")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            b(x)
-    names = " ".join(e.key for e in prof.key_averages())
+    def loss_fn(run, x):
+        return F.cross_entropy(run(x[:, :-1]).float().flatten(0, 1), x[:, 1:].flatten())
+
+    model, x = fused_against_plain(["model.preset=tiny"], ["model.preset=tiny", "model.fuse_projections=true"],
+                                   loss_fn, compile, loss_atol=2e-2)
+    names = kernels_run(model, x)
     assert "qkv_rope_fwd" in names and "swiglu_fwd" in names

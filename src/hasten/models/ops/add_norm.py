@@ -28,14 +28,7 @@ import functools
 
 import torch
 
-from hasten.models.ops import triton_cross_entropy
-
-_AVAILABLE = triton_cross_entropy.available()  # CUDA and Triton; decided once, so compiled forwards read a constant
-
-
-def available() -> bool:
-    """True when a GPU is there and Triton imports; the decoder keeps the unfused norms otherwise."""
-    return _AVAILABLE
+from hasten.models.ops.projections import available  # noqa: F401  (CUDA and Triton: the decoder's test for these ops)
 
 
 @functools.cache
