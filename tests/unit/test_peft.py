@@ -399,12 +399,14 @@ def test_seq_len_is_checked_against_the_pretrained_model_not_the_recipe(tmp_path
 
 
 def test_a_run_from_pretrained_weights_keeps_its_own_compute_settings(tmp_path):
-    """model.from replaces the shape, but dropout, fp32_residual and fuse_projections say how this run computes: they are the run's own, not the source's (nor silently reset to the defaults)."""
+    """model.from replaces the shape, but dropout, fp32_residual and the fusing keys say how this run computes: they are the run's own, not the source's (nor silently reset to the defaults)."""
     from hasten.models.hf import resolve_pretrained
 
     make_hf_llama(tmp_path)
     config = resolve_pretrained(load_config("default", [f"model.from={tmp_path}", "model.fp32_residual=false", "model.dropout=0.1",
-                                                        "model.fuse_projections=true", "model.dim=8", "train.seq_len=64"]))
+                                                        "model.fuse_projections=true", "model.fuse_norms=true", "model.dim=8",
+                                                        "train.seq_len=64"]))
     meta = json.loads((tmp_path / "config.json").read_text())
     assert config.model.dim == meta["hidden_size"] != 8  # the shape is the source's
-    assert (config.model.fp32_residual, config.model.dropout, config.model.fuse_projections) == (False, 0.1, True)
+    assert (config.model.fp32_residual, config.model.dropout, config.model.fuse_projections,
+            config.model.fuse_norms) == (False, 0.1, True, True)
