@@ -88,20 +88,24 @@ def main() -> None:
     diffs = {k: (x.float() - y.float()).abs().max().item() for k, x, y in
              zip(("hi", "lo", "y", "d_hi", "d_branch", "d_weight"), check["fused"], check["compiled"])}
     sweep = []
-    if args.sweep:  # (rows a program takes, warps) forward; with programs per SM backward
+    if args.sweep:  # forward: (rows a program takes, warps); backward: with the pipeline depth, programs per SM
         defaults = add_norm._launch, add_norm._launch_backward, add_norm._programs
         block_d = add_norm._launch(D)[1]
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for rows in (1, 2, 4, 8):
-            for warps in (2, 4, 8):
-                for per_sm in (4, 8, 16, 32):  # the same forward settings each time: a forward rerun too
-                    add_norm._launch = add_norm._launch_backward = lambda _, c=(rows, block_d, warps): c
-                    add_norm._programs = lambda _, p=per_sm * sms: p
-                    sweep.append(dict(rows=rows, warps=warps, programs_per_sm=per_sm, **timings(fused)))
+        for rows in (1, 2, 4):
+            for warps in (2, 4):
+                for stages in (1, 3, 4):
+                    for per_sm in (2, 4, 8):  # the same forward settings each time: a forward rerun too
+                        add_norm._launch = lambda _, c=(rows, block_d, warps): c
+                        add_norm._launch_backward = lambda _, c=(rows, block_d, warps, stages): c
+                        add_norm._programs = lambda _, p=per_sm * sms: p
+                        sweep.append(dict(rows=rows, warps=warps, stages=stages, programs_per_sm=per_sm,
+                                          **timings(fused)))
         add_norm._launch, add_norm._launch_backward, add_norm._programs = defaults
     out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, tokens=N, dim=D,
                launch=dict(forward=dict(zip(("rows", "block_d", "warps"), add_norm._launch(D))),
-                           backward=dict(zip(("rows", "block_d", "warps"), add_norm._launch_backward(D)))),
+                           backward=dict(zip(("rows", "block_d", "warps", "stages"), add_norm._launch_backward(D)),
+                                         programs=add_norm._programs(0))),
                max_abs_difference=diffs,
                results=results, sweep=sweep, date=time.strftime("%Y-%m-%d"),
                command="python benchmarks/add_norm_kernel.py" + (" --sweep" if args.sweep else ""))

@@ -56,6 +56,28 @@ def test_add_rms_norm_matches_the_split_block_and_its_gradients(shape, hi_used, 
     torch.testing.assert_close(got[2], want[2], atol=1e-3 * want[2].abs().max().item(), rtol=1e-3)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])  # the weight's gradient added atomically, or summed after
+def test_add_rms_norm_backward_weight_gradient_both_ways(deterministic, triton_device):
+    torch.manual_seed(0)
+    N, D = 300, 96  # more row blocks than the interpreter's programs: each program adds several
+    hi, lo = split_stream(torch.randn(N, D, device=triton_device) * 3)
+    weight = 1 + 0.1 * torch.randn(D, device=triton_device)
+    rstd = torch.rsqrt(join_stream(hi, lo).pow(2).mean(-1) + 1e-5)
+    dy = torch.randn(N, D, device=triton_device).bfloat16()
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        ds, dw = add_norm.add_rms_norm_backward(None, dy, hi, lo, rstd, weight)
+        again = add_norm.add_rms_norm_backward(None, dy, hi, lo, rstd, weight)[1]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    want = (dy.float() * join_stream(hi, lo) * rstd[:, None]).sum(0)
+    assert dw.shape == (D,) and dw.dtype == torch.float32
+    torch.testing.assert_close(dw, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
+    if deterministic:
+        assert torch.equal(dw, again)
+
+
 @pytest.mark.parametrize("split", ["true", "false"])
 def test_on_the_cpu_or_without_the_split_stream_the_fused_norms_change_nothing(split):
     """Without the kernels, or without the split stream they fuse, the key changes nothing: same

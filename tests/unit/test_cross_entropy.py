@@ -333,3 +333,26 @@ def test_triton_kernel_rows_match_cross_entropy_and_its_gradient(dtype, triton_d
     torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss_g, loss)
     torch.testing.assert_close(logits.double(), grad_want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_multiplies_in_place_by_a_device_scalar(dtype, triton_device):
+    """The in-place scale of the kept gradients (QuACK's path): x * s in fp32, rounded once (as PyTorch
+    rounds, on a GPU), over a length no multiple of the block; a view of a larger tensor's leading rows
+    leaves the rest as it was."""
+    from hasten.models.ops.triton_cross_entropy import scale_
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(7, 333, generator=g).to(dtype).to(triton_device)
+    x = base[:5]
+    before = base.clone()
+    s = torch.tensor(0.37, device=triton_device)
+    assert scale_(x, s, block=256) is x
+    want = before[:5].float() * s
+    if triton_device == "cpu" and dtype == torch.bfloat16:  # the interpreter rounds to bf16 toward zero
+        assert ((x.float() - want).abs() <= want.abs() * 2.0**-7).all()
+    else:
+        assert torch.equal(x, want.to(dtype))
+    assert torch.equal(base[5:], before[5:])
+    with pytest.raises(ValueError, match="contiguous"):
+        scale_(base.t(), s)

@@ -97,3 +97,34 @@ def test_fused_model_matches_the_unfused_model_in_loss_and_gradients(compile):
                                    loss_fn, compile, loss_atol=2e-2)
     names = kernels_run(model, x)
     assert "qkv_rope_fwd" in names and "swiglu_fwd" in names
+
+
+@cuda
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_makes_the_fp32_weight_gradient_in_its_gemm(compile, bias):
+    """Under bf16 autocast with fp32 weights: the same output and input gradient as F.linear, and the
+    weight's (and bias's) gradient in fp32, closer to the float64 one than autocast's bf16-rounded one."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 256, 192, device="cuda").bfloat16().requires_grad_()
+    w = (torch.randn(320, 192, device="cuda") * 0.05).requires_grad_()
+    b = torch.randn(320, device="cuda").requires_grad_() if bias else None
+    dy = torch.randn(4, 256, 320, device="cuda").bfloat16()
+    leaves = [t for t in (x, w, b) if t is not None]
+
+    def run(fn):
+        with torch.autocast("cuda", torch.bfloat16):
+            y = fn(x, w, b)
+        return y, torch.autograd.grad(y, leaves, dy)
+
+    fn = torch.compile(projections.linear, fullgraph=True) if compile else projections.linear
+    y, grads = run(fn)
+    y_ref, grads_ref = run(F.linear)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    torch.testing.assert_close(grads[0], grads_ref[0])
+    assert all(g.dtype == torch.float32 for g in grads[1:])
+    exact = dy.double().flatten(0, 1).t() @ x.double().flatten(0, 1)
+    err, err_ref = (grads[1].double() - exact).abs().max(), (grads_ref[1].double() - exact).abs().max()
+    assert err < err_ref / 4, (err, err_ref)
+    if bias:
+        torch.testing.assert_close(grads[2], dy.float().sum((0, 1)), rtol=1e-4, atol=1e-3)

@@ -47,10 +47,12 @@ class Attention(nn.Module):
             # it (and, backward, writes the fused output's gradient in one pass): ops/projections.py.
             weight = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
             bias = torch.cat([self.wq.bias, self.wk.bias, self.wv.bias]) if self.wq.bias is not None else None
-            q_BTHd, k_BTKd, v_BTKd = projections.qkv_rope(F.linear(x_BTD, weight, bias), cos_Td.float().contiguous(),
-                                                          sin_Td.float().contiguous(), H, K)
+            q_BTHd, k_BTKd, v_BTKd = projections.qkv_rope(projections.linear(x_BTD, weight, bias),
+                                                          cos_Td.float().contiguous(), sin_Td.float().contiguous(), H, K)
+            fused = True
             q_BHTd, k_BKTd, v_BKTd = q_BTHd.transpose(1, 2), k_BTKd.transpose(1, 2), v_BTKd.transpose(1, 2)
         else:
+            fused = False
             q_BHTd = self.wq(x_BTD).view(B, T, H, d).transpose(1, 2)
             k_BKTd = self.wk(x_BTD).view(B, T, K, d).transpose(1, 2)
             v_BKTd = self.wv(x_BTD).view(B, T, K, d).transpose(1, 2)
@@ -76,4 +78,7 @@ class Attention(nn.Module):
         y_BHTd = F.scaled_dot_product_attention(
             q_BHTd, k_BKTd, v_BKTd, attn_mask=mask, is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0, **extra)
-        return self.wo(y_BHTd.transpose(1, 2).reshape(B, T, H * d))
+        y_BTD = y_BHTd.transpose(1, 2).reshape(B, T, H * d)
+        if fused and fusable(self.wo):
+            return projections.linear(y_BTD, self.wo.weight)
+        return self.wo(y_BTD)

@@ -80,6 +80,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         if self.fused and x_BTD.is_cuda and projections.available() and fusable(self.w1, self.w3):
-            gate_up_BTF2 = F.linear(x_BTD, torch.cat([self.w1.weight, self.w3.weight]))
-            return self.w2(projections.swiglu(gate_up_BTF2))
+            h_BTF = projections.swiglu(projections.linear(x_BTD, torch.cat([self.w1.weight, self.w3.weight])))
+            return projections.linear(h_BTF, self.w2.weight) if fusable(self.w2) else self.w2(h_BTF)
         return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))

@@ -56,6 +56,34 @@ def _kernel():
 
 
 @functools.cache
+def _scale_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def scale(x_ptr, s_ptr, n, BLOCK: tl.constexpr):
+        at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = at < n
+        x = tl.load(x_ptr + at, mask=live).to(tl.float32) * tl.load(s_ptr).to(tl.float32)
+        tl.store(x_ptr + at, x.to(x_ptr.dtype.element_ty), mask=live)
+
+    return scale
+
+
+def scale_(x: torch.Tensor, s: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """x *= s in place, in fp32, rounded once to x's dtype; `s` a one-element device tensor (a loss's
+    gradient: nothing waits for its value). PyTorch's `x.mul_(s)` treats a 0-d device tensor as a
+    broadcast operand and does not vectorize: on an H200, 0.096 ms against 0.025 for 32768 x 768 bf16,
+    0.110 against 0.075 for 50304 x 768 fp32."""
+    if not x.is_contiguous():
+        raise ValueError("scale_ takes a contiguous tensor")
+    n = x.numel()
+    if n:
+        _scale_kernel()[(-(-n // block),)](x, s.reshape(1), n, BLOCK=block, num_warps=4)
+    return x
+
+
+@functools.cache
 def available() -> bool:
     """Whether the kernel can run: CUDA and an importable Triton."""
     if not torch.cuda.is_available():
