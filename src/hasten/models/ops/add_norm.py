@@ -102,7 +102,7 @@ def _launch_backward(D: int) -> tuple[int, int, int, int]:
     """The same for a backward program's blocks of rows, with the loads' pipeline depth (there: 2
     rows, 2 warps, 4 stages and 2 programs a multiprocessor, the weight's gradient added atomically:
     0.062 ms against 0.072 for 4 rows, 2 warps, no pipelining, 8 programs a multiprocessor and the
-    partial rows summed after: benchmarks/add_norm_kernel.py --sweep)."""
+    partial rows summed after: benchmarks/results/add_norm_backward_variants.json)."""
     block_d = 1 << (D - 1).bit_length()
     return max(1, 2048 // block_d), block_d, 2 if block_d <= 1024 else 4, 4
 
@@ -131,7 +131,7 @@ def _(hi, lo, branch, weight, eps):
 
 @functools.cache
 def _programs(device_index: int) -> int:
-    """Backward's programs: 2 a multiprocessor (the sweep above)."""
+    """Backward's programs: 2 a multiprocessor (the record above)."""
     return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
