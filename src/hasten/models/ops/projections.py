@@ -16,6 +16,10 @@ element, and on the `gpt2-124m` step it cost more than the fused matmuls saved
 Both compute in fp32 and round once to the input's dtype. The reference is the plain PyTorch of
 `hasten.models.layers` (tests/unit/test_projections.py: on a GPU, or on the CPU under Triton's
 interpreter); torch.compile treats the ops as opaque, so the kernels are the ones measured.
+
+The fused layers' matmuls themselves go through `linear(x, W, b)` (an autograd function that
+torch.compile traces): `F.linear`'s forward under autocast, with the fp32 weight's gradient written by
+its GEMM in fp32, where autograd would make a bf16 gradient and cast it in a kernel of its own.
 """
 
 from __future__ import annotations
