@@ -104,12 +104,17 @@ def _quack_loss(h_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Te
     from quack.linear_cross_entropy import chunked_linear_cross_entropy
 
     chunk = _quack_chunk(chunk)
-    if torch.is_grad_enabled() and (h_ND.requires_grad or weight_VD.requires_grad) \
-            and hasattr(torch.ops.quack, "lce_scaled_exp_fwd"):
+    if torch.is_grad_enabled() and (h_ND.requires_grad or weight_VD.requires_grad) and _quack_forward_op():
         return _QuackLinearCrossEntropy.apply(h_ND, weight_VD, targets_N, chunk)
     total = chunked_linear_cross_entropy(h_ND, weight_VD, targets_N, chunk_size=chunk, ignore_index=IGNORE_INDEX,
                                          reduction="sum")
     return total / (targets_N != IGNORE_INDEX).sum().clamp(min=1)
+
+
+@functools.cache
+def _quack_forward_op() -> bool:
+    """Whether the installed QuACK registers the forward op _QuackLinearCrossEntropy calls (looked up once)."""
+    return hasattr(torch.ops.quack, "lce_scaled_exp_fwd")
 
 
 class _QuackLinearCrossEntropy(torch.autograd.Function):
