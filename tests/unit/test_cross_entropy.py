@@ -309,6 +309,10 @@ def test_triton_path_matches_the_plain_loss_on_cuda(loss_kernel, dtype):
     torch.testing.assert_close(gw.double(), ww, **tol)
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy(h, w, t, 128), got.detach())
+    again = linear_cross_entropy(h, w, t, 128)  # backward scales the kept gradients in place: once only
+    torch.autograd.grad(again, (h, w), retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        torch.autograd.grad(again, (h, w))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

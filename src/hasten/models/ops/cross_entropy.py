@@ -140,12 +140,25 @@ class _QuackLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        from hasten.models.ops.triton_cross_entropy import scale_
-
         gh_ND, gw_VD = ctx.saved_tensors
-        gh = scale_(gh_ND, grad_loss) if gh_ND is not None else None
-        gw = scale_(gw_VD, grad_loss).to(ctx.weight_dtype) if gw_VD is not None else None
+        gh = _scale_kept(ctx, gh_ND, grad_loss) if gh_ND is not None else None
+        gw = _scale_kept(ctx, gw_VD, grad_loss).to(ctx.weight_dtype) if gw_VD is not None else None
+        ctx.backward_done = True  # a second backward (retain_graph) would find its gradients scaled
         return gh, gw, None, None
+
+
+def _scale_kept(ctx, kept: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """A kept gradient times the loss's gradient: in place, one Triton pass, on CUDA (PyTorch's
+    multiplication by a 0-d device tensor does not vectorize: see triton_cross_entropy.scale_);
+    else a new tensor, the product in the wider of the two dtypes, rounded once."""
+    from hasten.models.ops import triton_cross_entropy
+
+    if not (kept.is_cuda and kept.is_contiguous() and triton_cross_entropy.available()):
+        return (kept * grad_loss).to(kept.dtype)
+    if getattr(ctx, "backward_done", False):
+        raise RuntimeError("a second backward through the same linear cross-entropy (retain_graph=True) is not "
+                           "supported on CUDA: the first scaled its kept gradients in place")
+    return triton_cross_entropy.scale_(kept, grad_loss)
 
 
 def _weight_grad(g_nV: torch.Tensor, h_nD: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -233,8 +246,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         gh_ND, gw_VD = ctx.saved_tensors
-        gh = gh_ND * grad_loss.to(gh_ND.dtype) if gh_ND is not None else None
-        gw = (gw_VD * grad_loss).to(ctx.weight_dtype) if gw_VD is not None else None
+        gh = _scale_kept(ctx, gh_ND, grad_loss) if gh_ND is not None else None
+        gw = _scale_kept(ctx, gw_VD, grad_loss).to(ctx.weight_dtype) if gw_VD is not None else None
+        ctx.backward_done = True  # a second backward (retain_graph) would find its gradients scaled
         return gh, gw, None, None, None, None, None, None
 
 
