@@ -201,8 +201,7 @@ VARIANTS = {"recipe": [], "flash": ["train.attention_backend=flash"], "cudnn": [
             "quack": ["train.loss_kernel=quack"],  # QuACK's fused linear cross-entropy (Hopper, quack-kernels)
             "fused": ["model.fuse_projections=true"], "unfused": ["model.fuse_projections=false"],  # plain too
             "fusednorms": ["model.fuse_norms=true"], "unfusednorms": ["model.fuse_norms=false"],  # plain too
-            "fp8": ["precision.fp8=rowwise"], "fp8_tensorwise": ["precision.fp8=tensorwise"],
-            "torchadamw": ["optim.fused=torch"]}  # torch's fused AdamW kernel, not hasten's Triton step
+            "fp8": ["precision.fp8=rowwise"], "fp8_tensorwise": ["precision.fp8=tensorwise"]}
 # Variants of the compiler's own settings, through its environment (each side runs in its own process):
 # programmatic dependent launch (Hopper: a kernel starts while the one before it finishes) and
 # Inductor's mix-order reductions (a norm's backward and its weight's gradient in one kernel) off.

@@ -191,9 +191,7 @@ class OptimConfig:
     beta1: float = _f(0.9, "first-moment decay")
     beta2: float = _f(0.95, "second-moment decay")
     eps: float = _f(1e-8, "denominator epsilon")
-    fused: str = _f("auto", "fused AdamW kernel: auto (on when on GPU), on (hasten's Triton step, one launch per "
-                            "parameter group, torch's fused kernel where it does not apply), torch (torch's fused "
-                            "kernel), off", choices=("auto", "on", "torch", "off"))
+    fused: str = _f("auto", "fused optimizer kernel: auto (on when on GPU), on, off", choices=("auto", "on", "off"))
     schedule: str = _f("cosine", "learning-rate schedule", choices=("cosine", "wsd", "constant"))
     horizon: str = _f("steps", "what the schedule's decay spans: steps (train.steps) or time (train.time_limit_s "
                                "of training in all: the rate reaches its end as the time runs out, for runs "
@@ -231,7 +229,7 @@ class OptimConfig:
         _check(self.muon_momentum_warmup >= 0, "optim.muon_momentum_warmup", self.muon_momentum_warmup, "it must be >= 0")
         _check(self.adafactor_beta2_decay <= 0, "optim.adafactor_beta2_decay", self.adafactor_beta2_decay,
                "it must be <= 0")
-        _check(self.fused in ("auto", "off") or self.name == "adamw", "optim.fused", self.fused,
+        _check(self.fused != "on" or self.name == "adamw", "optim.fused", self.fused,
                f"the fused kernel exists for adamw only, not optim.name={self.name}; use optim.fused=auto")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "it must be >= 0")
         for name in ("beta1", "beta2"):

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from hasten.config import ConfigError, OptimConfig
-from hasten.optim import triton_adamw
 from hasten.optim.hooks import set_train_mode
 from hasten.optim.lion import Lion
 from hasten.optim.muon import CombinedOptimizer, MuonNS, muon_params
@@ -41,10 +40,9 @@ def param_groups(model: nn.Module, weight_decay: float, exclude: set[int] = froz
 
 
 def _use_fused(cfg: OptimConfig, device: torch.device) -> bool:
-    if cfg.fused in ("on", "torch") and device.type != "cuda":
-        raise ConfigError(f"optim.fused={cfg.fused!r} needs a CUDA device, but the run is on {device.type}; "
-                          "use optim.fused=auto.")
-    return cfg.fused in ("on", "torch") or (cfg.fused == "auto" and device.type == "cuda")
+    if cfg.fused == "on" and device.type != "cuda":
+        raise ConfigError(f"optim.fused='on' needs a CUDA device, but the run is on {device.type}; use optim.fused=auto.")
+    return cfg.fused == "on" or (cfg.fused == "auto" and device.type == "cuda")
 
 
 def _needs_package(module: str, extra: str = "optim") -> str | None:
@@ -65,12 +63,9 @@ def _adamw8bit_unavailable(device: torch.device) -> str | None:
 
 @register_optimizer("adamw", "Adam with decoupled weight decay: the baseline (fused kernel on GPU)")
 def build_adamw(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
     fused = _use_fused(cfg, device)
-    if fused and cfg.fused != "torch" and triton_adamw.available():
-        return triton_adamw.TritonAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None,
-                             foreach=None if fused else True)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, fused=fused or None, foreach=None if fused else True)
 
 
 @register_optimizer("sophia", "SophiaG: momentum clipped by a diagonal Gauss-Newton Hessian estimate (Liu et al. 2023)")
