@@ -140,11 +140,17 @@ class _QuackLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        gh_ND, gw_VD = ctx.saved_tensors
-        gh = _scale_kept(ctx, gh_ND, grad_loss) if gh_ND is not None else None
-        gw = _scale_kept(ctx, gw_VD, grad_loss).to(ctx.weight_dtype) if gw_VD is not None else None
-        ctx.backward_done = True  # a second backward (retain_graph) would find its gradients scaled
-        return gh, gw, None, None
+        return *_kept_gradients(ctx, grad_loss), None, None
+
+
+def _kept_gradients(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backward of both loss functions: the gradients of h and of the weight that forward kept
+    (either may be None), times the loss's gradient, the weight's in its own dtype."""
+    gh_ND, gw_VD = ctx.saved_tensors
+    gh = _scale_kept(ctx, gh_ND, grad_loss) if gh_ND is not None else None
+    gw = _scale_kept(ctx, gw_VD, grad_loss).to(ctx.weight_dtype) if gw_VD is not None else None
+    ctx.backward_done = True  # a second backward (retain_graph) would find its gradients scaled
+    return gh, gw
 
 
 def _scale_kept(ctx, kept: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
@@ -245,11 +251,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        gh_ND, gw_VD = ctx.saved_tensors
-        gh = _scale_kept(ctx, gh_ND, grad_loss) if gh_ND is not None else None
-        gw = _scale_kept(ctx, gw_VD, grad_loss).to(ctx.weight_dtype) if gw_VD is not None else None
-        ctx.backward_done = True  # a second backward (retain_graph) would find its gradients scaled
-        return gh, gw, None, None, None, None, None, None
+        return *_kept_gradients(ctx, grad_loss), None, None, None, None, None, None
 
 
 @torch.compiler.disable  # the chunk loop stays in Python, between the model's compiled graphs
