@@ -9,21 +9,35 @@ flash-attn-4 package is there): first its output and input gradients against an 
 reference on two sequences, then the median of `--iters` forward + backward passes, each timed
 between CUDA events. FA4 replaces the flash backend for the rest of the process, so it runs last.
 Writes attention_backends.json.
+
+Another cuDNN 9 than the one PyTorch ships with: HASTEN_CUDNN_LIB=FOLDER (the `lib` folder of an
+nvidia-cudnn-cu13 wheel, or of any cuDNN 9 install; libcudnn.so.9, libcudnn_graph.so.9 and
+libcudnn_engines_runtime_compiled.so.9, which holds the attention kernels, suffice) loads those
+libraries before torch; the JSON records the cuDNN version that ran.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import statistics
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+CUDNN_LIBS = ("libcudnn_graph.so.9", "libcudnn_engines_runtime_compiled.so.9", "libcudnn_heuristic.so.9",
+              "libcudnn.so.9")
+if os.environ.get("HASTEN_CUDNN_LIB"):  # before torch, so that its own cuDNN of the same soname is not loaded
+    for _name in CUDNN_LIBS:
+        if os.path.exists(os.path.join(os.environ["HASTEN_CUDNN_LIB"], _name)):
+            ctypes.CDLL(os.path.join(os.environ["HASTEN_CUDNN_LIB"], _name), mode=ctypes.RTLD_GLOBAL)
 
-from hasten.provenance import source_commit
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from hasten.provenance import source_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -105,7 +119,7 @@ def main() -> None:
     commit = source_commit()
     result = dict(suite="attention_backends", date=time.strftime("%Y-%m-%d"), commit=commit,
                   device=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda,
-                  shape=dict(batch=args.batch, seq=args.seq, heads=args.heads, head_dim=args.head_dim,
+                  cudnn=torch.backends.cudnn.version(), shape=dict(batch=args.batch, seq=args.seq, heads=args.heads, head_dim=args.head_dim,
                              causal=True, dtype="bf16"), iters=args.iters, rows=rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
