@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from hasten.bench.cli import add_parser as add_bench_parser
 from hasten.bench.cli import run as run_bench
@@ -88,8 +90,25 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         if rank_and_world()[0] == 0:
             _print_summary(summary, config.train.out_dir)
     finally:
-        shutdown_distributed()
+        ended_group = shutdown_distributed()
+    if ended_group:
+        _end_rank()
     return 0
+
+
+def _end_rank() -> NoReturn:
+    """End a torchrun rank the way multiprocessing ends its children: flush, then `os._exit(0)`.
+
+    After the process group is destroyed, a gloo worker thread can still hold the last reference to a
+    tensor of the last collective (the summary's all-gather, say); when it drops it while the interpreter
+    finalizes, it takes the GIL and the rank aborts ("terminate called without an active exception",
+    a few runs in a hundred on two CPU ranks), so torchrun reports a failed run that had finished.
+    Everything the run writes is closed by then (logs, checkpoints, summary).
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # What `hasten finetune` sets unless the recipe or an override does.

@@ -52,13 +52,15 @@ def init_distributed(device: torch.device) -> bool:
     return True
 
 
-def shutdown_distributed() -> None:
-    """Destroy the process group if hasten started it; a group the caller owns is left alone."""
+def shutdown_distributed() -> bool:
+    """Destroy the process group if hasten started it (True then); a group the caller owns is left alone."""
     global _STARTED_HERE
-    if _STARTED_HERE and dist.is_initialized():
+    ended = _STARTED_HERE and dist.is_initialized()
+    if ended:
         dist.barrier()  # no rank tears the group down while another still has collectives in flight
         dist.destroy_process_group()
     _STARTED_HERE = False
+    return ended
 
 
 def rank_and_world() -> tuple[int, int]:
