@@ -85,13 +85,13 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
     recipe, overrides = _split_recipe(ns.args)
     config = load_config(recipe, overrides)
-    try:
-        summary = record(train)(config)  # record: torchrun's failure report carries this rank's traceback
-        if rank_and_world()[0] == 0:
-            _print_summary(summary, config.train.out_dir)
-    finally:
-        ended_group = shutdown_distributed()
-    if ended_group:
+    # On an exception this rank leaves at once, without the barrier and teardown below: the other ranks may
+    # be inside a collective it will never join, and a barrier would wait for them as they wait for it, until
+    # the group's timeout. torchrun stops the other ranks when this one exits.
+    summary = record(train)(config)  # record: torchrun's failure report carries this rank's traceback
+    if rank_and_world()[0] == 0:
+        _print_summary(summary, config.train.out_dir)
+    if shutdown_distributed():
         _end_rank()
     return 0
 

@@ -69,6 +69,30 @@ def test_every_rank_reports_its_own_error(tmp_path, env):
         assert f"hasten: error: rank {rank}/2: 2 processes were launched but parallel.strategy=none" in proc.stderr
 
 
+FAIL_ON_RANK_1 = """
+import importlib, os
+if os.environ.get("RANK") == "1":  # rank 1 fails at its first evaluation; rank 0 goes into the evaluation's all-reduce
+    loop = importlib.import_module("hasten.train.loop")
+    def evaluate(run, forward_loss):
+        raise RuntimeError("injected failure on rank 1")
+    loop.evaluate = evaluate
+"""
+
+
+def test_a_failure_on_one_rank_ends_the_launch_at_once(tmp_path, env):
+    """The failing rank leaves without waiting for the others (which wait in a collective it never joins),
+    and torchrun stops them and reports it: a barrier on the way out hung such a launch until the timeout."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(FAIL_ON_RANK_1)
+    env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "inject"), env.get("PYTHONPATH")]))}
+    proc = torchrun("train", *COMMON, "train.eval_every=2", f"train.batch_size={B}", "parallel.strategy=ddp",
+                    f"train.out_dir={tmp_path / 'run'}", env=env, timeout=120)
+    assert proc.returncode != 0
+    assert "RuntimeError: injected failure on rank 1" in proc.stderr
+    root_cause = proc.stderr[proc.stderr.index("Root Cause"):]
+    assert "rank      : 1" in root_cause and "injected failure on rank 1" in root_cause
+
+
 def test_impossible_combinations_fail_early():
     with pytest.raises(hasten.ConfigError, match="CPU offload needs parallel.strategy=zero2 or zero3"):
         hasten.load_config("default", ["parallel.strategy=ddp", "parallel.cpu_offload=true"])
