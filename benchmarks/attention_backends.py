@@ -28,10 +28,10 @@ from pathlib import Path
 
 CUDNN_LIBS = ("libcudnn_graph.so.9", "libcudnn_engines_runtime_compiled.so.9", "libcudnn_heuristic.so.9",
               "libcudnn.so.9")
-if os.environ.get("HASTEN_CUDNN_LIB"):  # before torch, so that its own cuDNN of the same soname is not loaded
-    for _name in CUDNN_LIBS:
-        if os.path.exists(os.path.join(os.environ["HASTEN_CUDNN_LIB"], _name)):
-            ctypes.CDLL(os.path.join(os.environ["HASTEN_CUDNN_LIB"], _name), mode=ctypes.RTLD_GLOBAL)
+_CUDNN_DIR = os.environ.get("HASTEN_CUDNN_LIB")  # loaded before torch, whose own cuDNN has the same soname
+for _path in [os.path.join(_CUDNN_DIR, name) for name in CUDNN_LIBS] if _CUDNN_DIR else []:
+    if os.path.exists(_path):
+        ctypes.CDLL(_path, mode=ctypes.RTLD_GLOBAL)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

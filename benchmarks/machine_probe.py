@@ -1,10 +1,10 @@
 """How fast is this GPU, in ten seconds: bf16 GEMMs of the `gpt2-124m` step's shapes and a 1 GiB copy.
 
-    python benchmarks/machine_probe.py [--out FILE]
+    PYTHONPATH=src python benchmarks/machine_probe.py [--out FILE]
 
 The GPUs lent for the benchmarks differ by a few percent in the GEMMs that are most of the step; this
 tells which kind a machine is before a long call. Prints one line `PROBE {...}`: TFLOP/s per
-M x K x N shape (mean of 50 after 5 warm-up) and the copy's TB/s (read + write).
+M x K x N shape (mean of 50 after 3 warm-up) and the copy's TB/s (read + write).
 """
 
 from __future__ import annotations
@@ -14,21 +14,9 @@ import json
 from pathlib import Path
 
 import torch
+from gemm_layouts import time_ms  # this folder's GEMM timing
 
 SHAPES = [(32768, 768, 2304), (32768, 768, 4096), (32768, 2048, 768), (8192, 768, 50304)]
-
-
-def timed_ms(fn, n: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / n
 
 
 def probe() -> dict:
@@ -36,10 +24,10 @@ def probe() -> dict:
     for m, k, n in SHAPES:
         a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
-        out[f"{m}x{k}x{n}"] = round(2 * m * k * n / timed_ms(lambda: a @ b) / 1e9, 1)
+        out[f"{m}x{k}x{n}"] = round(2 * m * k * n / time_ms(lambda: a @ b, 50) / 1e9, 1)
     x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
-    out["copy_TBps"] = round(2 * 2**30 / timed_ms(lambda: y.copy_(x), 20) / 1e9, 3)
+    out["copy_TBps"] = round(2 * 2**30 / time_ms(lambda: y.copy_(x), 20) / 1e9, 3)
     return out
 
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import math
-import os
 import sys
 import textwrap
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from hasten.bench.cli import add_parser as add_bench_parser
 from hasten.bench.cli import run as run_bench
@@ -81,7 +79,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from hasten.api import train
-    from hasten.parallel import rank_and_world, shutdown_distributed
+    from hasten.parallel.env import exit_rank, rank_and_world, shutdown_distributed
 
     recipe, overrides = _split_recipe(ns.args)
     config = load_config(recipe, overrides)
@@ -92,23 +90,8 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     if rank_and_world()[0] == 0:
         _print_summary(summary, config.train.out_dir)
     if shutdown_distributed():
-        _end_rank()
+        exit_rank()  # logs, checkpoints and summary are closed by now
     return 0
-
-
-def _end_rank() -> NoReturn:
-    """End a torchrun rank the way multiprocessing ends its children: flush, then `os._exit(0)`.
-
-    After the process group is destroyed, a gloo worker thread can still hold the last reference to a
-    tensor of the last collective (the summary's all-gather, say); when it drops it while the interpreter
-    finalizes, it takes the GIL and the rank aborts ("terminate called without an active exception",
-    a few runs in a hundred on two CPU ranks), so torchrun reports a failed run that had finished.
-    Everything the run writes is closed by then (logs, checkpoints, summary).
-    """
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 # What `hasten finetune` sets unless the recipe or an override does.

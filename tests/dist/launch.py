@@ -13,6 +13,8 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hasten.parallel.env import exit_rank
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -28,11 +30,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
         fn(*args)
     finally:
         dist.destroy_process_group()
-    # The rank's work is done and checked by its outputs; skip interpreter teardown, where a loaded
-    # 2-core machine occasionally aborts while background C++ threads are destroyed.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_rank()  # the rank's work is done and checked by its outputs: as `hasten train` ends a torchrun rank
 
 
 def spawn(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> None:
