@@ -192,10 +192,12 @@ def test_quantization_aware_training_on_sharded_parameters_matches_one_process(c
     assert type(model.layers[0].mixer.wq.weight).__name__ == "IntxUnpackedToInt8Tensor"
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
 def test_fp8_linears_train_on_two_ranks_like_one_process(cache, strategy):
     """torchao's Float8Linear under DDP and FSDP2: each block's weights are gathered (in fp32 here)
-    and cast to fp8 with the same dynamic scales as in one process. Measured: 3e-5 relative."""
+    and cast to fp8 with the same dynamic scales as in one process. Measured: 3e-5 relative. (zero1
+    wraps the model as ddp does, zero2 as zero3 does without resharding after forward: the fp8 paths
+    of these two; each compiled two-rank run is ~20 s of both cores here.)"""
     out, ref = _two_ranks_and_one_process(cache, "fp8", ["precision.fp8=rowwise"], strategy)
     assert losses(out) == pytest.approx(losses(ref), rel=LOSS_RTOL)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.saved import kept_storage_bytes, saved_by_forward
+from tests.saved import compiled_for_saved, kept_storage_bytes, saved_by_forward
 
 from hasten.config import ModelConfig
 from hasten.models import Mamba2, build_model, generate, ssd_scan, ssd_scan_ref
@@ -123,7 +123,7 @@ def test_mamba_mixer_keeps_no_fp32_inner_width_tensor_for_backward(compiled):
     torch.manual_seed(0)
     mixer = Mamba2(64, d_state=16, head_dim=16, expand=2, chunk_size=16).to(torch.bfloat16)
     x = torch.randn(1, 64, 64, dtype=torch.bfloat16, requires_grad=True)
-    run = torch.compile(mixer) if compiled else mixer
+    run = compiled_for_saved(mixer) if compiled else mixer
     run(x).float().sum().backward()  # compile outside the count
     saved = saved_by_forward(run, x)
     inner = [t for t in saved if t.dtype == torch.float32 and t.shape[-1] == mixer.inner]
@@ -156,7 +156,7 @@ def test_mamba_recompute_gives_the_same_gradients_and_keeps_a_fraction_for_backw
     kept = {}
     for m in (plain, lean):
         m.to(torch.bfloat16)
-        run = torch.compile(m)
+        run = compiled_for_saved(m)
         xb = torch.randn(1, 64, 64, dtype=torch.bfloat16, requires_grad=True)
         run(xb).float().sum().backward()  # compile outside the count
         kept[m.recompute] = kept_storage_bytes(run, m.parameters(), xb)
