@@ -76,13 +76,14 @@ def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
 
 def _cmd_train(ns: argparse.Namespace) -> int:
     """Train; under `torchrun --nproc-per-node N -m hasten train ...` every rank runs this, rank 0 reports."""
+    recipe, overrides = _split_recipe(ns.args)
+    config = load_config(recipe, overrides)  # a bad key or value fails here, before torch is imported
+
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from hasten.api import train
     from hasten.parallel.env import exit_rank, rank_and_world, shutdown_distributed
 
-    recipe, overrides = _split_recipe(ns.args)
-    config = load_config(recipe, overrides)
     # On an exception this rank leaves at once, without the barrier and teardown below: the other ranks may
     # be inside a collective it will never join, and a barrier would wait for them as they wait for it, until
     # the group's timeout. torchrun stops the other ranks when this one exits.

@@ -82,6 +82,24 @@ def test_bad_input_fails_at_once_with_one_sentence(env, args, message):
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_help_and_a_bad_key_answer_before_torch_is_imported(env):
+    """`import hasten` and the command's parsing and config checks import no torch (whose import alone
+    takes seconds); hasten.train stays the function once its package hasten.train is imported."""
+    code = ("import contextlib, io, sys\n"
+            "import hasten.cli\n"
+            "with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):\n"
+            "    bad = hasten.cli.main(['train', 'train.stpes=3'])\n"
+            "    try:\n"
+            "        hasten.cli.main(['train', '--help'])\n"
+            "    except SystemExit as done:\n"
+            "        helped = done.code\n"
+            "print(bad, helped, 'torch' in sys.modules)\n"
+            "import hasten.train.loop\n"
+            "print(hasten.train.__module__, hasten.train.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["2", "0", "False", "hasten.api", "train"], out.stdout + out.stderr
+
+
 def test_generate_from_a_folder_that_is_not_a_run(tmp_path, env):
     proc = hasten("generate", str(tmp_path), env=env, check=False)
     assert proc.returncode == 2 and "is not a hasten run folder" in proc.stderr
