@@ -11,7 +11,7 @@ __all__ = ["ConfigError", "RunConfig", "export", "generate_text", "load_config",
 _ENTRY_POINTS = ("export", "generate_text", "train")  # of hasten.api, which imports torch and the trainer
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     """hasten.train, hasten.generate_text and hasten.export load torch and the trainer when first used:
     `import hasten` alone stays light, so the `hasten` command answers --help or a bad key at once."""
     if name in _ENTRY_POINTS:
@@ -19,6 +19,10 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     raise AttributeError(f"module 'hasten' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_ENTRY_POINTS})
 
 
 class _Package(types.ModuleType):

@@ -44,7 +44,7 @@ def spawn(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> None:
     The ranks are forked from a server process that has imported torch and hasten once (forkserver,
     preloaded), not started afresh: a fresh rank spends ~4 s of CPU importing them, and the suite
     starts ~60 ranks on two cores."""
-    mp.set_forkserver_preload(["hasten", "hasten.train.loop", "tests.dist.launch"])  # read when the server starts
+    mp.set_forkserver_preload(["hasten.api", "tests.dist.launch"])  # read when the server starts
     where = (os.getcwd(), dict(os.environ))
     mp.start_processes(_worker, args=(world_size, free_port(), where, fn, args), nprocs=world_size, join=True,
                        start_method="forkserver")
