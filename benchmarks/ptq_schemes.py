@@ -28,7 +28,8 @@ def main() -> None:
     args = parser.parse_args()
     run_dir = Path(args.run_dir)
     cfg = load_config(run_dir / "config.toml", ["train.compile=false", f"train.out_dir={run_dir / 'ptq_eval'}",
-                                                "qat.scheme=none", "log.tensorboard=false"])
+                                                "qat.scheme=none", "log.tensorboard=false",
+                                                "train.device=cpu"])  # where the models below are loaded
     run = build_run(cfg)  # the validation batches and loss of the run
     for spec in ["float:0", *args.schemes.split(",")]:
         scheme, group = spec.split(":")

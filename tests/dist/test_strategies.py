@@ -11,6 +11,7 @@ more than 1e-2.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -23,8 +24,11 @@ from tests.conftest import TINY
 from tests.dist.launch import spawn, train_ranks
 
 B = 2  # sequences per rank and micro-batch
+# On the CPU (gloo) even where a GPU is visible: one process and two ranks then compute alike.
 COMMON = [*TINY, "data.max_documents=40", "train.seq_len=32", "train.steps=5", "train.grad_accum=2",
-          "log.every=1", "train.eval_every=5", "train.threads=1", "checkpoint.every=0"]
+          "log.every=1", "train.eval_every=5", "train.threads=1", "checkpoint.every=0", "train.device=cpu"]
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason="needs torchao (pip install 'hasten[optim]')")
 LOSS_RTOL = 1e-4
 
 
@@ -147,6 +151,7 @@ def test_zero_accounting_is_16_bytes_per_parameter_divided_as_the_paper_says():
         zero_memory_bytes(n, "zero4", 2)
 
 
+@needs_torchao
 def test_quantization_aware_training_under_ddp_matches_one_process(cache):
     """QAT's fake quantization is per token (activations) and per weight row (weights), so two DDP
     ranks train like one process; rank 0 writes the quantized model, evaluated over both ranks."""
@@ -172,6 +177,7 @@ def _two_ranks_and_one_process(cache, name: str, overrides: list[str], strategy:
     return out, ref
 
 
+@needs_torchao
 @pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
 def test_quantization_aware_training_on_sharded_parameters_matches_one_process(cache, strategy):
     """FSDP2 gathers each block's weights for its forward, so the fake quantization sees whole
@@ -192,6 +198,7 @@ def test_quantization_aware_training_on_sharded_parameters_matches_one_process(c
     assert type(model.layers[0].mixer.wq.weight).__name__ == "IntxUnpackedToInt8Tensor"
 
 
+@needs_torchao
 @pytest.mark.parametrize("strategy", ["ddp", "zero3"])
 def test_fp8_linears_train_on_two_ranks_like_one_process(cache, strategy):
     """torchao's Float8Linear under DDP and FSDP2: each block's weights are gathered (in fp32 here)

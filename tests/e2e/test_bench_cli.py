@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,8 +12,12 @@ from pathlib import Path
 
 from hasten.bench.report import HEADERS
 
+HAS_TORCHAO = importlib.util.find_spec("torchao") is not None  # the ptq row's int4 conversion needs it
+
+# On the CPU even where a GPU is visible: these tests are of the bench's scheduling, shares of the cores included.
 TINY = ["model.preset=tiny", "data.tokenizer=byte", "data.max_documents=40", "train.seq_len=32",
-        "train.batch_size=4", "train.eval_every=5", "train.eval_batches=2", "log.plot=false", "optim.warmup_steps=2"]
+        "train.batch_size=4", "train.eval_every=5", "train.eval_batches=2", "log.plot=false", "optim.warmup_steps=2",
+        "train.device=cpu"]
 
 
 def _bench_command() -> list[str]:
@@ -33,7 +38,7 @@ def _run(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Compl
 def test_bench_runs_rows_records_failures_and_resumes(tmp_path: Path) -> None:
     env = {**os.environ, "HASTEN_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
     out = tmp_path / "bench"
-    command = [*_bench_command(), *TINY, "--budget-steps", "10", "--rows", "baseline,wsd,lora,ptq",
+    command = [*_bench_command(), *TINY, "--budget-steps", "10", "--rows", "baseline,wsd,lora" + ",ptq" * HAS_TORCHAO,
                "--row", "broken:optim.lr=-1", "--concurrent", "2", "--out", str(out)]
     first = _run(command, env, tmp_path)
 
@@ -48,8 +53,9 @@ def test_bench_runs_rows_records_failures_and_resumes(tmp_path: Path) -> None:
     assert rows["lora"]["status"] == "ok"  # LoRA fine-tunes the trained baseline: few trainable weights
     assert rows["lora"]["trainable_params"] < rows["baseline"]["trainable_params"] / 4
     # post-training quantization: the int4 model's loss, size and inference are what the row reports
-    assert rows["ptq"]["status"] == "ok" and 0 < rows["ptq"]["model_mb"] < rows["baseline"]["model_mb"]
-    assert abs(rows["ptq"]["final_val_loss"] - rows["baseline"]["final_val_loss"]) < 0.5
+    if HAS_TORCHAO:
+        assert rows["ptq"]["status"] == "ok" and 0 < rows["ptq"]["model_mb"] < rows["baseline"]["model_mb"]
+        assert abs(rows["ptq"]["final_val_loss"] - rows["baseline"]["final_val_loss"]) < 0.5
     for name in ("baseline", "wsd"):
         row = rows[name]
         assert row["steps"] == 10 and row["final_val_loss"] > 0 and row["inference_ms"] > 0

@@ -90,6 +90,7 @@ def test_quack_kernels_renders_its_tables_and_refuses_a_gpu_it_cannot_use(tmp_pa
 
 
 def test_ptq_schemes_quantizes_a_trained_run_at_each_scheme(tiny_config, tmp_path):
+    pytest.importorskip("torchao")
     import hasten
 
     hasten.train(tiny_config("train.steps=4", "train.eval_every=4", "train.compile=false"))

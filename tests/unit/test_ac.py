@@ -113,6 +113,8 @@ def _saved_bytes_compiled_lora(mode: str) -> tuple[int, torch.Tensor, list[torch
     return kept, loss.detach(), [p.grad for p in model.parameters() if p.grad is not None]
 
 
+@pytest.mark.skipif(torch.torch_version.TorchVersion(torch.__version__) < "2.13",
+                    reason="PyTorch 2.13's partitioner: under 2.11 `ops` keeps 1.19x of none here (docs/distributed.md)")
 def test_ops_under_compile_keeps_less_than_no_checkpointing_for_lora():
     """Compiled, `ops` leaves matmul outputs to the partitioner and keeps 16-bit sums: a LoRA layer's
     frozen projection and adapter output are no longer both forced in."""

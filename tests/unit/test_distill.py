@@ -79,7 +79,7 @@ def test_the_teacher_is_frozen_and_validation_is_plain_cross_entropy(tiny_config
     assert not any(p.requires_grad for p in teacher_model.parameters()) and not teacher_model.training
     in_optimizer = {id(p) for group in run.optimizer.param_groups for p in group["params"]}
     assert in_optimizer == {id(p) for p in run.model.parameters()}
-    batch = run.val_batches(0, 0)
+    batch = tuple(t.to(run.device) for t in run.val_batches(0, 0))
     run.model.eval()
     assert torch.equal(run.loss_fn(run.model, batch), lm_loss(run.model, batch))
     run.model.train()

@@ -75,7 +75,7 @@ def apply_parallelism(model: nn.Module, cfg: ParallelConfig, device: torch.devic
     # 3. Distribute: shard each block then the root (ZeRO-2/3), or replicate the whole (DDP, ZeRO-1).
     if cfg.strategy in ("zero2", "zero3"):
         return shard_model(model, blocks, reshard_after_forward=cfg.strategy == "zero3",
-                           cpu_offload=cfg.cpu_offload, param_dtype=param_dtype)
+                           cpu_offload=cfg.cpu_offload, param_dtype=param_dtype, device=device)
     if cfg.strategy in ("ddp", "zero1"):
         return replicate_model(model, device)
     return model

@@ -15,6 +15,8 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+from hasten.config import ConfigError
+
 _STARTED_HERE = False  # whether hasten created the group (and so should destroy it)
 
 
@@ -48,6 +50,12 @@ def init_distributed(device: torch.device) -> bool:
     if not launched_by_torchrun():
         return False
     if device.type == "cuda":
+        visible = torch.cuda.device_count()
+        if local_rank() >= visible:
+            raise ConfigError(f"rank {os.environ['RANK']} has local rank {local_rank()} and so needs GPU {local_rank()}, "
+                              f"but this machine shows {visible} GPU{'s' * (visible != 1)}: launch at most {visible} "
+                              f"process{'es' * (visible != 1)} per node (torchrun --nproc-per-node {visible}), or "
+                              "train on the CPU (train.device=cpu).")
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend_for(device), timeout=datetime.timedelta(minutes=30),
                             device_id=torch.device("cuda", local_rank()) if device.type == "cuda" else None)

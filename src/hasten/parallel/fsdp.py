@@ -12,26 +12,32 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 
 def shard_model(model: nn.Module, blocks: list[nn.Module], *, reshard_after_forward: bool, cpu_offload: bool,
-                param_dtype: torch.dtype | None) -> nn.Module:
+                param_dtype: torch.dtype | None, device: torch.device) -> nn.Module:
     """Shard each block, then the root (embedding, final norm, head and anything left over).
 
     Blocks first, so that each block is its own all-gather unit and only one block's full weights
     (two with prefetching) exist at a time; the root holds whatever no block claimed.
     Gradients are reduced in fp32 whatever the compute dtype, so that bf16 does not round the average.
+    The mesh is one of the run's device type: FSDP's own default is a GPU mesh wherever a GPU is
+    visible, which a run on the CPU of such a machine (train.device=cpu) must not get.
     """
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     offload: OffloadPolicy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     for i, block in enumerate(blocks):
         # The last block's weights are needed again at once by backward: resharding them is waste.
-        fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1,
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1,
                     mp_policy=mp_policy, offload_policy=offload)
-    fully_shard(model, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy, offload_policy=offload)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy,
+                offload_policy=offload)
     return model
 
 

@@ -30,7 +30,11 @@ import torch
 
 from hasten.models.ops import triton_cross_entropy
 
-_AVAILABLE = triton_cross_entropy.available()  # CUDA and Triton; decided once, so compiled forwards read a constant
+# CUDA and Triton; decided once, at import, so that compiled forwards read a constant. Asked through
+# torch.cuda.device_count(), which PyTorch answers from NVML where it can: torch.cuda.is_available()
+# would start CUDA's driver here, and a process that imported hasten could then no longer fork
+# children that use the GPU (a fork server that preloads hasten, say).
+_AVAILABLE = torch.cuda.device_count() > 0 and triton_cross_entropy.triton_importable()
 
 
 def available() -> bool:

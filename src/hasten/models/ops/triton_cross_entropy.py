@@ -84,15 +84,17 @@ def scale_(x: torch.Tensor, s: torch.Tensor, block: int = 1024) -> torch.Tensor:
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the kernel can run: CUDA and an importable Triton."""
-    if not torch.cuda.is_available():
-        return False
+def triton_importable() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def available() -> bool:
+    """Whether the kernel can run: CUDA and an importable Triton."""
+    return torch.cuda.is_available() and triton_importable()
 
 
 def cross_entropy_(logits_NV: torch.Tensor, targets_N: torch.Tensor, scale: torch.Tensor, ignore_index: int,
