@@ -27,8 +27,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# The demo compiles the model (torch.compile) where the C++ compiler that Inductor uses on the CPU is
+# installed: on a 2-core CPU its steps run ~30 % faster than eager ones, after a ~20 s compile.
+DEMO_COMPILE = $(shell command -v $${CXX:-g++} >/dev/null 2>&1 && echo train.compile=true)
+
 demo: $(STAMP)
-	$(BIN)/hasten train
+	$(BIN)/hasten train $(DEMO_COMPILE)
 	$(BIN)/hasten generate runs/default --prompt "def " --tokens 120
 	@echo "run folder: runs/default (loss.png, metrics.jsonl, summary.json, checkpoints/)"
 	@echo "next: '$(BIN)/hasten bench' measures every method side by side (about 7 minutes here) into runs/bench/report.html"

@@ -128,6 +128,13 @@ def test_gpu_loss_kernels_are_refused_on_the_cpu(tiny_config, kernel, fragment):
         hasten.train(tiny_config("train.loss_chunk=64", f"train.loss_kernel={kernel}"))
 
 
+def test_compiling_on_a_cpu_without_a_cxx_compiler_is_refused_at_once(tiny_config, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler++")
+    with pytest.raises(hasten.ConfigError, match="train.compile=true on the CPU needs a C\\+\\+ compiler for the generated "
+                                                 "code, and 'no-such-compiler\\+\\+' is not installed"):
+        hasten.train(tiny_config("train.compile=true", "train.device=cpu"))
+
+
 def test_non_finite_steps_are_skipped_and_counted(tiny_config):
     cfg = tiny_config("train.steps=12", "log.every=4", "train.eval_every=0")
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ here, in that order; nothing is reordered silently.
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -122,6 +123,21 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but no CUDA GPU is visible; use train.device=cpu or auto.")
     return device
+
+
+def cpu_compiler() -> str:
+    """The C++ compiler torch.compile's Inductor builds CPU code with: $CXX, else its platform default."""
+    import sys
+
+    return os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+
+
+def check_cpu_compile(compile: bool, device: torch.device) -> None:
+    """train.compile on the CPU needs that compiler; without it the first step would fail deep in Inductor."""
+    if compile and device.type == "cpu" and shutil.which(cpu_compiler()) is None:
+        raise ConfigError(f"train.compile=true on the CPU needs a C++ compiler for the generated code, and "
+                          f"{cpu_compiler()!r} is not installed (set CXX to use another): install one, or set "
+                          "train.compile=false.")
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -301,6 +317,7 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
     device = resolve_device(config.train.device)
     init_distributed(device)  # under torchrun: start the process group from its environment
     device = rank_device(device)
+    check_cpu_compile(config.train.compile, device)
     rank, world = _rank_and_world()
     check_launch(config.parallel, world)
     if config.train.threads:
