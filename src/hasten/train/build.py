@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,14 +128,12 @@ def resolve_device(name: str) -> torch.device:
 
 def cpu_compiler() -> str:
     """The C++ compiler torch.compile's Inductor builds CPU code with: $CXX, else its platform default."""
-    import sys
-
     return os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
 
 
-def check_cpu_compile(compile: bool, device: torch.device) -> None:
+def check_cpu_compile(compiles: bool, device: torch.device) -> None:
     """train.compile on the CPU needs that compiler; without it the first step would fail deep in Inductor."""
-    if compile and device.type == "cpu" and shutil.which(cpu_compiler()) is None:
+    if compiles and device.type == "cpu" and shutil.which(cpu_compiler()) is None:
         raise ConfigError(f"train.compile=true on the CPU needs a C++ compiler for the generated code, and "
                           f"{cpu_compiler()!r} is not installed (set CXX to use another): install one, or set "
                           "train.compile=false.")
