@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# The scripts import hasten from this tree; packages found through an existing PYTHONPATH stay found.
+PYTHONPATH = os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 SMOKES = {  # script and arguments, whether it takes --workdir, the file it writes
     "architectures": (["architectures.py", "--models", "dense,moe-scaled,moe-shared"], True, "architectures.json"),
@@ -28,7 +30,7 @@ SMOKES = {  # script and arguments, whether it takes --workdir, the file it writ
 @pytest.mark.parametrize("name", sorted(SMOKES))
 def test_benchmark_smoke_run_writes_its_results(name, tmp_path):
     script, has_workdir, result = SMOKES[name]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HASTEN_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "HASTEN_CACHE": str(tmp_path / "cache")}
     workdir = ["--workdir", str(tmp_path / "work")] if has_workdir else []  # nothing reused from earlier runs
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script[0]), *script[1:], "--smoke",
                            "--out", str(tmp_path / "out"), *workdir], capture_output=True, text=True, env=env,
@@ -67,7 +69,7 @@ def test_pretrain_summary_reports_variants_without_the_recipe_row_and_lists_fail
 def test_quack_kernels_renders_its_tables_and_refuses_a_gpu_it_cannot_use(tmp_path):
     """The QuACK comparison needs a Hopper GPU: without one it says so; its tables come from the
     results file alone (a case that failed or was skipped keeps its reason in the table)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
     script = str(ROOT / "benchmarks" / "quack_kernels.py")
     results = dict(device="gpu", torch="x", quack="0.0", shapes=dict(tokens=8, dim=4, hidden=8, vocab=16), rows=[
         dict(section="head + cross-entropy", name="hasten", ms=2.0, first_call_s=1.0, peak_gib=0.5,
@@ -94,7 +96,7 @@ def test_ptq_schemes_quantizes_a_trained_run_at_each_scheme(tiny_config, tmp_pat
     import hasten
 
     hasten.train(tiny_config("train.steps=4", "train.eval_every=4", "train.compile=false"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HASTEN_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "HASTEN_CACHE": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ptq_schemes.py"), str(tmp_path / "run"),
                            "--schemes", "int8w:0,int4w:32"], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=300)
@@ -110,7 +112,7 @@ def test_ptq_schemes_quantizes_a_trained_run_at_each_scheme(tiny_config, tmp_pat
 def test_architectures_trains_models_side_by_side_and_joins_rows(tmp_path):
     """--parallel 2: one process per GPU (here: per CPU process), each with its share of the models, rows joined;
     --rows-from joins rows of another run, paired with dense only at the same seed."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HASTEN_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "HASTEN_CACHE": str(tmp_path / "cache")}
 
     def bench(*args):
         done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "architectures.py"), "--smoke", "--seed", "3",

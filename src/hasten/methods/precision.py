@@ -8,6 +8,7 @@ so the loss is multiplied by a scale that GradScaler adapts, skipping the steps 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -56,12 +57,29 @@ def fp8_linears(model: torch.nn.Module) -> list[str]:
             and m.in_features % 16 == 0 and m.out_features % 16 == 0]
 
 
+@functools.cache
+def cpu_rowwise_fp8() -> bool:
+    """Whether this PyTorch's CPU `torch._scaled_mm` takes row-wise scales, as the `rowwise` recipe's
+    matmuls need (PyTorch 2.13's does; 2.11's takes one scale per tensor and fails an internal assert)."""
+    try:
+        a = torch.ones(16, 32).to(torch.float8_e4m3fn)
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except (RuntimeError, TypeError, AttributeError):
+        return False
+    return True
+
+
 def convert_fp8(model: torch.nn.Module, recipe: str, device: torch.device) -> list[str]:
     """Swap the `fp8_linears` for torchao's Float8Linear (fp8 matmuls with dynamic scales in forward
-    and backward, fp32 weights kept); returns their names. Refused on GPUs older than sm89."""
+    and backward, fp32 weights kept); returns their names. Refused on GPUs older than sm89, and the
+    row-wise recipe on a CPU whose PyTorch cannot run it."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise ConfigError(f"precision.fp8={recipe} needs fp8 tensor cores (sm89+: Ada, Hopper); this GPU is "
                           f"sm{''.join(map(str, torch.cuda.get_device_capability(device)))}. Use precision.fp8=none.")
+    if device.type == "cpu" and recipe == "rowwise" and not cpu_rowwise_fp8():
+        raise ConfigError(f"precision.fp8=rowwise on the CPU needs row-wise scales in torch._scaled_mm, which the CPU "
+                          f"build of PyTorch {torch.__version__} lacks (2.13 has them): use precision.fp8=tensorwise "
+                          "there, or a GPU.")
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as err:
