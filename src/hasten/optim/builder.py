@@ -56,8 +56,12 @@ def _adamw8bit_unavailable(device: torch.device) -> str | None:
         return reason
     if device.type not in ("cpu", "cuda"):
         return f"torchao's 8-bit states run on CPU and CUDA only, not {device.type}"
-    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
-        return "on CPU torchao compiles its 8-bit step with torch.compile, which needs a C++ compiler (none found)"
+    if device.type == "cpu":
+        from hasten.train.build import cpu_compiler  # here: hasten.train.build imports this module
+
+        if shutil.which(cpu_compiler()) is None:
+            return (f"on CPU torchao compiles its 8-bit step with torch.compile, which needs a C++ compiler "
+                    f"({cpu_compiler()!r} not found)")
     return None
 
 

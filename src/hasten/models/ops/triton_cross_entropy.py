@@ -92,8 +92,9 @@ def triton_importable() -> bool:
     return True
 
 
+@functools.cache
 def available() -> bool:
-    """Whether the kernel can run: CUDA and an importable Triton."""
+    """Whether the kernel can run: CUDA and an importable Triton (asked at the first call, not at import)."""
     return torch.cuda.is_available() and triton_importable()
 
 
