@@ -154,6 +154,56 @@ def test_a_run_of_bad_steps_stops_after_saving(tiny_config, tmp_path):
     assert list_checkpoints(tmp_path / "run")[-1].name == f"step_{summary['steps']:07d}"
 
 
+def _defer_log_reads(monkeypatch, defer=True):
+    """The deferred read's order (a log step read once the next step is queued) on the CPU, where
+    it is otherwise taken on CUDA alone: the values are the same, only read a step later."""
+    loop = importlib.import_module("hasten.train.loop")
+    monkeypatch.setattr(loop, "defers_log_read", lambda run: defer)
+
+
+def test_a_deferred_log_read_logs_the_same_records(tiny_config, tmp_path, monkeypatch):
+    common = ("train.device=cpu", "train.steps=12", "log.every=2", "train.eval_every=4", "checkpoint.every=6",
+              "checkpoint.keep=5")
+    _defer_log_reads(monkeypatch, False)
+    hasten.train(tiny_config(*common, out="now"))
+    _defer_log_reads(monkeypatch)
+    summary = hasten.train(tiny_config(*common, out="deferred"))
+    assert summary["completed"] and summary["tokens_per_second"] > 0
+    fields = ("event", "step", "loss", "val_loss", "lr", "tokens", "skipped_steps")
+    records = [[{k: r[k] for k in fields if k in r} for r in read_log(tmp_path / name / "metrics.jsonl")
+                if r["event"] in ("train", "eval")] for name in ("now", "deferred")]
+    assert records[0] == records[1] and [r["step"] for r in records[1] if r["event"] == "train"] == list(range(2, 13, 2))
+    assert [c.name for c in list_checkpoints(tmp_path / "deferred")] == ["step_0000006", "step_0000012"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned copy and its event are CUDA's")
+def test_counters_copied_without_waiting_read_the_same_values():
+    loop = importlib.import_module("hasten.train.loop")
+    reads = []
+    for defer in (False, True):
+        counters = loop.DeviceCounters.zeros(torch.device("cuda"))
+        for step in range(3):
+            loss = torch.tensor(float("nan") if step == 1 else step + 0.5, device="cuda")
+            counters.add_step(loss, torch.tensor(float(step == 1), device="cuda"))
+            counters.add_terms({"aux": torch.tensor(2.0 * step, device="cuda")})
+        read = counters.snapshot(defer)
+        assert (read.done is not None) == defer and read.values.is_pinned() == defer
+        counters.add_step(torch.tensor(100.0, device="cuda"), torch.tensor(0.0, device="cuda"))  # after: not in it
+        reads.append(read.result())
+    assert reads[0] == reads[1] == dict(loss=1.5, skipped=1.0, streak=0.0, worst=1.0, terms={"aux": 2.0})
+
+
+def test_a_deferred_log_read_still_stops_a_run_of_bad_steps(tiny_config, tmp_path, monkeypatch):
+    _defer_log_reads(monkeypatch)
+    cfg = tiny_config("train.steps=50", "log.every=2", "train.max_bad_steps=3", "train.eval_every=0",
+                      "checkpoint.every=0")
+    summary = hasten.train(cfg, model=Regression(), loss_fn=mse, train_batches=_regression_batches(bad_from=5))
+    assert "consecutive steps had a non-finite loss" in summary["stop_reason"]
+    assert 9 <= summary["steps"] <= 11  # read a step after the log step that saw the streak
+    assert list_checkpoints(tmp_path / "run")[-1].name == f"step_{summary['steps']:07d}"
+    assert summary["skipped_steps"] == summary["steps"] - 5  # every step from the sixth, the last one too
+
+
 def test_gradient_accumulation_matches_the_big_batch(tiny_config):
     """Two half batches accumulated give the update of the whole batch (mean losses)."""
     def full(step, micro):

@@ -8,7 +8,8 @@
             backward(loss / grad_accum)                   # scaled for fp16
         norm ← clip(grads)                                # after unscaling; in the fused step's kernel
         optimizer step unless norm is non-finite          #   when it can; counted, no host sync when fused
-        every log.every:      read the loss (the only host sync), log, progress
+        every log.every:      read the loss (the only host sync; on a GPU, once the next step is
+                              queued), log, progress
         every eval_every:     validation loss
         every checkpoint.every, on SIGTERM/SIGINT, on a run of bad steps: checkpoint
     finish: checkpoint, summary.json, loss.png, a generated sample
@@ -76,18 +77,44 @@ class DeviceCounters:
             self.term_sums[name] = self.term_sums.get(name, 0) + value
         self.term_steps += 1
 
-    def read_and_reset(self) -> dict[str, Any]:
-        """One host sync: the interval's mean loss, the guard counters and the mean extra terms."""
+    def snapshot(self, defer: bool) -> CounterRead:
+        """The counters for a log step, then reset. `defer` (CUDA): copied to pinned host memory
+        without waiting, to be read once the next step is queued; else read at `result()`."""
         names = list(self.term_sums)
-        values = torch.stack([self.loss_sum, self.finite_steps, self.skipped, self.bad_streak,
-                              self.worst_streak, *(self.term_sums[n].float() for n in names)]).tolist()
-        loss_sum, finite, skipped, streak, worst = values[:5]
-        terms = {n: v / self.term_steps for n, v in zip(names, values[5:])}
+        stacked = torch.stack([self.loss_sum, self.finite_steps, self.skipped, self.bad_streak,
+                               self.worst_streak, *(self.term_sums[n].float() for n in names)])
+        done = None
+        if defer and stacked.is_cuda:
+            host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+            host.copy_(stacked, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            stacked = host
+        read = CounterRead(stacked, names, self.term_steps, done)
         self.term_sums, self.term_steps = {}, 0
-        self.loss_sum.zero_()
+        self.loss_sum.zero_()  # after the copy in stream order: the snapshot holds the old sums
         self.finite_steps.zero_()
         self.skipped.zero_()
         self.worst_streak.copy_(self.bad_streak)
+        return read
+
+
+@dataclass
+class CounterRead:
+    """One log step's counters on their way to the host."""
+
+    values: torch.Tensor
+    names: list[str]
+    term_steps: int
+    done: torch.cuda.Event | None = None  # the copy to pinned memory has landed
+
+    def result(self) -> dict[str, Any]:
+        """The interval's mean loss, the guard counters and the mean extra terms (waits for them)."""
+        if self.done is not None:
+            self.done.synchronize()
+        values = self.values.tolist()
+        loss_sum, finite, skipped, streak, worst = values[:5]
+        terms = {n: v / self.term_steps for n, v in zip(self.names, values[5:])}
         return dict(loss=loss_sum / finite if finite else math.nan, skipped=skipped, streak=streak, worst=worst,
                     terms=terms)
 
@@ -125,11 +152,18 @@ class Timer:
     def restart_interval(self) -> None:
         self.interval_start, self.interval_steps = time.perf_counter(), 0
 
-    def close_interval(self, tokens_per_step: int) -> float:
-        elapsed = time.perf_counter() - self.interval_start
-        rate = self.interval_steps * tokens_per_step / elapsed if elapsed > 0 else 0.0
+    def take_interval_steps(self) -> int:
+        """The steps of the interval that a log step closes; later steps count toward the next."""
+        steps, self.interval_steps = self.interval_steps, 0
+        return steps
+
+    def close_interval(self, tokens_per_step: int, steps: int) -> float:
+        """The rate of `steps` steps since the interval began; the next interval begins now."""
+        now = time.perf_counter()
+        elapsed = now - self.interval_start
+        rate = steps * tokens_per_step / elapsed if elapsed > 0 else 0.0
         self.rates.append(rate)
-        self.restart_interval()
+        self.interval_start = now
         return rate
 
     def steady_tokens_per_second(self) -> float:
@@ -333,6 +367,16 @@ def train_loop(run: Run) -> dict[str, Any]:
     clock = BudgetClock(seconds_before, state.step)
     reset_peak_memory(run.device)
     run.model.train()
+    defer = defers_log_read(run)
+    pending: PendingLog | None = None
+
+    def read_log() -> str:  # the pending log step's read, if any: its stop reason
+        nonlocal pending
+        reason = _log_interval(run, state, pending, timer, logger, tokens_per_step, peak, last, counted_before) \
+            if pending is not None else ""
+        pending = None
+        return reason
+
     with StopSignal() as stop:
         while state.step < cfg.train.steps and not stop_reason:
             terms: dict[str, torch.Tensor] = {}
@@ -345,10 +389,10 @@ def train_loop(run: Run) -> dict[str, Any]:
             timer.interval_steps += 1
             if timer.first_step_s is None:
                 timer.first_step_s = time.perf_counter() - timer.start
+            stop_reason = read_log()  # the previous log step's, now that this step is queued behind it
             log_step = state.step % cfg.log.every == 0 or state.step == cfg.train.steps
             if log_step or (stop.requested and run.world_size == 1):
-                stop_reason = _log_interval(run, state, counters, timer, logger, tokens_per_step, peak, last,
-                                            counted_before)
+                pending = _begin_log(run, state, counters, timer, defer)
             if stop.requested and not stop_reason:
                 stop_reason = f"received {stop.signal_name}"
             spent = counted_before + timer.training_seconds()
@@ -358,17 +402,24 @@ def train_loop(run: Run) -> dict[str, Any]:
                 clock.observe(state.step, spent)
             if cfg.train.time_limit_s and spent >= cfg.train.time_limit_s:
                 stop_reason = stop_reason or f"time limit of {cfg.train.time_limit_s:g} s reached"
+            due_eval = (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or state.step == cfg.train.steps
+            due_save = (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or (
+                state.step == cfg.train.steps and cfg.checkpoint.at_end)
+            if not defer or stop_reason or stop.requested or due_eval or due_save:
+                stop_reason = read_log() or stop_reason  # logged before what follows, on every rank alike
+            if stop_reason and timer.interval_steps and run.world_size == 1:  # the steps since: logged and
+                pending = _begin_log(run, state, counters, timer, defer=False)  # counted before the checkpoint
+                stop_reason = read_log() or stop_reason
             if run.world_size > 1:  # ranks stop together, at a log step, or the next collective hangs
                 stop_reason = _agree_to_stop(run, stop_reason) if log_step else ""
-            if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or state.step == cfg.train.steps \
-                    or stop_reason:
+            if due_eval or stop_reason:
                 with timer.paused():
                     _log_eval(run, state, forward_loss, logger, last, timer.start, train_s=spent)
-            if stop_reason or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or (
-                    state.step == cfg.train.steps and cfg.checkpoint.at_end):
+            if stop_reason or due_save:
                 state.train_seconds = seconds_before + timer.training_seconds()
                 with timer.paused():
                     _save(run, state)
+        stop_reason = read_log() or stop_reason
     set_train_mode(run.optimizer, False)  # the trained model keeps the evaluation weights (schedule-free)
     return _finish(run, state, logger, timer, peak, last, stop_reason)
 
@@ -381,29 +432,55 @@ def expected_last_step(step: int, steps: int, seconds_left: float, tokens_per_se
     return min(steps, step + math.ceil(max(0.0, seconds_left) * tokens_per_second / tokens_per_step))
 
 
-def _log_interval(run: Run, state: TrainerState, counters: DeviceCounters, timer: Timer, logger: RunLogger,
+@dataclass
+class PendingLog:
+    """A log step's record, its counters on their way to the host."""
+
+    counters: CounterRead
+    step: int
+    tokens: int
+    lr: float
+    steps: int  # in the interval it closes
+
+
+def defers_log_read(run: Run) -> bool:
+    """Whether a log step's read waits for the next step to be queued. After a read that waits at
+    once, the GPU idles while the host logs, fetches the next batch and launches its first kernels
+    (2-3 ms on an H200 at GPT-2-124M); deferred, the next step's kernels are queued behind the log
+    step's. On one CUDA device without fp16's scaler or optimizer diagnostics, which read the
+    device themselves; a collective would, too."""
+    return (run.device.type == "cuda" and run.world_size == 1 and run.scaler is None
+            and not callable(getattr(run.optimizer, "metrics", None)))
+
+
+def _begin_log(run: Run, state: TrainerState, counters: DeviceCounters, timer: Timer, defer: bool) -> PendingLog:
+    return PendingLog(counters.snapshot(defer), state.step, state.tokens_seen,
+                      float(run.optimizer.param_groups[0]["lr"]), timer.take_interval_steps())
+
+
+def _log_interval(run: Run, state: TrainerState, pending: PendingLog, timer: Timer, logger: RunLogger,
                   tokens_per_step: int, peak: float | None, last: dict[str, Any], seconds_before: float = 0.0) -> str:
-    """Read the device counters, log them; return a stop reason when the guard trips. Under a time
-    limit the progress bar's end moves to the step the time should run out at (seconds_before:
-    the earlier processes' seconds that count against the limit)."""
-    values = counters.read_and_reset()
+    """Read a log step's counters (waiting for them), log them; return a stop reason when the guard
+    trips. Under a time limit the progress bar's end moves to the step the time should run out at
+    (seconds_before: the earlier processes' seconds that count against the limit)."""
+    values = pending.counters.result()
     values["loss"] = _mean_over_ranks(run, values["loss"])  # the loss of the global batch
-    rate = timer.close_interval(tokens_per_step)
+    rate = timer.close_interval(tokens_per_step, pending.steps)
     state.skipped_steps += int(values["skipped"])
     state.bad_loss_streak = int(values["streak"])
-    lr = run.optimizer.param_groups[0]["lr"]
-    record = dict(loss=values["loss"], lr=float(lr), tokens=state.tokens_seen, tokens_per_second=rate,
+    record = dict(loss=values["loss"], lr=pending.lr, tokens=pending.tokens, tokens_per_second=rate,
                   skipped_steps=state.skipped_steps, elapsed_s=time.perf_counter() - timer.start, **values["terms"],
                   **optimizer_metrics(run.optimizer))
     if run.scaler is not None:
         record["loss_scale"] = float(run.scaler.get_scale())
     if (utilization := mfu(rate, run.flops_per_token, peak)) is not None:
         record["mfu"] = utilization
-    logger.log("train", state.step, **record)
+    logger.log("train", pending.step, **record)
     limit = run.config.train.time_limit_s
-    total = expected_last_step(state.step, run.config.train.steps, limit - seconds_before - timer.training_seconds(),
-                               rate, tokens_per_step) if limit else None
-    logger.advance(state.step, values["loss"], rate, total=total)
+    total = expected_last_step(pending.step, run.config.train.steps,
+                               limit - seconds_before - timer.training_seconds(), rate, tokens_per_step) \
+        if limit else None
+    logger.advance(pending.step, values["loss"], rate, total=total)
     last.update(loss=values["loss"], tokens_per_second=rate)
     if values["worst"] >= run.config.train.max_bad_steps:
         return (f"stopped: {int(values['worst'])} consecutive steps had a non-finite loss (limit "
