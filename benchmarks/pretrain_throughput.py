@@ -16,7 +16,9 @@ Variants (`--sides side:variant,...`) add overrides to the hasten side; `model.*
 `bf16res` variant: model.fp32_residual=false) apply to the plain side too, which is then reported
 beside the recipe's rows and compared with hasten's row of the same variant.
 
-Throughput is measured after warm-up (compilation excluded) between two synchronizations.
+Throughput is measured after warm-up (compilation excluded) between two synchronizations. Each
+row also records the GPU's SM clock and power while it was busy (`gpu_busy`, from nvidia-smi): at
+its power limit an H200 runs these steps well below its datasheet clock.
 Each side checks its loss is finite and falling before its numbers are accepted.
 """
 
@@ -232,11 +234,14 @@ def _markdown(result: dict) -> str:
     lines = [f"# Pre-training throughput ({result['device']}, torch {result['torch']})", "",
              f"GPT-2-124M shape, seq {SEQ}, batch {BATCH}, bf16; {result['steps']} timed steps after "
              f"{result['warmup']} warm-up steps.", "",
-             "| system | tokens/s | MFU | peak GiB | step ms | final loss |", "|---|---:|---:|---:|---:|---:|"]
+             "| system | tokens/s | MFU | peak GiB | step ms | final loss | SM MHz, W (busy) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in (r for r in result["rows"] if "error" not in r):
         mfu = f"{r['mfu']:.3f}" if r.get("mfu") else "-"
+        busy = r.get("gpu_busy")
+        gpu = f"{busy['sm_clock_mhz_median']:.0f}, {busy['power_w_median']:.0f}" if busy else "-"
         lines.append(f"| {r['name']} | {r['tokens_per_second']:,.0f} | {mfu} | {r['peak_memory_gib']:.1f} | "
-                     f"{r['step_ms']:.1f} | {r['final_loss']:.3f} |")
+                     f"{r['step_ms']:.1f} | {r['final_loss']:.3f} | {gpu} |")
     failed = [r["name"] for r in result["rows"] if "error" in r]
     if failed:
         lines += ["", "Failed (error kept in the JSON): " + ", ".join(failed) + "."]
@@ -271,16 +276,58 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--only", side, "--variant", variant, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--log-every", str(args.log_every), "--workdir", args.workdir]
         env = VARIANT_ENV.get(variant, {})
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+        with GpuSampler() as gpu:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
         found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not found:
             print(f"{side} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", flush=True)
             rows.append(dict(name=side, error=proc.stderr[-2000:]))
             _write(args, rows)
             continue
-        rows.append(json.loads(found[-1][len("RESULT "):]) | ({"env": env} if env else {}))
+        rows.append(json.loads(found[-1][len("RESULT "):]) | ({"env": env} if env else {}) | gpu.summary())
         print(json.dumps(rows[-1]), flush=True)
         _write(args, rows)
+
+
+class GpuSampler:
+    """The GPU's SM clock and power draw, sampled by nvidia-smi every 200 ms while a side runs.
+    Under sustained load an H200 can sit at its power limit, its clock well below the 1980 MHz its
+    datasheet peak assumes; the samples of the busy part of the run (over half the power limit)
+    say how far. Nothing is recorded where nvidia-smi is missing."""
+
+    QUERY = "clocks.sm,power.draw,power.limit,clocks_event_reasons.sw_power_cap"
+
+    def __enter__(self) -> GpuSampler:
+        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"hasten-gpu-{os.getpid()}.csv"
+        try:
+            self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits",
+                                          "-i", "0", "-lms", "200"], stdout=self.log.open("w"),
+                                         stderr=subprocess.DEVNULL)
+        except OSError:
+            self.proc = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+
+    def summary(self) -> dict:
+        import statistics
+        rows, text = [], self.log.read_text() if self.log.exists() else ""
+        self.log.unlink(missing_ok=True)
+        for line in text.splitlines():
+            parts = [p.strip() for p in line.split(",")]
+            try:
+                rows.append((float(parts[0]), float(parts[1]), float(parts[2]), parts[3] == "Active"))
+            except (ValueError, IndexError):
+                continue
+        busy = [r for r in rows if r[1] > 0.5 * r[2]]
+        if not busy:
+            return {}
+        return dict(gpu_busy=dict(samples=len(busy), sm_clock_mhz_median=statistics.median(r[0] for r in busy),
+                                  power_w_median=statistics.median(r[1] for r in busy), power_limit_w=busy[0][2],
+                                  power_capped_share=sum(r[3] for r in busy) / len(busy)))
 
 
 def _summary(rows: list[dict]) -> dict:

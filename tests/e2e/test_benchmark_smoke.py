@@ -66,6 +66,20 @@ def test_pretrain_summary_reports_variants_without_the_recipe_row_and_lists_fail
     assert "hasten[bf16res] / HF Trainer: **1.500**" in text and "Failed (error kept in the JSON): plain." in text
 
 
+def test_pretrain_rows_record_the_clock_and_power_of_the_busy_samples(tmp_path):
+    spec = importlib.util.spec_from_file_location("pt", ROOT / "benchmarks" / "pretrain_throughput.py")
+    pt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pt)
+    sampler = pt.GpuSampler()
+    sampler.log = tmp_path / "gpu.csv"
+    sampler.log.write_text("1980, 80.5, 700.00, Not Active\n1575, 690.0, 700.00, Active\n1425, 700.0, 700.00, Active\n"
+                           "1965, 500.0, 700.00, Not Active\n[N/A], [N/A], 700.00, [N/A]\n")
+    busy = sampler.summary()["gpu_busy"]  # the idle sample and the unreadable one left out
+    assert busy == dict(samples=3, sm_clock_mhz_median=1575.0, power_w_median=690.0, power_limit_w=700.0,
+                        power_capped_share=2 / 3)
+    assert not sampler.log.exists() and sampler.summary() == {}
+
+
 def test_quack_kernels_renders_its_tables_and_refuses_a_gpu_it_cannot_use(tmp_path):
     """The QuACK comparison needs a Hopper GPU: without one it says so; its tables come from the
     results file alone (a case that failed or was skipped keeps its reason in the table)."""
