@@ -290,18 +290,22 @@ def main() -> None:
 
 
 class GpuSampler:
-    """The GPU's SM clock and power draw, sampled by nvidia-smi every 200 ms while a side runs.
+    """The GPU's SM clock and power draw, sampled by nvidia-smi every `interval_ms` while a side runs.
     Under sustained load an H200 can sit at its power limit, its clock well below the 1980 MHz its
     datasheet peak assumes; the samples of the busy part of the run (over half the power limit)
-    say how far. Nothing is recorded where nvidia-smi is missing."""
+    say how far. Nothing is recorded where nvidia-smi is missing. (`step_clocks.py` uses it too.)"""
 
     QUERY = "clocks.sm,power.draw,power.limit,clocks_event_reasons.sw_power_cap"
 
-    def __enter__(self) -> GpuSampler:
+    def __init__(self, interval_ms: int = 200) -> None:
+        self.interval_ms = interval_ms
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"hasten-gpu-{os.getpid()}.csv"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> GpuSampler:
         try:
             self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits",
-                                          "-i", "0", "-lms", "200"], stdout=self.log.open("w"),
+                                          "-i", "0", "-lms", str(self.interval_ms)], stdout=self.log.open("w"),
                                          stderr=subprocess.DEVNULL)
         except OSError:
             self.proc = None
@@ -312,8 +316,8 @@ class GpuSampler:
             self.proc.terminate()
             self.proc.wait()
 
-    def summary(self) -> dict:
-        import statistics
+    def samples(self) -> list[tuple[float, float, float, bool]]:
+        """(SM MHz, power W, power limit W, power-capped) per readable sample; the log is removed."""
         rows, text = [], self.log.read_text() if self.log.exists() else ""
         self.log.unlink(missing_ok=True)
         for line in text.splitlines():
@@ -322,12 +326,18 @@ class GpuSampler:
                 rows.append((float(parts[0]), float(parts[1]), float(parts[2]), parts[3] == "Active"))
             except (ValueError, IndexError):
                 continue
-        busy = [r for r in rows if r[1] > 0.5 * r[2]]
-        if not busy:
-            return {}
-        return dict(gpu_busy=dict(samples=len(busy), sm_clock_mhz_median=statistics.median(r[0] for r in busy),
-                                  power_w_median=statistics.median(r[1] for r in busy), power_limit_w=busy[0][2],
-                                  power_capped_share=sum(r[3] for r in busy) / len(busy)))
+        return rows
+
+    @staticmethod
+    def stats(rows: list[tuple[float, float, float, bool]]) -> dict:
+        import statistics
+        return dict(samples=len(rows), sm_clock_mhz_median=statistics.median(r[0] for r in rows),
+                    power_w_median=statistics.median(r[1] for r in rows), power_limit_w=rows[0][2],
+                    power_capped_share=sum(r[3] for r in rows) / len(rows)) if rows else dict(samples=0)
+
+    def summary(self) -> dict:
+        busy = [r for r in self.samples() if r[1] > 0.5 * r[2]]
+        return dict(gpu_busy=self.stats(busy)) if busy else {}
 
 
 def _summary(rows: list[dict]) -> dict:

@@ -6,18 +6,16 @@ Builds the run as `benchmarks/profile_step.py` does and, after warm-up, times (a
 queued in full behind a 100 ms sleep kernel, after half a second of rest (the GPU cool, at its
 boost clock, the host never in the way), (b) the host's own time to queue one step while the GPU
 sleeps, and (c) a steady loop of back-to-back steps, as training runs. nvidia-smi samples the SM
-clock, power draw and the power-cap throttle flag every 50 ms; each phase reports the samples
-taken inside it. On a GPU whose steady loop sits at its power limit the clock drops, and the
+clock, power draw and the power-cap throttle flag every 50 ms during each phase (the
+sampler of `pretrain_throughput.py`). On a GPU whose steady loop sits at its power limit the clock drops, and the
 step with it, whatever the software does.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -27,9 +25,7 @@ from hasten.config import load_config
 from hasten.train.build import build_run, compiled_loss
 from hasten.train.loop import train_step
 from hasten.train.metrics import cluster_peak_flops, mfu
-
-QUERY = "timestamp,clocks.sm,power.draw,power.limit,clocks_event_reasons.sw_power_cap"
-
+from pretrain_throughput import GpuSampler  # this folder is first on a script's import path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -90,38 +86,19 @@ def main() -> None:
         torch.cuda.synchronize()
         return 1000 * (time.perf_counter() - began) / args.steady_steps
 
-    log = out / "nvidia-smi.csv"
-    smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits", "-i", "0",
-                            "-lms", "50"], stdout=log.open("w"))
-    time.sleep(1.0)
-    phases = []
+    report = dict(suite="step_clocks", recipe=args.recipe, overrides=args.overrides, date=time.strftime("%Y-%m-%d"),
+                  device=torch.cuda.get_device_name(), torch=torch.__version__, phases={})
     for name, fn in (("rested_step_ms", rested_steps), ("host_ms_per_step", host_ms), ("steady_ms_per_step", steady),
                      ("rested_step_ms_after", rested_steps)):
-        began = time.time()
-        phases.append((name, began, fn(), time.time()))
-    time.sleep(0.3)
-    smi.terminate()
-    smi.wait()
-    samples = []
-    for line in log.read_text().splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        try:
-            at = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
-            samples.append((at, float(parts[1]), float(parts[2]), float(parts[3]), parts[4] == "Active"))
-        except (ValueError, IndexError):
-            continue
-    log.unlink()
-    report = dict(suite="step_clocks", recipe=args.recipe, overrides=args.overrides, date=time.strftime("%Y-%m-%d"),
-                  device=torch.cuda.get_device_name(), torch=torch.__version__,
-                  power_limit_w=samples[0][3] if samples else None, phases={})
-    for name, began, result, ended in phases:
-        inside = [s for s in samples if began <= s[0] <= ended]
+        with GpuSampler(interval_ms=50) as gpu:
+            result = fn()
+        samples = gpu.samples()
+        if samples:
+            report["power_limit_w"] = samples[0][2]
+        stats = GpuSampler.stats(samples)
+        stats.pop("power_limit_w", None)
         report["phases"][name] = dict(
-            result=[round(x, 2) for x in result] if isinstance(result, list) else round(result, 2),
-            samples=len(inside),
-            sm_clock_mhz_median=statistics.median(s[1] for s in inside) if inside else None,
-            power_w_median=statistics.median(s[2] for s in inside) if inside else None,
-            power_capped_share=sum(s[4] for s in inside) / len(inside) if inside else None)
+            result=[round(x, 2) for x in result] if isinstance(result, list) else round(result, 2), **stats)
     tokens = cfg.train.batch_size * cfg.train.seq_len
     peak = cluster_peak_flops(run.device, run.precision.name, 1)
     for name in ("rested_step_ms", "steady_ms_per_step"):
