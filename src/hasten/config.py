@@ -288,6 +288,14 @@ class TrainConfig:
                                   "CUDA, else torch; quack = QuACK's (its package, a Hopper GPU and bf16 needed); "
                                   "triton = the head's matmuls around one Triton kernel; torch = compiled PyTorch "
                                   "operations", choices=("auto", "quack", "triton", "torch"))
+    gemm_kernel: str = _f("cublas", "what computes the forward and input-gradient GEMMs of the fused layers "
+                                    "(model.fuse_projections) under bf16 on CUDA: cublas = PyTorch's matmul; quack "
+                                    "= QuACK's CuTe-DSL GEMM (the quack-kernels package and a Hopper GPU needed); "
+                                    "auto = quack where it can run, else cublas. The weight gradients stay on cuBLAS "
+                                    "(fp32 output)", choices=("auto", "quack", "cublas"))
+    gemm_tune: bool = _f(True, "with QuACK's GEMM (train.gemm_kernel): autotune each shape on its first call (a few "
+                               "seconds a shape, once a process; QUACK_CACHE_AUTOTUNING=1 keeps the choices on disk); "
+                               "false = its default tile configuration")
     attention_backend: str = _f("auto", "scaled-dot-product attention kernel on GPU (auto = PyTorch's choice; fa4 = "
                                         "FlashAttention-4's CuTe kernels in place of PyTorch's flash kernel, on Hopper "
                                         "and Blackwell, from the flash-attn-4 package)",
@@ -505,6 +513,9 @@ class RunConfig:
         _check(not (self.model.fuse_projections and self.parallel.strategy == "zero3"), "model.fuse_projections",
                self.model.fuse_projections, "the concatenated weights it keeps for backward would hold every layer's "
                "full weights, which parallel.strategy=zero3 shards; use it with none, ddp, zero1 or zero2")
+        _check(self.train.gemm_kernel != "quack" or self.model.fuse_projections, "train.gemm_kernel",
+               self.train.gemm_kernel, "it chooses the kernel of the fused layers' GEMMs, which are off: set "
+               "model.fuse_projections=true too")
         _check(not (self.parallel.strategy == "zero1" and self.optim.name in ("sophia", "schedulefree_adamw", "muon")),
                "optim.name", self.optim.name, "it does not work with parallel.strategy=zero1 yet; use ddp, zero2 or zero3")
 

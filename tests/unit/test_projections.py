@@ -128,3 +128,64 @@ def test_linear_makes_the_fp32_weight_gradient_in_its_gemm(compile, bias):
     assert err < err_ref / 4, (err, err_ref)
     if bias:
         torch.testing.assert_close(grads[2], dy.float().sum((0, 1)), rtol=1e-4, atol=1e-3)
+
+
+def test_gemm_kernel_names_its_layers_and_quack_needs_a_hopper_gpu():
+    """train.gemm_kernel=quack without the fused layers fails at load; by name on the CPU it fails with
+    what is missing, and auto resolves to cuBLAS there (the process-wide choice set each run)."""
+    from hasten.methods.precision import resolve_precision
+    from hasten.train.build import select_gemm_kernel
+
+    with pytest.raises(ConfigError, match="train.gemm_kernel.*model.fuse_projections=true"):
+        load_config("default", ["train.gemm_kernel=quack"])
+    with pytest.raises(ConfigError, match="train.gemm_kernel.*'cutlass'.*auto, quack, cublas"):
+        load_config("default", ["train.gemm_kernel=cutlass"])
+    config = load_config("default", ["model.fuse_projections=true", "train.gemm_kernel=quack"])
+    precision = resolve_precision(config.precision, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="train.gemm_kernel=quack runs on a Hopper GPU.*on cpu"):
+        select_gemm_kernel(config.train, True, torch.device("cpu"), precision)
+    config.train.gemm_kernel = "auto"
+    assert select_gemm_kernel(config.train, True, torch.device("cpu"), precision) == "cublas"
+    assert projections.gemm_kernel() == "cublas"
+    with pytest.raises(ValueError, match="quack or cublas"):
+        projections.set_gemm_kernel("auto")
+
+
+def _quack_gemm_ready() -> bool:
+    return (projections.available() and torch.cuda.get_device_capability() == (9, 0)
+            and projections.quack_gemm_error() is None)
+
+
+@pytest.mark.skipif(not _quack_gemm_ready(), reason="QuACK's GEMM runs on a Hopper GPU with quack-kernels")
+@pytest.mark.parametrize("compile", [False, True])
+def test_quack_gemm_matches_cublas_in_the_fused_linear(compile):
+    """With train.gemm_kernel=quack the fused layers' forward and input-gradient GEMMs run on QuACK's
+    kernel: the same results as cuBLAS's to bf16 rounding, the fp32 weight gradient unchanged."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 256, 192, device="cuda").bfloat16().requires_grad_()
+    w = (torch.randn(320, 192, device="cuda") * 0.05).requires_grad_()
+    dy = torch.randn(4, 256, 320, device="cuda").bfloat16()
+
+    def run():
+        fn = torch.compile(projections.linear, fullgraph=True) if compile else projections.linear
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            with torch.autocast("cuda", torch.bfloat16):
+                y = fn(x, w)
+            grads = torch.autograd.grad(y, (x, w), dy)
+        return y, grads, " ".join(e.key for e in prof.key_averages())
+
+    try:
+        projections.set_gemm_kernel("quack", tuned=False)
+        torch._dynamo.reset()
+        y, grads, names = run()
+    finally:
+        projections.set_gemm_kernel("cublas")
+        torch._dynamo.reset()
+    y_ref, grads_ref, names_ref = run()
+    assert "quack" in names.lower() and "quack" not in names_ref.lower()
+    exact = x.double() @ w.detach().double().t()
+    for out, ref, full in ((y, y_ref, exact), (grads[0], grads_ref[0], dy.double() @ w.detach().double())):
+        assert out.dtype == torch.bfloat16
+        err, err_ref = ((o.double() - full).norm() / full.norm() for o in (out, ref))
+        assert err < 4e-3 and err < 2 * err_ref, (err, err_ref)
+    torch.testing.assert_close(grads[1], grads_ref[1])

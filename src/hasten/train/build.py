@@ -9,6 +9,7 @@ import functools
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hasten.config import ConfigError, RunConfig, save_config
+from hasten.config import ConfigError, RunConfig, TrainConfig, save_config
 from hasten.methods.precision import Precision, make_grad_scaler, resolve_precision
 from hasten.optim import build_optimizer, build_schedule
 from hasten.optim.hooks import CurvatureOptimizer
@@ -361,6 +362,9 @@ def build_run(config: RunConfig, *, model: nn.Module | None = None, loss_fn: Los
         peft.keep_adapter_input_dtype(parts["model"])
     select_attention_backend(config.train.attention_backend, device)
     select_loss_kernel(config.train.loss_kernel, device, precision)
+    gemm = select_gemm_kernel(config.train, config.model.fuse_projections and device.type == "cuda", device, precision)
+    if config.model.fuse_projections and device.type == "cuda":
+        parts["info"]["gemm_kernel"] = gemm
     parts["model"] = parallelize(parts["model"], config, device, precision)
     optimizer = build_optimizer(parts["model"], config.optim, device)
     if isinstance(optimizer, CurvatureOptimizer) and parts.get("sampled_loss_fn") is None:
@@ -450,6 +454,53 @@ def select_loss_kernel(name: str, device: torch.device, precision: Precision) ->
         raise ConfigError(f"train.loss_kernel=triton runs on CUDA with Triton installed; {why}: "
                           "use train.loss_kernel=auto")
     cross_entropy.set_kernel(name)
+
+
+def select_gemm_kernel(train: TrainConfig, fused: bool, device: torch.device, precision: Precision) -> str:
+    """train.gemm_kernel, resolved and set process-wide for this run
+    (hasten.models.ops.projections.set_gemm_kernel); returns what the fused layers' GEMMs run on.
+    `auto` takes QuACK's GEMM for fused layers (`fused`) on a Hopper GPU under bf16 when quack-kernels
+    imports and a first small product through it matches an fp32 one, else cuBLAS (with a warning
+    when QuACK is installed but fails)."""
+    from hasten.models.ops import projections
+
+    name = train.gemm_kernel
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+    if name == "quack":
+        if not hopper:
+            where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+            raise ConfigError(f"train.gemm_kernel=quack runs on a Hopper GPU (compute capability 9.0); this run is "
+                              f"on {where}: use train.gemm_kernel=auto or cublas")
+        if precision.name != "bf16":
+            raise ConfigError(f"train.gemm_kernel=quack computes in bf16; precision is {precision.name}: "
+                              "use precision.dtype=bf16 or train.gemm_kernel=auto")
+        error = projections.quack_gemm_error()
+        if error is not None:
+            raise ConfigError(f"train.gemm_kernel=quack needs the quack-kernels package (pip install 'hasten[quack]'), "
+                              f"which did not import ({error[:300]})")
+    elif name == "auto":
+        error = projections.quack_gemm_error() if fused and hopper and precision.name == "bf16" else "not used"
+        if error is None:
+            error = _quack_gemm_probe(device)
+            if error is not None:
+                warnings.warn(f"quack-kernels is installed but its GEMM failed ({error[:300]}); the fused layers' "
+                              "GEMMs run on cuBLAS", stacklevel=2)
+        name = "quack" if error is None else "cublas"
+    projections.set_gemm_kernel(name, tuned=train.gemm_tune)
+    return name
+
+
+def _quack_gemm_probe(device: torch.device) -> str | None:
+    """One small product through QuACK's GEMM against the fp32 product: None when they agree, else why not
+    (a kernel that fails to compile, e.g. against a mismatched nvidia-cutlass-dsl, fails here)."""
+    try:
+        a, b = (torch.randn(256, 256, device=device, dtype=torch.bfloat16) for _ in range(2))
+        out = torch.ops.quack.gemm(a, b, tuned=False)
+        ref = (a.float() @ b.float())
+        error = ((out.float() - ref).norm() / ref.norm()).item()
+        return None if error < 1e-2 else f"relative error {error:.3g} against the fp32 product"
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
 
 
 def activate_fa4(device: torch.device) -> None:

@@ -226,9 +226,50 @@ def _swiglu_grad(ctx, dy):
 swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 
 
+GEMM_KERNELS = ("auto", "quack", "cublas")
+_gemm = "cublas"  # what `linear` runs its bf16 forward and input-gradient GEMMs with: cublas or quack
+_gemm_tuned = True  # QuACK's autotuner on each shape's first call
+
+
+def set_gemm_kernel(name: str, tuned: bool = True) -> None:
+    """Process-wide, as PyTorch's matmul flags are (set for every run by hasten.train.build from
+    train.gemm_kernel, "auto" already resolved): `cublas` (PyTorch's matmul) or `quack` (QuACK's
+    CuTe-DSL GEMM, `torch.ops.quack.gemm`, which importing `quack.gemm_interface` registers).
+    Read when torch.compile traces the layers, so set it before the first forward."""
+    global _gemm, _gemm_tuned
+    if name not in ("quack", "cublas"):
+        raise ValueError(f"GEMM kernel must be quack or cublas, got {name!r}")
+    if name == "quack":
+        import quack.gemm_interface  # noqa: F401  registers torch.ops.quack.gemm
+    _gemm, _gemm_tuned = name, tuned
+
+
+def gemm_kernel() -> str:
+    return _gemm
+
+
+@functools.cache
+def quack_gemm_error() -> str | None:
+    """Why QuACK's GEMM cannot be imported (the package missing or broken), None when it can."""
+    try:
+        import quack.gemm_interface  # noqa: F401
+    except Exception as err:  # a broken install must leave `auto` on cuBLAS, not stop the run
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _matmul(a: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
+    """a @ b (a of any leading dims, b 2-D) through the kernel `set_gemm_kernel` chose; QuACK's
+    takes bf16 only, the rest stays on cuBLAS."""
+    if _gemm != "quack" or a.dtype != torch.bfloat16:
+        return a @ b_KN
+    return torch.ops.quack.gemm(a.reshape(-1, a.shape[-1]), b_KN, tuned=_gemm_tuned).view(*a.shape[:-1], -1)
+
+
 class _Linear(torch.autograd.Function):
     """x @ W^T in `dtype` (autocast's), the weight kept in its own wider dtype, with W's gradient
-    made by its GEMM in that dtype (cuBLAS's fp32 output, `torch.mm(..., out_dtype=)`)."""
+    made by its GEMM in that dtype (cuBLAS's fp32 output, `torch.mm(..., out_dtype=)`). The forward
+    and input-gradient GEMMs go through `_matmul` (cuBLAS, or QuACK's under train.gemm_kernel)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -236,13 +277,15 @@ class _Linear(torch.autograd.Function):
         x16, w16 = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(x16, w16)
         ctx.weight_dtype, ctx.bias_dtype = weight.dtype, None if bias is None else bias.dtype
-        return torch.nn.functional.linear(x16, w16, None if bias is None else bias.to(dtype))
+        if bias is not None or _gemm == "cublas":
+            return torch.nn.functional.linear(x16, w16, None if bias is None else bias.to(dtype))
+        return _matmul(x16, w16.t())
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x16, w16 = ctx.saved_tensors
         dy16 = dy.to(w16.dtype)
-        dx = dy16 @ w16 if ctx.needs_input_grad[0] else None
+        dx = _matmul(dy16, w16) if ctx.needs_input_grad[0] else None
         dy_NO = dy16.reshape(-1, dy16.shape[-1])
         dw = torch.mm(dy_NO.t(), x16.reshape(-1, x16.shape[-1]), out_dtype=ctx.weight_dtype) \
             if ctx.needs_input_grad[1] else None
