@@ -69,7 +69,8 @@ def run_hasten(args: argparse.Namespace) -> dict:
                 peak_memory_gib=summary["peak_memory_gib"], step_ms=1000 * BATCH * SEQ / summary["tokens_per_second"],
                 final_loss=summary["final_loss"], params=summary["params"], flops_per_token=summary["flops_per_token"],
                 wall_time_s=summary["wall_time_s"],  # compilation included
-                loss_kernel=summary["loss_kernel"])  # what train.loss_kernel ran: quack, triton or torch
+                loss_kernel=summary["loss_kernel"],  # what train.loss_kernel ran: quack, triton or torch
+                gemm_kernel=summary.get("gemm_kernel"))  # what train.gemm_kernel ran the fused layers' GEMMs on
 
 
 def _timed_loop(step_fn, batches, warmup: int, steps: int) -> tuple[float, list[float]]:
