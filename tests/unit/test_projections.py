@@ -189,3 +189,39 @@ def test_quack_gemm_matches_cublas_in_the_fused_linear(compile):
         err, err_ref = ((o.double() - full).norm() / full.norm() for o in (out, ref))
         assert err < 4e-3 and err < 2 * err_ref, (err, err_ref)
     torch.testing.assert_close(grads[1], grads_ref[1])
+
+
+@pytest.mark.skipif(not _quack_gemm_ready(), reason="QuACK's GEMM runs on a Hopper GPU with quack-kernels")
+@pytest.mark.parametrize("compile", [False, True])
+def test_quack_swiglu_mlp_matches_the_kernel_path(compile):
+    """With train.gemm_kernel=quack the fused feed-forward computes the SwiGLU in QuACK's GEMM
+    epilogues (its pre-activation interleaved): the output and all three gradients as the cuBLAS +
+    Triton path gives them, to bf16 rounding, W13's gradient back in [W1; W3] order and fp32."""
+    torch.manual_seed(0)
+    D, F_ = 192, 256
+    x = torch.randn(4, 256, D, device="cuda").bfloat16().requires_grad_()
+    w13 = (torch.randn(2 * F_, D, device="cuda") * 0.08).requires_grad_()
+    w2 = (torch.randn(D, F_, device="cuda") * 0.08).requires_grad_()
+    dy = torch.randn(4, 256, D, device="cuda").bfloat16()
+
+    def run():
+        fn = torch.compile(projections.swiglu_mlp, fullgraph=True) if compile else projections.swiglu_mlp
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            with torch.autocast("cuda", torch.bfloat16):
+                y = fn(x, w13, w2)
+            grads = torch.autograd.grad(y, (x, w13, w2), dy)
+        return y, grads, " ".join(e.key for e in prof.key_averages())
+
+    try:
+        projections.set_gemm_kernel("quack", tuned=False)
+        torch._dynamo.reset()
+        y, grads, names = run()
+    finally:
+        projections.set_gemm_kernel("cublas")
+        torch._dynamo.reset()
+    y_ref, grads_ref, names_ref = run()
+    assert "swiglu" in names_ref and "swiglu_fwd" not in names and "quack" in names.lower()
+    assert y.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
+    for out, ref in ((y, y_ref), *zip(grads, grads_ref)):
+        err = (out.double() - ref.double()).norm() / ref.double().norm()
+        assert err < 1e-2, err

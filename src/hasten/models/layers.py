@@ -80,6 +80,8 @@ class SwiGLU(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         if self.fused and x_BTD.is_cuda and projections.available() and fusable(self.w1, self.w3):
-            h_BTF = projections.swiglu(projections.linear(x_BTD, torch.cat([self.w1.weight, self.w3.weight])))
-            return projections.linear(h_BTF, self.w2.weight) if fusable(self.w2) else self.w2(h_BTF)
+            w13 = torch.cat([self.w1.weight, self.w3.weight])
+            if fusable(self.w2):
+                return projections.swiglu_mlp(x_BTD, w13, self.w2.weight)
+            return self.w2(projections.swiglu(projections.linear(x_BTD, w13)))
         return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))

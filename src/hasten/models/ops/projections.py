@@ -20,6 +20,8 @@ interpreter); torch.compile treats the ops as opaque, so the kernels are the one
 The fused layers' matmuls themselves go through `linear(x, W, b)` (an autograd function that
 torch.compile traces): `F.linear`'s forward under autocast, with the fp32 weight's gradient written by
 its GEMM in fp32, where autograd would make a bf16 gradient and cast it in a kernel of its own.
+With train.gemm_kernel=quack, `swiglu_mlp` goes further and runs the SwiGLU inside QuACK's GEMM
+epilogues (`_SwiGLUMLP`), so neither direction launches the `swiglu` kernel.
 """
 
 from __future__ import annotations
@@ -229,6 +231,7 @@ swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 GEMM_KERNELS = ("auto", "quack", "cublas")
 _gemm = "cublas"  # what `linear` runs its bf16 forward and input-gradient GEMMs with: cublas or quack
 _gemm_tuned = True  # QuACK's autotuner on each shape's first call
+_quack = None  # quack.gemm_interface, once set_gemm_kernel("quack") has imported it
 
 
 def set_gemm_kernel(name: str, tuned: bool = True) -> None:
@@ -236,11 +239,13 @@ def set_gemm_kernel(name: str, tuned: bool = True) -> None:
     train.gemm_kernel, "auto" already resolved): `cublas` (PyTorch's matmul) or `quack` (QuACK's
     CuTe-DSL GEMM, `torch.ops.quack.gemm`, which importing `quack.gemm_interface` registers).
     Read when torch.compile traces the layers, so set it before the first forward."""
-    global _gemm, _gemm_tuned
+    global _gemm, _gemm_tuned, _quack
     if name not in ("quack", "cublas"):
         raise ValueError(f"GEMM kernel must be quack or cublas, got {name!r}")
     if name == "quack":
-        import quack.gemm_interface  # noqa: F401  registers torch.ops.quack.gemm
+        import quack.gemm_interface  # registers torch.ops.quack.gemm
+
+        _quack = quack.gemm_interface
     _gemm, _gemm_tuned = name, tuned
 
 
@@ -291,6 +296,53 @@ class _Linear(torch.autograd.Function):
             if ctx.needs_input_grad[1] else None
         db = dy_NO.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return dx, dw, db, None
+
+
+class _SwiGLUMLP(torch.autograd.Function):
+    """w2(silu(x W1^T) * x W3^T) with the SwiGLU in QuACK's GEMM epilogues: the gate-and-up GEMM
+    writes silu(g) * u beside its output, and the down projection's input-gradient GEMM reads that
+    output back to write the gate-and-up gradient and silu(g) * u again (for W2's gradient), where
+    the unfused path runs the Triton kernels of `swiglu` between the GEMMs and keeps silu(g) * u
+    for backward. Weights as `_Linear` keeps them: fp32 masters, bf16 copies for the GEMMs, fp32
+    gradients from cuBLAS's weight-gradient GEMMs.
+
+    `w13` is [W1; W3] (2F, D), as the model concatenates it. QuACK's gated epilogue pairs adjacent
+    columns, so the GEMMs read it through `concat_layout=("B",)` (gate and up interleaved on the
+    fly) and the pre-activation they keep is interleaved, [g0, u0, g1, u1, ...]; W13's gradient
+    made from it is put back in [W1; W3] order by one copy of its 2F x D values."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x16, w13_16, w2_16 = x.to(dtype), w13.to(dtype), w2.to(dtype)
+        x_ND = x16.reshape(-1, x16.shape[-1])
+        h_NG, y_NF = _quack.gemm_gated(x_ND, w13_16.t(), activation="swiglu", concat_layout=("B",),
+                                       tuned=_gemm_tuned)
+        out = _matmul(y_NF, w2_16.t())
+        ctx.save_for_backward(x_ND, w13_16, w2_16, h_NG)
+        ctx.weight_dtypes = w13.dtype, w2.dtype
+        return out.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x_ND, w13_16, w2_16, h_NG = ctx.saved_tensors
+        dy_ND = dy.to(w2_16.dtype).reshape(-1, dy.shape[-1]).contiguous()
+        dh_NG, y_NF = _quack.gemm_dgated(dy_ND, w2_16, h_NG, activation="swiglu", tuned=_gemm_tuned)
+        dw2 = torch.mm(dy_ND.t(), y_NF, out_dtype=ctx.weight_dtypes[1])
+        dx = _quack.gemm(dh_NG, w13_16, concat_layout=("B",), dynamic_scheduler=True, tuned=_gemm_tuned)
+        dw13 = torch.mm(dh_NG.t(), x_ND, out_dtype=ctx.weight_dtypes[0])  # rows g0, u0, g1, u1, ...
+        F, D = dw13.shape[0] // 2, dw13.shape[1]
+        dw13 = dw13.view(F, 2, D).transpose(0, 1).reshape(2 * F, D)
+        return dx.view(*dy.shape[:-1], -1), dw13, dw2, None
+
+
+def swiglu_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The fused SwiGLU feed-forward, x -> W2 (silu(g) * u) for [g | u] = x [W1; W3]^T: with
+    train.gemm_kernel=quack under bf16 autocast, `_SwiGLUMLP` (the activation in the GEMMs'
+    epilogues); otherwise `linear`, the `swiglu` kernel and `linear`."""
+    if (_gemm == "quack" and x.is_cuda and torch.is_autocast_enabled("cuda")
+            and torch.get_autocast_dtype("cuda") == torch.bfloat16):
+        return _SwiGLUMLP.apply(x, w13, w2, torch.bfloat16)
+    return linear(swiglu(linear(x, w13)), w2)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
