@@ -156,6 +156,18 @@ def _quack_gemm_ready() -> bool:
             and projections.quack_gemm_error() is None)
 
 
+def _on_quack_then_cublas(run):
+    """run() with train.gemm_kernel=quack (untuned), then with cublas, compiled graphs dropped between."""
+    try:
+        projections.set_gemm_kernel("quack", tuned=False)
+        torch._dynamo.reset()
+        on_quack = run()
+    finally:
+        projections.set_gemm_kernel("cublas")
+        torch._dynamo.reset()
+    return on_quack, run()
+
+
 @pytest.mark.skipif(not _quack_gemm_ready(), reason="QuACK's GEMM runs on a Hopper GPU with quack-kernels")
 @pytest.mark.parametrize("compile", [False, True])
 def test_quack_gemm_matches_cublas_in_the_fused_linear(compile):
@@ -174,14 +186,7 @@ def test_quack_gemm_matches_cublas_in_the_fused_linear(compile):
             grads = torch.autograd.grad(y, (x, w), dy)
         return y, grads, " ".join(e.key for e in prof.key_averages())
 
-    try:
-        projections.set_gemm_kernel("quack", tuned=False)
-        torch._dynamo.reset()
-        y, grads, names = run()
-    finally:
-        projections.set_gemm_kernel("cublas")
-        torch._dynamo.reset()
-    y_ref, grads_ref, names_ref = run()
+    (y, grads, names), (y_ref, grads_ref, names_ref) = _on_quack_then_cublas(run)
     assert "quack" in names.lower() and "quack" not in names_ref.lower()
     exact = x.double() @ w.detach().double().t()
     for out, ref, full in ((y, y_ref, exact), (grads[0], grads_ref[0], dy.double() @ w.detach().double())):
@@ -212,14 +217,7 @@ def test_quack_swiglu_mlp_matches_the_kernel_path(compile):
             grads = torch.autograd.grad(y, (x, w13, w2), dy)
         return y, grads, " ".join(e.key for e in prof.key_averages())
 
-    try:
-        projections.set_gemm_kernel("quack", tuned=False)
-        torch._dynamo.reset()
-        y, grads, names = run()
-    finally:
-        projections.set_gemm_kernel("cublas")
-        torch._dynamo.reset()
-    y_ref, grads_ref, names_ref = run()
+    (y, grads, names), (y_ref, grads_ref, names_ref) = _on_quack_then_cublas(run)
     assert "swiglu" in names_ref and "swiglu_fwd" not in names and "quack" in names.lower()
     assert y.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
     for out, ref in ((y, y_ref), *zip(grads, grads_ref)):
