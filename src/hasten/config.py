@@ -291,8 +291,9 @@ class TrainConfig:
     gemm_kernel: str = _f("cublas", "what computes the forward and input-gradient GEMMs of the fused layers "
                                     "(model.fuse_projections) under bf16 on CUDA: cublas = PyTorch's matmul; quack "
                                     "= QuACK's CuTe-DSL GEMM (the quack-kernels package and a Hopper GPU needed); "
-                                    "auto = quack where it can run, else cublas. The weight gradients stay on cuBLAS "
-                                    "(fp32 output)", choices=("auto", "quack", "cublas"))
+                                    "auto = quack where it can run, else cublas. With quack the SwiGLU runs in the "
+                                    "epilogues of QuACK's gated GEMMs; the weight gradients stay on cuBLAS (fp32 "
+                                    "output)", choices=("auto", "quack", "cublas"))
     gemm_tune: bool = _f(True, "with QuACK's GEMM (train.gemm_kernel): autotune each shape on its first call (a few "
                                "seconds a shape, once a process; QUACK_CACHE_AUTOTUNING=1 keeps the choices on disk); "
                                "false = its default tile configuration")

@@ -223,3 +223,33 @@ def test_quack_swiglu_mlp_matches_the_kernel_path(compile):
     for out, ref in ((y, y_ref), *zip(grads, grads_ref)):
         err = (out.double() - ref.double()).norm() / ref.double().norm()
         assert err < 1e-2, err
+
+
+@pytest.mark.skipif(not _quack_gemm_ready(), reason="QuACK's GEMM runs on a Hopper GPU with quack-kernels")
+def test_auto_probes_quack_gated_gemms_and_falls_back_to_cublas(monkeypatch):
+    """train.gemm_kernel=auto takes QuACK where its GEMM and its gated GEMMs (the SwiGLU feed-forward) agree
+    with fp32 products; a gated GEMM that disagrees (as from another QuACK version) leaves the run on cuBLAS
+    with a warning that names it."""
+    import quack.gemm_interface
+
+    from hasten.methods.precision import resolve_precision
+    from hasten.train.build import _quack_gemm_probe, select_gemm_kernel
+
+    device = torch.device("cuda")
+    assert _quack_gemm_probe(device) is None
+    config = load_config("gpt2-124m", ["train.gemm_kernel=auto", "train.gemm_tune=false"])
+    precision = resolve_precision(config.precision, device)
+    try:
+        assert select_gemm_kernel(config.train, True, device, precision) == "quack"
+        real = quack.gemm_interface.gemm_gated
+
+        def off_by_a_tenth(*args, **kwargs):
+            h, y = real(*args, **kwargs)
+            return h, y * 1.1
+
+        monkeypatch.setattr(quack.gemm_interface, "gemm_gated", off_by_a_tenth)
+        with pytest.warns(UserWarning, match="its GEMMs failed.*gated forward: relative error"):
+            assert select_gemm_kernel(config.train, True, device, precision) == "cublas"
+        assert projections.gemm_kernel() == "cublas"
+    finally:
+        projections.set_gemm_kernel("cublas")

@@ -460,8 +460,8 @@ def select_gemm_kernel(train: TrainConfig, fused: bool, device: torch.device, pr
     """train.gemm_kernel, resolved and set process-wide for this run
     (hasten.models.ops.projections.set_gemm_kernel); returns what the fused layers' GEMMs run on.
     `auto` takes QuACK's GEMM for fused layers (`fused`) on a Hopper GPU under bf16 when quack-kernels
-    imports and a first small product through it matches an fp32 one, else cuBLAS (with a warning
-    when QuACK is installed but fails)."""
+    imports and small products through its GEMM and its gated GEMMs match fp32 ones, else cuBLAS (with a
+    warning when QuACK is installed but fails)."""
     from hasten.models.ops import projections
 
     name = train.gemm_kernel
@@ -483,7 +483,7 @@ def select_gemm_kernel(train: TrainConfig, fused: bool, device: torch.device, pr
         if error is None:
             error = _quack_gemm_probe(device)
             if error is not None:
-                warnings.warn(f"quack-kernels is installed but its GEMM failed ({error[:300]}); the fused layers' "
+                warnings.warn(f"quack-kernels is installed but its GEMMs failed ({error[:300]}); the fused layers' "
                               "GEMMs run on cuBLAS", stacklevel=2)
         name = "quack" if error is None else "cublas"
     projections.set_gemm_kernel(name, tuned=train.gemm_tune)
@@ -491,16 +491,38 @@ def select_gemm_kernel(train: TrainConfig, fused: bool, device: torch.device, pr
 
 
 def _quack_gemm_probe(device: torch.device) -> str | None:
-    """One small product through QuACK's GEMM against the fp32 product: None when they agree, else why not
-    (a kernel that fails to compile, e.g. against a mismatched nvidia-cutlass-dsl, fails here)."""
+    """Small products through QuACK's kernels against fp32 ones: its GEMM, and the SwiGLU feed-forward in
+    its gated GEMMs (`projections.swiglu_mlp`, forward and backward). None when they agree, else why not
+    (a kernel that fails to compile against a mismatched nvidia-cutlass-dsl, or a QuACK whose gated GEMMs
+    take other arguments, fails here)."""
+    from hasten.models.ops import projections
+
+    def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+        return ((out.float() - ref).norm() / ref.norm()).item()
+
     try:
         a, b = (torch.randn(256, 256, device=device, dtype=torch.bfloat16) for _ in range(2))
-        out = torch.ops.quack.gemm(a, b, tuned=False)
-        ref = (a.float() @ b.float())
-        error = ((out.float() - ref).norm() / ref.norm()).item()
-        return None if error < 1e-2 else f"relative error {error:.3g} against the fp32 product"
+        errors = {"gemm": rel(torch.ops.quack.gemm(a, b, tuned=False), a.float() @ b.float())}
+        x = torch.randn(256, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+        w13 = (torch.randn(512, 128, device=device) * 0.1).requires_grad_()
+        w2 = (torch.randn(128, 256, device=device) * 0.1).requires_grad_()
+        projections.set_gemm_kernel("quack", tuned=False)
+        try:
+            with torch.autocast("cuda", torch.bfloat16):
+                y = projections.swiglu_mlp(x, w13, w2)
+            grads = torch.autograd.grad(y.float().square().sum(), (x, w13, w2))
+        finally:
+            projections.set_gemm_kernel("cublas")
+        x32 = x.detach().float().requires_grad_()
+        gate, up = (x32 @ w13.t()).chunk(2, dim=-1)
+        y_ref = (torch.nn.functional.silu(gate) * up) @ w2.t()
+        grads_ref = torch.autograd.grad(y_ref.square().sum(), (x32, w13, w2))
+        errors["gated forward"] = rel(y, y_ref)
+        errors.update({f"gated gradient {i}": rel(g, r) for i, (g, r) in enumerate(zip(grads, grads_ref))})
     except Exception as err:
         return f"{type(err).__name__}: {err}"
+    bad = {k: v for k, v in errors.items() if not v < 2e-2}
+    return None if not bad else "; ".join(f"{k}: relative error {v:.3g} against fp32" for k, v in bad.items())
 
 
 def activate_fa4(device: torch.device) -> None:
