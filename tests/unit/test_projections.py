@@ -253,3 +253,30 @@ def test_auto_probes_quack_gated_gemms_and_falls_back_to_cublas(monkeypatch):
         assert projections.gemm_kernel() == "cublas"
     finally:
         projections.set_gemm_kernel("cublas")
+
+
+def _decoded_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The logits of one token decoded from the KV cache after an 8-token prompt: GEMMs of one row."""
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        cache = model.new_cache()
+        model(x[:1, :8], cache=cache)
+        return model(x[:1, 8:9], cache=cache).float()
+
+
+@pytest.mark.skipif(not _quack_gemm_ready(), reason="QuACK's GEMM runs on a Hopper GPU with quack-kernels")
+@pytest.mark.parametrize("compile", [False, True])
+def test_fused_model_on_quack_gemms_trains_and_decodes(compile):
+    """The whole fused model with train.gemm_kernel=quack: loss and every gradient as the unfused model's,
+    QuACK's kernels (the SwiGLU in its epilogues) in the forward, and a token decoded from the cache (as
+    the sample after training is) with the logits of the cuBLAS path."""
+    def loss_fn(run, x):
+        return F.cross_entropy(run(x[:, :-1]).float().flatten(0, 1), x[:, 1:].flatten())
+
+    def run():
+        model, x = fused_against_plain(["model.preset=tiny"], ["model.preset=tiny", "model.fuse_projections=true"],
+                                       loss_fn, compile, loss_atol=2e-2)
+        return model, x, kernels_run(model, x), _decoded_logits(model, x)
+
+    (model, x, names, decoded), _ = _on_quack_then_cublas(run)
+    assert "quack" in names.lower() and "swiglu_fwd" not in names and "qkv_rope_fwd" in names
+    torch.testing.assert_close(decoded, _decoded_logits(model, x), atol=2e-2, rtol=2e-2)
