@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ M = 32 * 1024  # tokens a step: batch 32 x seq 1024
 SHAPES = {"qkv": (768, 2304), "wo": (768, 768), "gateup": (768, 4096), "down": (2048, 768)}  # (K, N)
 
 
-def backends() -> dict[str, callable]:
+def backends() -> dict[str, Callable]:
     import quack.gemm_interface  # noqa: F401  (registers torch.ops.quack.gemm)
 
     return {
